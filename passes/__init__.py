@@ -1,0 +1,12 @@
+"""Graph passes over torch.fx GraphModules (from torch.export(...).module()).
+
+A pass is ``fn(gm, ...) -> PassResult``; ``PassManager`` runs passes in order and checks the
+graph after each one.
+"""
+from .manager import PassManager, PassResult
+from .fold_outlier_shift_scale import OutlierStats, fold_outlier_shift_scale, choose_shift_scale
+from .replace_linear import replace_linear
+from .graph import linear_nodes, layer_name
+
+__all__ = ["PassManager", "PassResult", "OutlierStats", "fold_outlier_shift_scale",
+           "choose_shift_scale", "replace_linear", "linear_nodes", "layer_name"]

@@ -1,0 +1,153 @@
+"""The reference semantics of the qexport ops, in three forms sharing one implementation:
+
+- `torch.ops.qexport.binary_mixed_linear`: a torch.library custom op, so a quantized model keeps
+  one node per Linear through torch.fx / torch.export;
+- an ONNX schema + a translation for torch.onnx.export(dynamo=True);
+- `BinaryMixedLinearRun`, an onnx.reference OpRun, so exported graphs run in ReferenceEvaluator.
+
+The math is `binary_mixed_linear_reference`; docs/format.md states it in words.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import contract as C
+from .packing import MixedLinearWeights, binary_channels, unpack_nibbles, unpack_signs
+
+
+def binary_mixed_linear_reference(x, sign_packed, row_scale, row_offset, salient_idx,
+                                  salient_packed, salient_scale, salient_zero, r2, bias,
+                                  in_features: int, out_features: int,
+                                  salient_group_size: int, layout: int) -> torch.Tensor:
+    if layout != C.LAYOUT_ROW_MAJOR:
+        raise ValueError(f"BinaryMixedLinear: unknown layout {layout}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"BinaryMixedLinear: X has {x.shape[-1]} features, expected {in_features}")
+    xf = x.float()
+    s = salient_idx.numel()
+    kb = in_features - s
+    y = xf.new_zeros(*x.shape[:-1], out_features)
+    if kb:
+        xb = xf[..., binary_channels(in_features, salient_idx.cpu()).to(x.device)]
+        if r2 is not None:
+            xb = xb * r2.float()
+        signs = unpack_signs(sign_packed, kb)
+        y = y + row_scale.float() * (xb @ signs.T) + row_offset.float() * xb.sum(-1, keepdim=True)
+    if s:
+        codes = unpack_nibbles(salient_packed, s).float()
+        gs = salient_group_size if salient_group_size > 0 else s
+        group_of = torch.arange(s, device=x.device) // gs
+        w_sal = (codes - salient_zero.float()[:, group_of]) * salient_scale.float()[:, group_of]
+        y = y + xf[..., salient_idx.long()] @ w_sal.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("qexport::binary_mixed_linear", mutates_args=())
+def binary_mixed_linear(x: torch.Tensor, sign_packed: torch.Tensor, row_scale: torch.Tensor,
+                        row_offset: torch.Tensor, salient_idx: torch.Tensor,
+                        salient_packed: torch.Tensor, salient_scale: torch.Tensor,
+                        salient_zero: torch.Tensor, r2: torch.Tensor | None,
+                        bias: torch.Tensor | None, in_features: int, out_features: int,
+                        salient_group_size: int, layout: int) -> torch.Tensor:
+    return binary_mixed_linear_reference(x, sign_packed, row_scale, row_offset, salient_idx,
+                                         salient_packed, salient_scale, salient_zero, r2, bias,
+                                         in_features, out_features, salient_group_size, layout)
+
+
+@binary_mixed_linear.register_fake
+def _(x, sign_packed, row_scale, row_offset, salient_idx, salient_packed, salient_scale,
+      salient_zero, r2, bias, in_features, out_features, salient_group_size, layout):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def apply(x: torch.Tensor, w: MixedLinearWeights) -> torch.Tensor:
+    """Run the op on packed weights (eager convenience for tests and the report)."""
+    return torch.ops.qexport.binary_mixed_linear(x, *w.tensors(), w.in_features, w.out_features,
+                                                 w.salient_group_size, w.layout)
+
+
+# ---------------------------------------------------------------- ONNX schema and export
+_schema_registered = False
+
+
+def register_onnx_schema() -> None:
+    """Declare qexport::BinaryMixedLinear to onnx (checker, shape inference, exporter)."""
+    global _schema_registered
+    if _schema_registered:
+        return
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema(C.OP_BINARY_MIXED_LINEAR, C.OPSET_VERSION, C.DOMAIN)
+        _schema_registered = True
+        return
+    except onnx.defs.SchemaError:
+        pass
+    types = {"X": "T", "sign_packed": "TU8", "row_scale": "TH", "row_offset": "TH",
+             "salient_idx": "TI", "salient_packed": "TU8", "salient_scale": "TH",
+             "salient_zero": "TU8", "r2": "TH", "bias": "TF"}
+    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
+    inputs = [OpSchema.FormalParameter(name, types[name],
+                                       param_option=optional if i in C.OPTIONAL_INPUTS else single)
+              for i, name in enumerate(C.INPUT_NAMES)]
+    int_attr = OpSchema.AttrType.INT
+    schema = OpSchema(
+        C.OP_BINARY_MIXED_LINEAR, C.DOMAIN, C.OPSET_VERSION,
+        doc="PTQ1.61 mixed binary / 4-bit linear; see qexport docs/format.md",
+        inputs=inputs,
+        outputs=[OpSchema.FormalParameter("Y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
+                          ("TU8", ["tensor(uint8)"], "packed codes"),
+                          ("TH", ["tensor(float16)"], "scales"),
+                          ("TI", ["tensor(int32)"], "indices"),
+                          ("TF", ["tensor(float)"], "bias")],
+        attributes=[OpSchema.Attribute(C.ATTR_IN_FEATURES, int_attr, "K"),
+                    OpSchema.Attribute(C.ATTR_OUT_FEATURES, int_attr, "N"),
+                    OpSchema.Attribute(C.ATTR_SALIENT_GROUP_SIZE, int_attr, "G (0: per row)"),
+                    OpSchema.Attribute(C.ATTR_LAYOUT, int_attr, "packed layout version")],
+    )
+    onnx.defs.register_schema(schema)
+    _schema_registered = True
+
+
+def onnx_translation_table() -> dict:
+    """custom_translation_table for torch.onnx.export(dynamo=True)."""
+    register_onnx_schema()
+    from onnxscript.values import Opset
+
+    opset = Opset(C.DOMAIN, C.OPSET_VERSION)
+
+    def translate(x, sign_packed, row_scale, row_offset, salient_idx, salient_packed,
+                  salient_scale, salient_zero, r2, bias, in_features, out_features,
+                  salient_group_size, layout):
+        return getattr(opset, C.OP_BINARY_MIXED_LINEAR)(
+            x, sign_packed, row_scale, row_offset, salient_idx, salient_packed, salient_scale,
+            salient_zero, r2, bias, in_features=in_features, out_features=out_features,
+            salient_group_size=salient_group_size, layout=layout)
+
+    return {torch.ops.qexport.binary_mixed_linear.default: translate}
+
+
+def reference_evaluator_ops() -> list:
+    """OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=...)."""
+    register_onnx_schema()
+    from onnx.reference.op_run import OpRun
+
+    class BinaryMixedLinear(OpRun):
+        op_domain = C.DOMAIN
+
+        def _run(self, x, sign_packed, row_scale, row_offset, salient_idx, salient_packed,
+                 salient_scale, salient_zero, r2=None, bias=None, in_features=None,
+                 out_features=None, salient_group_size=None, layout=None):
+            def t(a):
+                return None if a is None else torch.from_numpy(a.copy())
+            y = binary_mixed_linear_reference(
+                t(x), t(sign_packed), t(row_scale), t(row_offset), t(salient_idx),
+                t(salient_packed), t(salient_scale), t(salient_zero), t(r2), t(bias),
+                in_features, out_features, salient_group_size, layout)
+            return (y.numpy(),)
+
+    return [BinaryMixedLinear]
