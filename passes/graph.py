@@ -56,11 +56,12 @@ def linear_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def layer_name(node: torch.fx.Node) -> str:
-    """Stable name of a Linear, e.g. 'model.layers.0.self_attn.q_proj' (kept in node.meta)."""
+    """Stable name of a Linear: its module path in the traced module, e.g.
+    'model.model.layers.0.self_attn.q_proj' (kept in node.meta)."""
     if "qexport_layer" not in node.meta:
         target = node.args[1].target
         name = target[:-len(".weight")] if target.endswith(".weight") else target
-        node.meta["qexport_layer"] = re.sub(r"^(m|model_wrapper|module)\.", "", name)
+        node.meta["qexport_layer"] = name
     return node.meta["qexport_layer"]
 
 

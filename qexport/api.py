@@ -1,0 +1,134 @@
+"""The public API: `quantize` a module into a rewritten graph, then `export` it."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+import passes
+from passes import OutlierStats
+
+from .calibrate import collect_linear_input_stats
+from .export import export_onnx, metadata, trace
+from .packing import MixedLinearWeights
+from .quantize import quantize_mixed, select_salient
+from .schemes import Scheme
+
+# Linears kept in floating point by default: the output head and embeddings-like projections.
+DEFAULT_SKIP = r"(^|\.)(lm_head|embed_out|output|classifier|score|embed_tokens)$"
+
+
+@dataclasses.dataclass
+class QuantizeConfig:
+    scheme: Scheme
+    outlier_suppression: bool = False
+    os_quantile: float = 0.99
+    skip: str = DEFAULT_SKIP
+
+    def as_dict(self) -> dict:
+        return {"scheme": self.scheme.label, "salient_ratio": self.scheme.salient_ratio,
+                "salient_group_size": self.scheme.salient_group_size,
+                "outlier_suppression": self.outlier_suppression,
+                "os_quantile": self.os_quantile, "skip": self.skip}
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    graph_module: torch.fx.GraphModule  # the rewritten graph (qexport ops, packed buffers)
+    example_inputs: tuple
+    config: QuantizeConfig
+    packed: dict[str, MixedLinearWeights]
+    fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # after OS+, before quant
+    stats: dict[str, OutlierStats]
+    timings: dict[str, float]
+    notes: dict[str, list[str]]
+
+
+def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iterable[tuple],
+             config: QuantizeConfig,
+             progress: Callable[[str], None] | None = None) -> QuantizedModel:
+    """Trace `module`, calibrate, fold OS+ (optional) and replace Linears by qexport ops."""
+    say = progress or (lambda msg: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say("tracing with torch.export")
+    gm = trace(module, example_inputs)
+    timings["trace"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    batches = list(calib_batches)
+    say(f"calibrating on {len(batches)} batches")
+    stats = collect_linear_input_stats(
+        gm, batches, progress=lambda i: say(f"calibration batch {i}/{len(batches)}"))
+    timings["calibrate"] = time.perf_counter() - t0
+
+    skip = re.compile(config.skip) if config.skip else None
+    fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    scheme = config.scheme
+
+    def quantizer(name, weight, bias):
+        if (skip and skip.search(name)) or name not in stats:
+            return None
+        fp_weights[name] = (weight.detach().float().clone(),
+                            None if bias is None else bias.detach().float().clone())
+        salient = select_salient(stats[name].rms, scheme.salient_ratio)
+        return quantize_mixed(weight, bias, salient, scheme.salient_group_size)
+
+    packed: dict[str, MixedLinearWeights] = {}
+    pipeline = []
+    if config.outlier_suppression:
+        def fold_outlier_shift_scale(g):
+            return passes.fold_outlier_shift_scale(
+                g, stats, choose=lambda st, shift: passes.choose_shift_scale(
+                    st, shift, quantile=config.os_quantile))
+        pipeline.append(fold_outlier_shift_scale)
+
+    def replace_linear(g):
+        return passes.replace_linear(g, quantizer, packed)
+    pipeline.append(replace_linear)
+
+    check = _runs_check(example_inputs)
+    check("trace", gm)
+    manager = passes.PassManager(pipeline, check=check)
+    say("rewriting the graph: " + ", ".join(p.__name__ for p in pipeline))
+    gm = manager(gm).graph_module
+    timings.update({f"pass:{k}": v for k, v in manager.timings.items()})
+    if not packed:
+        from .errors import QexportError
+        raise QexportError("the model has no Linear layers to quantize "
+                           f"(none outside the skip pattern {config.skip!r})")
+    return QuantizedModel(gm, example_inputs, config, packed, fp_weights, stats, timings,
+                          manager.notes)
+
+
+def _runs_check(example_inputs):
+    """After each pass the graph must still run and keep its output shapes."""
+    reference_shapes = {}
+
+    def check(name, gm):
+        with torch.no_grad():
+            out = gm(*example_inputs)
+        shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out)
+                  if isinstance(t, torch.Tensor)]
+        if "shapes" in reference_shapes and reference_shapes["shapes"] != shapes:
+            raise RuntimeError(f"pass {name} changed the output shapes "
+                               f"{reference_shapes['shapes']} -> {shapes}")
+        reference_shapes["shapes"] = shapes
+    return check
+
+
+def export(qmodel: QuantizedModel, path: Path, extra_metadata: dict[str, str] | None = None,
+           input_names: list[str] | None = None,
+           output_names: list[str] | None = None) -> list[Path]:
+    """Write the quantized graph as ONNX; returns the files written."""
+    meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
+    meta.update(extra_metadata or {})
+    t0 = time.perf_counter()
+    files = export_onnx(qmodel.graph_module, qmodel.example_inputs, path, meta,
+                        input_names=input_names, output_names=output_names)
+    qmodel.timings["export"] = time.perf_counter() - t0
+    return files

@@ -1,0 +1,112 @@
+"""Parity (a bug check: ORT against the PyTorch quantized reference) and quantization error
+(against floating point), per layer and end to end."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.fx
+
+from . import contract as C
+from . import ops
+from .packing import MixedLinearWeights
+
+# A backend agrees with the reference when both hold (issue contract; see docs/format.md).
+PARITY_MIN_COSINE = 0.999
+PARITY_MIN_TOP1 = 0.99
+
+
+def compare(test, ref, top1: bool = False) -> dict:
+    """Agreement of `test` with `ref`: cosine, relative error, SQNR (dB), max |diff|, and with
+    `top1` the agreement of the argmax along the last axis (for logits)."""
+    a = torch.as_tensor(np.asarray(test)).double().reshape(-1, np.shape(test)[-1])
+    b = torch.as_tensor(np.asarray(ref)).double().reshape(-1, np.shape(ref)[-1])
+    diff = a - b
+    noise, signal = float(diff.pow(2).sum()), float(b.pow(2).sum())
+    out = {
+        "cosine": float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)),
+        "rel_error": math.sqrt(noise / signal) if signal else math.inf,
+        "sqnr_db": 10 * math.log10(signal / noise) if noise else math.inf,
+        "max_abs_diff": float(diff.abs().max()) if diff.numel() else 0.0,
+    }
+    if top1:
+        out["top1_agreement"] = float((a.argmax(-1) == b.argmax(-1)).double().mean())
+    return out
+
+
+def parity_ok(metrics: dict) -> bool:
+    return (metrics["cosine"] >= PARITY_MIN_COSINE
+            and metrics.get("top1_agreement", 1.0) >= PARITY_MIN_TOP1)
+
+
+class _OpInputs(torch.fx.Interpreter):
+    def __init__(self, gm, max_rows: int):
+        super().__init__(gm)
+        self.max_rows, self.inputs = max_rows, {}
+
+    def run_node(self, n):
+        if n.op == "call_function" and n.target == torch.ops.qexport.binary_mixed_linear.default:
+            x = self.env[n.args[0]]
+            self.inputs[n.meta["qexport_layer"]] = x.detach().reshape(-1, x.shape[-1])[
+                :self.max_rows].clone()
+        return super().run_node(n)
+
+
+@torch.no_grad()
+def op_inputs(gm: torch.fx.GraphModule, inputs: tuple, max_rows: int = 64
+              ) -> dict[str, torch.Tensor]:
+    """layer_name -> the activations reaching that qexport op (first `max_rows` rows)."""
+    rec = _OpInputs(gm, max_rows)
+    rec.run(*inputs)
+    return rec.inputs
+
+
+def single_op_model(w: MixedLinearWeights, dtype=np.float32):
+    """A one-node ONNX model computing `w` on X [rows, K] (used for per-layer parity)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    ops.register_onnx_schema()
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    names, inits = ["X"], []
+    for name, t in zip(C.INPUT_NAMES[1:], w.tensors()):
+        if t is None:
+            names.append("")
+            continue
+        names.append(name)
+        inits.append(numpy_helper.from_array(t.numpy(), name))
+    node = helper.make_node(C.OP_BINARY_MIXED_LINEAR, names, ["Y"], domain=C.DOMAIN,
+                            **w.attributes())
+    graph = helper.make_graph(
+        [node], "layer", [helper.make_tensor_value_info("X", elem, ["rows", w.in_features])],
+        [helper.make_tensor_value_info("Y", elem, ["rows", w.out_features])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(C.DOMAIN, C.OPSET_VERSION)])
+    model.ir_version = 10
+    return model
+
+
+def layer_report(packed: dict[str, MixedLinearWeights],
+                 fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                 inputs: dict[str, torch.Tensor],
+                 make_session: Callable | None) -> list[dict]:
+    """Per quantized layer: bits/weight, quantization error vs fp, and ORT parity vs reference."""
+    rows = []
+    for name, w in packed.items():
+        row = {"layer": name, "shape": [w.out_features, w.in_features],
+               "salient": w.num_salient, "bits_per_weight": w.bits_per_weight()}
+        x = inputs.get(name)
+        if x is not None:
+            ref = ops.apply(x, w)
+            wf, bf = fp_weights[name]
+            fp = torch.nn.functional.linear(x.float(), wf, bf)
+            row["quant_error"] = compare(ref, fp)
+            if make_session is not None:
+                sess = make_session(single_op_model(w).SerializeToString())
+                got = sess.run(None, {"X": x.float().numpy()})[0]
+                row["parity"] = compare(got, ref)
+                row["parity"]["ok"] = parity_ok(row["parity"])
+        rows.append(row)
+    return rows

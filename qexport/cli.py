@@ -1,0 +1,259 @@
+"""`qexport MODEL --scheme w1.61a16 -o out/`: quantize, export to ONNX, check, report.
+
+User mistakes end with one line `qexport: error: ...` and exit code 2; a failed parity check
+(a bug, not a user mistake) writes the report and exits with code 3.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_PARITY = 3
+
+
+def _log(msg: str) -> None:
+    print(f"qexport: {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .schemes import SCHEMES
+    p = argparse.ArgumentParser(
+        prog="qexport",
+        description="Quantize a PyTorch transformer to ~1.61 bits/weight and export it to ONNX "
+                    "with qexport custom ops, a compiled op library and a parity report.")
+    p.add_argument("model", help="Hugging Face model folder, torch.export .pt2, pickled nn.Module "
+                   "(.pt, with --trust-pickle), or the built-in example 'smollm2-135m'")
+    p.add_argument("--scheme", default="w1.61a16",
+                   help=f"quantization scheme: {', '.join(SCHEMES)} (NAME-gGROUP sets the 4-bit "
+                        "group size) [default: %(default)s]")
+    p.add_argument("-o", "--output", default="out", help="output folder [default: %(default)s]")
+    p.add_argument("--force", action="store_true",
+                   help="replace an output folder that was not written by qexport")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickled module (unpickling runs code from the file)")
+    g = p.add_argument_group("calibration and evaluation")
+    g.add_argument("--calib", metavar="PATH", help="calibration text: .txt, .jsonl or a folder "
+                   "[default: the Brown corpus for models with a tokenizer, random tokens otherwise]")
+    g.add_argument("--calib-samples", type=int, default=16, help="[default: %(default)s]")
+    g.add_argument("--calib-seqlen", type=int, default=256, help="[default: %(default)s]")
+    g.add_argument("--eval", dest="eval_text", metavar="PATH",
+                   help="held-out text for perplexity [default: Brown from char 3,000,000]")
+    g.add_argument("--eval-tokens", type=int, default=4096, help="[default: %(default)s]")
+    g.add_argument("--eval-window", type=int, default=512, help="[default: %(default)s]")
+    g.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
+                   help="report fp and quantized perplexity [default: on]")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--salient-ratio", type=float, help="fraction of input channels kept at 4 bits")
+    q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction, default=False,
+                   help="fold OS+ shift/scale into norms and Linears before quantizing")
+    q.add_argument("--skip", help="regex of Linear names kept in floating point "
+                   "[default: output head]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import QexportError
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except QexportError as e:
+        print(f"qexport: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qexport: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _prepare_output(path: Path, force: bool) -> Path:
+    """Check the output folder can be (re)written; return a temp folder beside it."""
+    from .errors import QexportError
+    if path.exists():
+        if not path.is_dir():
+            raise QexportError(f"output {path} exists and is not a folder")
+        ours = (path / "report.json").exists() or not any(path.iterdir())
+        if not ours and not force:
+            raise QexportError(f"output folder {path} exists and was not written by qexport; "
+                               "use --force to replace it")
+    parent = path.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise QexportError(f"cannot write the output folder {path}: {e.strerror}") from e
+
+
+def _commit_output(tmp: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(args) -> int:
+    from .errors import QexportError
+    from .schemes import parse_scheme
+
+    say = (lambda msg: None) if args.quiet else _log
+    scheme = parse_scheme(args.scheme).with_overrides(args.salient_ratio)
+    for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window"):
+        if getattr(args, name) < 1:
+            raise QexportError(f"--{name.replace('_', '-')} must be at least 1")
+    out = Path(args.output)
+    tmp = _prepare_output(out, args.force)
+    try:
+        code = _run_into(args, scheme, tmp, out, say)
+        _commit_output(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if code == EXIT_PARITY:
+        print(f"qexport: error: parity check failed (ORT disagrees with the PyTorch reference); "
+              f"see {out / 'report.md'}", file=sys.stderr)
+    else:
+        say(f"wrote {out}/ (model.onnx, op library, report.md)")
+    return code
+
+
+def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
+    import torch
+
+    from . import __version__, api, check, data, evaluate, models, native, report
+    from .errors import QexportError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say(f"loading {args.model}")
+    lm = models.load_model(args.model, trust_pickle=args.trust_pickle)
+    timings["load"] = time.perf_counter() - t0
+
+    # Calibration / evaluation tokens.
+    eval_ids, eval_source, ppl_skipped = None, None, None
+    if lm.tokenizer is not None:
+        if args.calib:
+            calib_text, calib_source = data.load_text(args.calib), args.calib
+        else:
+            calib_text, held_out = data.brown_splits()
+            calib_source = "Brown corpus (characters 0 to 3,000,000)"
+        calib = data.calibration_batches(lm.tokenizer, calib_text, args.calib_samples,
+                                         args.calib_seqlen)
+        if args.perplexity:
+            if args.eval_text:
+                eval_ids = data.eval_tokens(lm.tokenizer, data.load_text(args.eval_text),
+                                            args.eval_tokens)
+                eval_source = args.eval_text
+            else:
+                held_out = data.brown_splits()[1]
+                eval_ids = data.eval_tokens(lm.tokenizer, held_out, args.eval_tokens)
+                eval_source = "Brown corpus from character 3,000,000 (held out)"
+        else:
+            ppl_skipped = "--no-perplexity"
+    else:
+        if args.calib:
+            raise QexportError(f"{args.model} has no tokenizer, so --calib text cannot be used; "
+                               "omit it to calibrate on random tokens")
+        if not lm.vocab_size:
+            raise QexportError(f"cannot calibrate {args.model}: no tokenizer and unknown vocabulary")
+        calib = data.random_token_batches(lm.vocab_size, args.calib_samples, args.calib_seqlen)
+        calib_source = f"random tokens (the model has no tokenizer), vocabulary {lm.vocab_size}"
+        ppl_skipped = "the model has no tokenizer"
+
+    example = lm.example_inputs(batch=2, seq=8)
+    config = api.QuantizeConfig(scheme=scheme, outlier_suppression=args.outlier_suppression)
+    if args.skip is not None:
+        config.skip = args.skip
+    qm = api.quantize(lm.module, example, [(b.unsqueeze(0),) for b in calib], config,
+                      progress=say)
+    timings.update(qm.timings)
+
+    say("exporting to ONNX")
+    onnx_path = tmp / "model.onnx"
+    extra = {"qexport.vocab_size": str(lm.vocab_size)} if lm.vocab_size else {}
+    files = api.export(qm, onnx_path, extra, input_names=["input_ids"], output_names=["logits"])
+    timings["export"] = qm.timings["export"]
+    lib = native.library_path()
+    shutil.copy2(lib, tmp / lib.name)
+
+    # Checks.
+    t0 = time.perf_counter()
+    say("checking parity: ONNX Runtime vs PyTorch reference")
+    session = native.make_session(onnx_path, threads=args.threads)
+    if eval_ids is not None and eval_ids.numel() >= 256:
+        parity_ids = eval_ids[:256].view(2, 128)
+        parity_desc = "2×128 held-out tokens"
+    else:
+        parity_ids = data.random_token_batches(lm.vocab_size, 2, 64, seed=1)
+        parity_desc = "2×64 random tokens"
+    with torch.no_grad():
+        fp_logits = lm.module(parity_ids)
+        ref_logits = qm.graph_module(parity_ids)
+    ort_logits = session.run(None, {session.get_inputs()[0].name: parity_ids.numpy()})[0]
+    e2e = {"inputs": parity_desc,
+           "parity": check.compare(ort_logits, ref_logits, top1=True),
+           "quant_error": check.compare(ref_logits, fp_logits, top1=True),
+           "ort_vs_fp": check.compare(ort_logits, fp_logits, top1=True)}
+    np_ref = {"input_ids": parity_ids.numpy(), "logits": ref_logits.numpy()}
+    import numpy as np
+    np.savez(tmp / "reference.npz", **np_ref)
+    layer_inputs = check.op_inputs(qm.graph_module, (parity_ids[:1, :32],))
+    import onnxruntime as ort
+
+    def layer_session(model_bytes):
+        return ort.InferenceSession(model_bytes, sess_options=native.session_options(),
+                                    providers=["CPUExecutionProvider"])
+    layers = check.layer_report(qm.packed, qm.fp_weights, layer_inputs, layer_session)
+    timings["check"] = time.perf_counter() - t0
+
+    ppl = None
+    if eval_ids is not None:
+        t0 = time.perf_counter()
+        window = min(args.eval_window, eval_ids.numel())
+        ppl = {"text": eval_source, "tokens": int(eval_ids.numel()), "window": window}
+        for key, fn in (("fp", evaluate.torch_logits_fn(lm.module)),
+                        ("quantized_torch", evaluate.torch_logits_fn(qm.graph_module)),
+                        ("quantized_ort", evaluate.ort_logits_fn(session))):
+            say(f"perplexity ({key}) on {eval_ids.numel()} tokens")
+            ppl[key] = evaluate.perplexity(fn, eval_ids, window=window)
+        timings["perplexity"] = time.perf_counter() - t0
+
+    parity_ok = check.parity_ok(e2e["parity"]) and all(
+        row.get("parity", {}).get("ok", True) for row in layers)
+    n_params = sum(p.numel() for p in {id(p): p for p in lm.module.parameters()}.values())
+    onnx_bytes = sum(f.stat().st_size for f in files)
+    rep = {
+        "qexport_version": __version__, "scheme": scheme.label, "config": config.as_dict(),
+        "model": {"name": lm.name, "source": str(args.model), "kind": lm.kind,
+                  "parameters": n_params},
+        "calibration": {"source": calib_source, "samples": args.calib_samples,
+                        "seq_len": args.calib_seqlen},
+        "files": [f.name for f in files] + [lib.name, "reference.npz"],
+        "bits": report.bits_summary(layers, qm.packed),
+        "size": {"onnx_bytes": onnx_bytes, "fp32_bytes": 4 * n_params, "fp16_bytes": 2 * n_params},
+        "parity": {"ok": parity_ok, "min_cosine": check.PARITY_MIN_COSINE,
+                   "min_top1": check.PARITY_MIN_TOP1},
+        "end_to_end": e2e, "layers": layers, "perplexity": ppl,
+        "perplexity_skipped": ppl_skipped, "timings": timings, "notes": qm.notes,
+    }
+    report.write(rep, tmp)
+    say(f"bits/weight {rep['bits']['bits_per_weight']:.3f}; parity cosine "
+        f"{e2e['parity']['cosine']:.6f}, top-1 {e2e['parity']['top1_agreement']:.4f}"
+        + (f"; perplexity fp {ppl['fp']:.2f} -> quantized {ppl['quantized_ort']:.2f}"
+           if ppl else ""))
+    return 0 if parity_ok else EXIT_PARITY
+
+
+if __name__ == "__main__":
+    sys.exit(main())

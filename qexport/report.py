@@ -1,0 +1,84 @@
+"""report.json and report.md of an export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def bits_summary(layers: list[dict], packed) -> dict:
+    weights = sum(w.in_features * w.out_features for w in packed.values())
+    nbytes = sum(w.weight_nbytes() for w in packed.values())
+    return {"quantized_linears": len(packed), "weights": weights, "stored_bytes": nbytes,
+            "bits_per_weight": 8 * nbytes / weights if weights else 0.0,
+            "max_layer_bits_per_weight": max((r["bits_per_weight"] for r in layers), default=0.0)}
+
+
+def write(report: dict, out_dir: Path) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out_dir / "report.md").write_text(markdown(report))
+
+
+def _f(x, digits=4):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) < 1e6 else f"{x:.3g}"
+    return str(x)
+
+
+def _mib(n):
+    return f"{n / 2**20:.2f} MiB"
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# qexport report: {r['model']['name']} → {r['scheme']}", ""]
+    verdict = "PASSED" if r["parity"]["ok"] else "FAILED"
+    lines += [f"**Parity (ORT vs PyTorch quantized reference): {verdict}** "
+              f"(cosine ≥ {r['parity']['min_cosine']}, top-1 ≥ {r['parity']['min_top1']})", ""]
+    b, s = r["bits"], r["size"]
+    lines += ["## Size", "",
+              "| what | value |", "|---|---|",
+              f"| quantized Linears | {b['quantized_linears']} ({b['weights']:,} weights) |",
+              f"| bits per weight (every stored byte) | {b['bits_per_weight']:.3f} "
+              f"(max layer {b['max_layer_bits_per_weight']:.3f}) |",
+              f"| model file(s) | {_mib(s['onnx_bytes'])} |",
+              f"| fp32 / fp16 model (parameters × 4 / × 2) | {_mib(s['fp32_bytes'])} / "
+              f"{_mib(s['fp16_bytes'])} |",
+              f"| ratio to fp32 / fp16 | {s['onnx_bytes'] / s['fp32_bytes']:.3f} / "
+              f"{s['onnx_bytes'] / s['fp16_bytes']:.3f} |",
+              f"| quantized Linear weights: fp32 → stored | {_mib(4 * b['weights'])} → "
+              f"{_mib(b['stored_bytes'])} |", ""]
+    e2e = r["end_to_end"]
+    lines += ["## End to end (logits)", "", "| comparison | cosine | top-1 | rel. error | max |diff| |",
+              "|---|---|---|---|---|"]
+    for key, label in (("parity", "ORT vs PyTorch quantized (parity)"),
+                       ("quant_error", "PyTorch quantized vs fp (quantization error)"),
+                       ("ort_vs_fp", "ORT vs fp")):
+        m = e2e.get(key)
+        if m:
+            lines.append(f"| {label} | {_f(m['cosine'], 6)} | {_f(m.get('top1_agreement'))} | "
+                         f"{_f(m['rel_error'])} | {_f(m['max_abs_diff'])} |")
+    lines += [f"", f"Inputs: {e2e['inputs']}", ""]
+    ppl = r.get("perplexity")
+    if ppl:
+        lines += ["## Perplexity (held-out text)", "",
+                  f"{ppl['tokens']} tokens of {ppl['text']}, {ppl['window']}-token windows.", "",
+                  "| model | perplexity |", "|---|---|"]
+        for key, label in (("fp", "fp32 (PyTorch)"), ("quantized_torch", "quantized (PyTorch)"),
+                           ("quantized_ort", "quantized (ONNX Runtime + qexport ops)")):
+            lines.append(f"| {label} | {_f(ppl.get(key), 2)} |")
+        lines.append("")
+    elif r.get("perplexity_skipped"):
+        lines += ["## Perplexity", "", f"Skipped: {r['perplexity_skipped']}", ""]
+    lines += ["## Layers", "",
+              "| layer | shape | salient | bits/w | quant SQNR dB | parity cosine | parity max |diff| |",
+              "|---|---|---|---|---|---|---|"]
+    for row in r["layers"]:
+        q, p = row.get("quant_error", {}), row.get("parity", {})
+        lines.append(f"| {row['layer']} | {row['shape'][0]}×{row['shape'][1]} | {row['salient']} "
+                     f"| {row['bits_per_weight']:.3f} | {_f(q.get('sqnr_db'), 2)} | "
+                     f"{_f(p.get('cosine'), 6)} | {_f(p.get('max_abs_diff'), 6)} |")
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in r["timings"].items()]
+    lines += ["", f"Config: `{json.dumps(r['config'], sort_keys=True)}`", ""]
+    return "\n".join(lines)
