@@ -33,12 +33,12 @@ class OutlierStats:
                    torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         self.count += x.shape[0]
-        self.min = torch.minimum(self.min, x.amin(0))
-        self.max = torch.maximum(self.max, x.amax(0))
-        self.sum += x.sum(0)
-        self.sumsq += (x * x).sum(0)
+        self.min = torch.minimum(self.min, x.amin(0).double())
+        self.max = torch.maximum(self.max, x.amax(0).double())
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sumsq += x.square().sum(0, dtype=torch.float64)
 
     @property
     def rms(self) -> torch.Tensor:

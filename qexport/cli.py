@@ -96,6 +96,9 @@ def _commit_output(tmp: Path, path: Path) -> None:
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(old)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
     tmp.rename(path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -26,6 +26,10 @@ def _f(x, digits=4):
     return str(x)
 
 
+def _e(x):
+    return "–" if x is None else f"{x:.2e}"
+
+
 def _mib(n):
     return f"{n / 2**20:.2f} MiB"
 
@@ -57,7 +61,7 @@ def markdown(r: dict) -> str:
         m = e2e.get(key)
         if m:
             lines.append(f"| {label} | {_f(m['cosine'], 6)} | {_f(m.get('top1_agreement'))} | "
-                         f"{_f(m['rel_error'])} | {_f(m['max_abs_diff'])} |")
+                         f"{m['rel_error']:.2e} | {m['max_abs_diff']:.2e} |")
     lines += [f"", f"Inputs: {e2e['inputs']}", ""]
     ppl = r.get("perplexity")
     if ppl:
@@ -77,7 +81,7 @@ def markdown(r: dict) -> str:
         q, p = row.get("quant_error", {}), row.get("parity", {})
         lines.append(f"| {row['layer']} | {row['shape'][0]}×{row['shape'][1]} | {row['salient']} "
                      f"| {row['bits_per_weight']:.3f} | {_f(q.get('sqnr_db'), 2)} | "
-                     f"{_f(p.get('cosine'), 6)} | {_f(p.get('max_abs_diff'), 6)} |")
+                     f"{_f(p.get('cosine'), 6)} | {_e(p.get('max_abs_diff'))} |")
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["timings"].items()]
     lines += ["", f"Config: `{json.dumps(r['config'], sort_keys=True)}`", ""]

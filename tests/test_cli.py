@@ -1,0 +1,86 @@
+"""Bad input gets a one-line error, a non-zero exit and no output folder (run as a user would)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "qexport.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("qexport: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    from tiny_models import tiny_llama
+    d = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(d)
+    return d
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(tmp_path / "nope.pt2", "-o", out)
+    assert_one_line_error(proc, "no such file")
+    assert not out.exists()
+
+
+def test_corrupt_file(tmp_path):
+    bad = tmp_path / "model.pt2"
+    bad.write_bytes(os.urandom(256))
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli(bad, "-o", out), "model.pt2")
+    assert not out.exists()
+
+
+def test_unsupported_format(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF....")
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli(f, "-o", out), "supported")
+    assert not out.exists()
+
+
+def test_pickle_needs_flag(tmp_path):
+    import torch
+    f = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(4, 4), f)
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli(f, "-o", out), "--trust-pickle")
+    assert not out.exists()
+
+
+def test_bad_scheme(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli(tiny_llama_dir, "--scheme", "w3a8", "-o", out),
+                          "unknown scheme", "w1.61a16")
+    assert not out.exists()
+
+
+def test_unwritable_output(tiny_llama_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "out"  # a folder below a regular file cannot be created
+    assert_one_line_error(run_cli(tiny_llama_dir, "-o", out, "--calib-samples", "1"), str(out))
+    assert not out.exists()
+
+
+def test_foreign_output_folder_is_not_replaced(tiny_llama_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    assert_one_line_error(run_cli(tiny_llama_dir, "-o", out, "--calib-samples", "1"), "--force")
+    assert (out / "precious.txt").read_text() == "keep"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,72 @@
+"""End to end through the CLI: tiny random-init models (Llama, OPT) and the real SmolLM2-135M."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from qexport import contract as C
+from test_cli import run_cli
+
+
+def _check_folder(out, scheme):
+    report = json.loads((out / "report.json").read_text())
+    model = onnx.load(out / "model.onnx")
+    onnx.checker.check_model(model)
+    q_nodes = [n for n in model.graph.node if n.domain == C.DOMAIN]
+    assert q_nodes and all(n.op_type == C.OP_BINARY_MIXED_LINEAR for n in q_nodes)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta[C.META_SCHEME] == scheme and meta[C.META_CONTRACT] == str(C.CONTRACT_VERSION)
+    assert json.loads(meta[C.META_CONFIG])["scheme"] == scheme
+    assert (out / "libqexport_ops.so").exists() and (out / "report.md").exists()
+    assert report["parity"]["ok"]
+    assert len(q_nodes) == report["bits"]["quantized_linears"] == len(report["layers"])
+    assert all(r["parity"]["ok"] for r in report["layers"])
+    return report
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("scheme,extra", [("w1.61a16", []), ("w1a16", []),
+                                          ("w4a16", []), ("w1.61a16", ["--outlier-suppression"])])
+def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
+    from tiny_models import tiny_llama, tiny_opt
+    src = tmp_path / family
+    (tiny_llama if family == "llama" else tiny_opt)().save_pretrained(src)
+    out = tmp_path / "out"
+    proc = run_cli(src, "--scheme", scheme, "-o", out, "--calib-samples", "2",
+                   "--calib-seqlen", "32", *extra)
+    assert proc.returncode == 0, proc.stderr
+    report = _check_folder(out, scheme)
+    e2e = report["end_to_end"]["parity"]
+    assert e2e["cosine"] >= 0.999 and e2e["top1_agreement"] >= 0.99
+    assert report["perplexity_skipped"]  # no tokenizer: said so, not silently dropped
+    # Running it again replaces its own output folder.
+    assert run_cli(src, "--scheme", scheme, "-o", out, "--calib-samples", "1",
+                   "--calib-seqlen", "16", *extra).returncode == 0
+    # The python sample runs the folder and checks it against the saved reference.
+    sample = subprocess.run([sys.executable, "samples/01_python_ort/run.py", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stdout + sample.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end(tmp_path):
+    pytest.importorskip("gguf", reason="the example needs gguf (pip install gguf accelerate)")
+    from qexport import models
+    try:
+        models.example_gguf_path()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"example model package not installed: {e}")
+    out = tmp_path / "out"
+    proc = run_cli("smollm2-135m", "--scheme", "w1.61a16", "-o", out, "--eval-tokens", "2048")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = _check_folder(out, "w1.61a16")
+    assert report["bits"]["bits_per_weight"] <= 1.75
+    e2e = report["end_to_end"]["parity"]
+    assert e2e["cosine"] >= 0.999 and e2e["top1_agreement"] >= 0.99
+    ppl = report["perplexity"]
+    assert ppl["fp"] < 100 and np.isfinite(ppl["quantized_ort"])
+    assert abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1) < 0.005
