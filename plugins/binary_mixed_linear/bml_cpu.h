@@ -1,0 +1,51 @@
+// qexport::BinaryMixedLinear, CPU kernel launcher (docs/format.md, layout 1).
+// Raw pointers and sizes only: no ONNX Runtime types, so the same launcher serves any glue.
+#pragma once
+
+#include <cstdint>
+
+#include "binary_mixed_linear/bml_status.h"
+
+namespace qexport {
+namespace bml {
+
+enum class ActType { kFloat32, kFloat16 };
+
+// One call computes Y[m, :] = op(X[m, :]) for the M rows of X flattened over its leading dims.
+// fp16 tensors (row_scale, row_offset, salient_scale, r2, and X/Y when act == kFloat16) are
+// passed as raw IEEE binary16 bits (uint16_t).
+struct Args {
+  int64_t m = 0;           // rows of X (product of leading dims; may be 0)
+  int64_t k = 0;           // in_features
+  int64_t n = 0;           // out_features
+  int64_t s = 0;           // number of salient channels
+  int64_t group_size = 0;  // salient_group_size; 0: one group of s columns
+  ActType act = ActType::kFloat32;
+
+  const void* x = nullptr;                // [m, k], float or fp16 bits
+  void* y = nullptr;                      // [m, n], same type as x
+  const uint8_t* sign_packed = nullptr;   // [n, ceil((k - s) / 8)]
+  const uint16_t* row_scale = nullptr;    // [n] fp16
+  const uint16_t* row_offset = nullptr;   // [n] fp16
+  const int32_t* salient_idx = nullptr;   // [s], strictly increasing in [0, k)
+  const uint8_t* salient_packed = nullptr;  // [n, ceil(s / 2)]
+  const uint16_t* salient_scale = nullptr;  // [n, groups] fp16
+  const uint8_t* salient_zero = nullptr;    // [n, groups]
+  const uint16_t* r2 = nullptr;           // [k - s] fp16, or null (all ones)
+  const float* bias = nullptr;            // [n] float, or null
+};
+
+// Number of salient groups per row: ceil(s / g) with g = group_size or s; 0 when s == 0.
+int64_t NumGroups(int64_t s, int64_t group_size);
+
+// Runs the kernel. Re-checks what memory safety depends on (sizes, salient_idx order and
+// range) and returns an error instead of reading out of bounds; full input validation
+// against the contract is bml_validate.h. Never throws.
+Status RunCpu(const Args& args) noexcept;
+
+// IEEE 754 binary16 <-> binary32, round to nearest even; NaN and infinities kept.
+float HalfToFloat(uint16_t h);
+uint16_t FloatToHalf(float f);
+
+}  // namespace bml
+}  // namespace qexport

@@ -1,0 +1,224 @@
+// ONNX Runtime glue of qexport::BinaryMixedLinear (CPU execution provider).
+//
+// X and Y are typed (one op object for float, one for float16); the weight inputs are declared
+// with an undefined element type so that a wrong dtype reaches bml::ValidateInputs and comes
+// back as a message naming the input, instead of a generic schema error. Attributes are read
+// and checked once at kernel creation; inputs are checked on every call (cheap next to the
+// product). All entry points are noexcept and report failures as OrtStatus.
+#include "binary_mixed_linear/ort_op.h"
+
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "binary_mixed_linear/bml_cpu.h"
+#include "binary_mixed_linear/bml_validate.h"
+#include "qexport_contract.h"
+
+namespace qexport {
+namespace {
+
+std::string TypeName(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "double";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "uint16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return "uint32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return "uint64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING: return "string";
+    default: return "element type " + std::to_string(static_cast<int>(t));
+  }
+}
+
+bml::DType ToDType(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return bml::DType::kFloat32;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return bml::DType::kFloat16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return bml::DType::kUint8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return bml::DType::kInt32;
+    default: return bml::DType::kOther;
+  }
+}
+
+std::string Prefix(const std::string& node_name) {
+  return std::string(kDomain) + "::" + kOpBinaryMixedLinear +
+         (node_name.empty() ? std::string() : " node '" + node_name + "'") + ": ";
+}
+
+// Takes ownership of an OrtStatus from an API call; returns its message (empty if ok).
+std::string TakeError(const OrtApi& api, OrtStatus* status) {
+  if (!status) return std::string();
+  std::string msg = api.GetErrorMessage(status);
+  api.ReleaseStatus(status);
+  return msg.empty() ? std::string("unknown ONNX Runtime error") : msg;
+}
+
+struct BmlKernel {
+  BmlKernel(const OrtApi& api, bml::Attributes attrs, std::string node_name,
+            ONNXTensorElementDataType act)
+      : api_(api), attrs_(attrs), node_name_(std::move(node_name)), act_(act) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
+    try {
+      std::string err = Compute(context);
+      if (err.empty()) return nullptr;
+      return api_.CreateStatus(ORT_INVALID_ARGUMENT, (Prefix(node_name_) + err).c_str());
+    } catch (const std::exception& e) {
+      return api_.CreateStatus(ORT_FAIL, (Prefix(node_name_) + e.what()).c_str());
+    } catch (...) {
+      return api_.CreateStatus(ORT_FAIL, (Prefix(node_name_) + "unknown error").c_str());
+    }
+  }
+
+ private:
+  // Returns an error message, empty on success.
+  std::string Compute(OrtKernelContext* ctx) {
+    std::string err;
+    size_t count = 0;
+    if (!(err = TakeError(api_, api_.KernelContext_GetInputCount(ctx, &count))).empty())
+      return err;
+
+    std::vector<bml::TensorView> in(kNumInputs);
+    for (int i = 0; i < kNumInputs; ++i) {
+      if (static_cast<size_t>(i) >= count) continue;
+      const OrtValue* value = nullptr;
+      if (!(err = TakeError(api_, api_.KernelContext_GetInput(ctx, i, &value))).empty())
+        return err;
+      if (!value) continue;  // omitted optional input
+      if (!(err = Describe(value, i, &in[i])).empty()) return err;
+    }
+
+    bml::Args args;
+    Status st = bml::ValidateInputs(attrs_, in, &args);
+    if (!st) return st.message;
+    if (ToDType(act_) != in[kInX].dtype)
+      return "input 'X' (#0) is " + TypeName(act_) + " for this kernel but " +
+             in[kInX].dtype_name + " at run time";
+
+    std::vector<int64_t> out_shape = in[kInX].shape;
+    out_shape.back() = attrs_.out_features;
+    OrtValue* out = nullptr;
+    if (!(err = TakeError(api_, api_.KernelContext_GetOutput(ctx, 0, out_shape.data(),
+                                                            out_shape.size(), &out))).empty())
+      return err;
+    void* y = nullptr;
+    if (!(err = TakeError(api_, api_.GetTensorMutableData(out, &y))).empty()) return err;
+    args.y = y;
+    st = bml::RunCpu(args);
+    return st ? std::string() : st.message;
+  }
+
+  std::string Describe(const OrtValue* value, int index, bml::TensorView* t) {
+    std::string err;
+    int is_tensor = 0;
+    if (!(err = TakeError(api_, api_.IsTensor(value, &is_tensor))).empty()) return err;
+    if (!is_tensor)
+      return std::string("input '") + bml::InputName(index) + "' (#" + std::to_string(index) +
+             ") is not a tensor";
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    if (!(err = TakeError(api_, api_.GetTensorTypeAndShape(value, &info))).empty()) return err;
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    size_t rank = 0;
+    err = TakeError(api_, api_.GetTensorElementType(info, &type));
+    if (err.empty()) err = TakeError(api_, api_.GetDimensionsCount(info, &rank));
+    if (err.empty()) {
+      t->shape.assign(rank, 0);
+      err = TakeError(api_, api_.GetDimensions(info, t->shape.data(), rank));
+    }
+    api_.ReleaseTensorTypeAndShapeInfo(info);
+    if (!err.empty()) return err;
+    const void* data = nullptr;
+    if (!(err = TakeError(api_, api_.GetTensorData(value, &data))).empty()) return err;
+    t->present = true;
+    t->dtype = ToDType(type);
+    t->dtype_name = TypeName(type);
+    t->data = data;
+    return std::string();
+  }
+
+  const OrtApi& api_;
+  bml::Attributes attrs_;
+  std::string node_name_;
+  ONNXTensorElementDataType act_;
+};
+
+struct BmlOp : Ort::CustomOpBase<BmlOp, BmlKernel, /*WithStatus=*/true> {
+  explicit BmlOp(ONNXTensorElementDataType act) : act_(act) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
+                              void** op_kernel) const noexcept {
+    std::string node_name;
+    try {
+      *op_kernel = nullptr;
+      size_t size = 0;
+      if (TakeError(api, api.KernelInfo_GetNodeName(info, nullptr, &size)).empty() && size > 1) {
+        std::vector<char> buf(size);
+        if (TakeError(api, api.KernelInfo_GetNodeName(info, buf.data(), &size)).empty())
+          node_name.assign(buf.data());
+      }
+      bml::Attributes attrs;
+      struct {
+        const char* name;
+        int64_t* value;
+      } fields[] = {{kAttrInFeatures, &attrs.in_features},
+                    {kAttrOutFeatures, &attrs.out_features},
+                    {kAttrSalientGroupSize, &attrs.salient_group_size},
+                    {kAttrLayout, &attrs.layout}};
+      for (auto& f : fields) {
+        std::string err = TakeError(api, api.KernelInfoGetAttribute_int64(info, f.name, f.value));
+        if (!err.empty())
+          return api.CreateStatus(ORT_INVALID_ARGUMENT,
+                                  (Prefix(node_name) + "missing or non-int attribute '" + f.name +
+                                   "' (" + err + ")").c_str());
+      }
+      Status st = bml::ValidateAttributes(attrs);
+      if (!st)
+        return api.CreateStatus(ORT_INVALID_ARGUMENT, (Prefix(node_name) + st.message).c_str());
+      *op_kernel = new BmlKernel(api, attrs, node_name, act_);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_FAIL, (Prefix(node_name) + e.what()).c_str());
+    } catch (...) {
+      return api.CreateStatus(ORT_FAIL, (Prefix(node_name) + "unknown error").c_str());
+    }
+  }
+
+  const char* GetName() const { return kOpBinaryMixedLinear; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == static_cast<size_t>(kInX) ? act_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == static_cast<size_t>(kInR2) || index == static_cast<size_t>(kInBias)
+               ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+               : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return act_; }
+
+ private:
+  ONNXTensorElementDataType act_;
+};
+
+}  // namespace
+
+void AddBinaryMixedLinearOps(Ort::CustomOpDomain& domain) {
+  // The op objects must outlive every session that uses them: static storage.
+  static BmlOp op_float(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static BmlOp op_half(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  domain.Add(&op_float);
+  domain.Add(&op_half);
+}
+
+}  // namespace qexport

@@ -1,0 +1,254 @@
+// Run an exported qexport model folder with ONNX Runtime's C++ API.
+//
+//   qexport_sample OUT_DIR [--lib PATH] [--threads N] [--batch B] [--seq S]
+//
+// Loads OUT_DIR/model.onnx, registers the op library (--lib, else OUT_DIR/libqexport_ops.so,
+// else $QEXPORT_OPS_LIBRARY) with Ort::SessionOptions::RegisterCustomOpsLibrary, feeds inputs
+// and prints each output's shape and checksum. With OUT_DIR/reference.bin (README.md) its
+// inputs are fed and the outputs compared: max abs diff and cosine; exit status 1 if a cosine
+// is below 0.999. Without it, inputs are deterministic pseudo-random values: token ids below
+// the metadata "qexport.vocab_size" (else 100) for int64 inputs, normal values for float ones.
+#include <onnxruntime_cxx_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr double kMinCosine = 0.999;
+constexpr char kMagic[8] = {'Q', 'X', 'R', 'E', 'F', '0', '0', '1'};
+
+struct HostTensor {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> dims;
+  std::vector<uint8_t> bytes;
+};
+
+size_t ElementSize(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return 2;
+    default: throw std::runtime_error("unsupported element type " + std::to_string(t));
+  }
+}
+
+int64_t Count(const std::vector<int64_t>& dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) n *= d;
+  return n;
+}
+
+std::string ShapeString(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+template <typename T>
+T ReadPod(std::ifstream& in) {
+  T v;
+  if (!in.read(reinterpret_cast<char*>(&v), sizeof v))
+    throw std::runtime_error("reference.bin: truncated");
+  return v;
+}
+
+// reference.bin, little endian: "QXREF001", u32 count, then per tensor: u32 name length,
+// name bytes, u32 ONNX element type, u32 rank, i64 dims[rank], raw data.
+std::map<std::string, HostTensor> ReadReference(const std::string& path) {
+  std::map<std::string, HostTensor> out;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return out;
+  char magic[8];
+  if (!in.read(magic, 8) || std::memcmp(magic, kMagic, 8) != 0)
+    throw std::runtime_error(path + ": not a reference.bin (bad magic)");
+  const uint32_t count = ReadPod<uint32_t>(in);
+  for (uint32_t i = 0; i < count; ++i) {
+    std::string name(ReadPod<uint32_t>(in), '\0');
+    if (!in.read(&name[0], static_cast<std::streamsize>(name.size())))
+      throw std::runtime_error("reference.bin: truncated name");
+    HostTensor t;
+    t.type = static_cast<ONNXTensorElementDataType>(ReadPod<uint32_t>(in));
+    const uint32_t rank = ReadPod<uint32_t>(in);
+    for (uint32_t d = 0; d < rank; ++d) t.dims.push_back(ReadPod<int64_t>(in));
+    t.bytes.resize(static_cast<size_t>(Count(t.dims)) * ElementSize(t.type));
+    if (!in.read(reinterpret_cast<char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size())))
+      throw std::runtime_error("reference.bin: truncated data of " + name);
+    out[name] = std::move(t);
+  }
+  return out;
+}
+
+std::vector<double> ToDoubles(ONNXTensorElementDataType type, const void* data, int64_t n) {
+  std::vector<double> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    switch (type) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: v[i] = static_cast<const float*>(data)[i]; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+        v[i] = static_cast<const Ort::Float16_t*>(data)[i].ToFloat();
+        break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: v[i] = static_cast<const int32_t*>(data)[i]; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+        v[i] = static_cast<double>(static_cast<const int64_t*>(data)[i]);
+        break;
+      default: throw std::runtime_error("unsupported output element type " + std::to_string(type));
+    }
+  }
+  return v;
+}
+
+HostTensor MakeInput(ONNXTensorElementDataType type, std::vector<int64_t> dims, int64_t vocab,
+                     int64_t batch, int64_t seq, std::mt19937_64& rng) {
+  int symbolic = 0;
+  for (int64_t& d : dims)
+    if (d < 0) d = symbolic++ == 0 ? batch : seq;
+  HostTensor t;
+  t.type = type;
+  t.dims = dims;
+  const int64_t n = Count(dims);
+  t.bytes.resize(static_cast<size_t>(n) * ElementSize(type));
+  std::uniform_int_distribution<int64_t> ids(0, vocab - 1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    switch (type) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: reinterpret_cast<int64_t*>(t.bytes.data())[i] = ids(rng); break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+        reinterpret_cast<int32_t*>(t.bytes.data())[i] = static_cast<int32_t>(ids(rng));
+        break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: reinterpret_cast<float*>(t.bytes.data())[i] = normal(rng); break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+        reinterpret_cast<Ort::Float16_t*>(t.bytes.data())[i] = Ort::Float16_t(normal(rng));
+        break;
+      default: throw std::runtime_error("unsupported input element type " + std::to_string(type));
+    }
+  }
+  return t;
+}
+
+bool FileExists(const std::string& p) { return std::ifstream(p).good(); }
+
+int Run(int argc, char** argv) {
+  std::string folder, lib;
+  int threads = 0;
+  int64_t batch = 1, seq = 16;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw std::runtime_error(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--lib") lib = value();
+    else if (a == "--threads") threads = std::stoi(value());
+    else if (a == "--batch") batch = std::stoll(value());
+    else if (a == "--seq") seq = std::stoll(value());
+    else if (a == "-h" || a == "--help") {
+      std::printf("usage: qexport_sample OUT_DIR [--lib PATH] [--threads N] [--batch B] [--seq S]\n");
+      return 0;
+    } else if (folder.empty()) folder = a;
+    else throw std::runtime_error("unexpected argument " + a);
+  }
+  if (folder.empty()) throw std::runtime_error("usage: qexport_sample OUT_DIR [--lib PATH] ...");
+  const std::string model = folder + "/model.onnx";
+  if (!FileExists(model)) throw std::runtime_error(model + " does not exist");
+  if (lib.empty()) lib = folder + "/libqexport_ops.so";
+  if (!FileExists(lib)) {
+    const char* env = std::getenv("QEXPORT_OPS_LIBRARY");
+    if (!env) throw std::runtime_error("no " + lib + ": pass --lib or set QEXPORT_OPS_LIBRARY");
+    lib = env;
+  }
+
+  Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "qexport_sample");
+  Ort::SessionOptions options;
+  if (threads > 0) options.SetIntraOpNumThreads(threads);
+  options.RegisterCustomOpsLibrary(lib.c_str());
+  Ort::Session session(env, model.c_str(), options);
+  std::printf("model %s with %s\n", model.c_str(), lib.c_str());
+
+  Ort::AllocatorWithDefaultOptions allocator;
+  int64_t vocab = 100;
+  {
+    Ort::ModelMetadata meta = session.GetModelMetadata();
+    Ort::AllocatedStringPtr v = meta.LookupCustomMetadataMapAllocated("qexport.vocab_size", allocator);
+    if (v) vocab = std::stoll(v.get());
+  }
+
+  const std::map<std::string, HostTensor> reference = ReadReference(folder + "/reference.bin");
+  std::mt19937_64 rng(0);
+  std::vector<std::string> in_names, out_names;
+  std::vector<HostTensor> inputs;
+  for (size_t i = 0; i < session.GetInputCount(); ++i) {
+    in_names.push_back(session.GetInputNameAllocated(i, allocator).get());
+    Ort::TypeInfo type_info = session.GetInputTypeInfo(i);  // owns what `info` points into
+    auto info = type_info.GetTensorTypeAndShapeInfo();
+    auto it = reference.find(in_names.back());
+    inputs.push_back(it != reference.end()
+                         ? it->second
+                         : MakeInput(info.GetElementType(), info.GetShape(), vocab, batch, seq, rng));
+    std::printf("input %s: shape %s\n", in_names.back().c_str(), ShapeString(inputs.back().dims).c_str());
+  }
+  for (size_t i = 0; i < session.GetOutputCount(); ++i)
+    out_names.push_back(session.GetOutputNameAllocated(i, allocator).get());
+
+  Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  std::vector<Ort::Value> feeds;
+  for (HostTensor& t : inputs)
+    feeds.push_back(Ort::Value::CreateTensor(cpu, t.bytes.data(), t.bytes.size(), t.dims.data(),
+                                             t.dims.size(), t.type));
+  std::vector<const char*> in_c, out_c;
+  for (auto& n : in_names) in_c.push_back(n.c_str());
+  for (auto& n : out_names) out_c.push_back(n.c_str());
+  std::vector<Ort::Value> outputs =
+      session.Run(Ort::RunOptions{nullptr}, in_c.data(), feeds.data(), feeds.size(), out_c.data(), out_c.size());
+
+  bool ok = true;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    auto info = outputs[i].GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> dims = info.GetShape();
+    const std::vector<double> y = ToDoubles(info.GetElementType(), outputs[i].GetTensorRawData(), Count(dims));
+    double checksum = 0;
+    for (double v : y) checksum += v;
+    std::printf("output %s: shape %s checksum %.6e\n", out_names[i].c_str(), ShapeString(dims).c_str(), checksum);
+    auto it = reference.find(out_names[i]);
+    if (it == reference.end()) continue;
+    if (it->second.dims != dims) {
+      std::printf("reference %s: shape %s differs\n", out_names[i].c_str(), ShapeString(it->second.dims).c_str());
+      ok = false;
+      continue;
+    }
+    const std::vector<double> r = ToDoubles(it->second.type, it->second.bytes.data(), Count(dims));
+    double max_diff = 0, dot = 0, ny = 0, nr = 0;
+    for (size_t j = 0; j < y.size(); ++j) {
+      max_diff = std::max(max_diff, std::fabs(y[j] - r[j]));
+      dot += y[j] * r[j];
+      ny += y[j] * y[j];
+      nr += r[j] * r[j];
+    }
+    const double cosine = (ny > 0 && nr > 0) ? dot / std::sqrt(ny * nr) : (max_diff == 0 ? 1.0 : 0.0);
+    std::printf("reference %s: max_abs_diff %.3e cosine %.8f\n", out_names[i].c_str(), max_diff, cosine);
+    ok = ok && cosine >= kMinCosine;
+  }
+  if (reference.empty()) std::printf("no reference.bin: outputs not checked\n");
+  std::printf(ok ? "OK\n" : "FAIL: cosine below 0.999\n");
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "qexport_sample: error: %s\n", e.what());
+    return 2;
+  }
+}

@@ -1,0 +1,271 @@
+"""The CPU kernel of qexport::BinaryMixedLinear in ONNX Runtime vs the PyTorch reference.
+
+Tolerances (max abs error over the output, relative to the output scale max|ref|):
+- fp32 activations: 1e-4 * max|ref| (both sides accumulate in fp32, in different orders);
+- fp16 activations: 2^-9 * max|ref| (both sides compute in fp32 from the same fp16 inputs and
+  round once to fp16; summation order can move a result across a rounding boundary: 1 ulp).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from native_helpers import bml_model, ort_errors, ort_session, require_library
+from qexport import contract as C
+from qexport.ops import binary_mixed_linear_reference, reference_evaluator_ops
+from qexport.testing import random_mixed_linear
+
+FP32_RTOL = 1e-4
+FP16_RTOL = 2.0 ** -9
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return require_library()
+
+
+def _reference(w, x: np.ndarray) -> np.ndarray:
+    y = binary_mixed_linear_reference(torch.from_numpy(x), *w.tensors(), **w.attributes())
+    return y.numpy()
+
+
+def _assert_close(y: np.ndarray, ref: np.ndarray, rtol: float) -> None:
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    if ref.size == 0:
+        return
+    scale = float(np.abs(ref.astype(np.float32)).max()) or 1.0
+    err = float(np.abs(y.astype(np.float32) - ref.astype(np.float32)).max())
+    assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:.3g} * output scale {scale:.3g}"
+
+
+def _weights(n, k, frac, g, r2, bias, seed=0):
+    return random_mixed_linear(n, k, int(round(frac * k)), g, with_r2=r2, with_bias=bias,
+                               seed=seed)
+
+
+# K x salient fraction x group size in full; M, N, r2 and bias cycle through their values so
+# each appears with every K (24 cases, ~a second in all).
+_CASES = []
+for i, (k, frac, g) in enumerate(itertools.product((8, 13, 576, 1000), (0.0, 0.2, 1.0), (0, 32))):
+    m, n = (1, 3, 118)[i % 3], (1, 7, 64)[(i // 3) % 3]
+    r2, bias = bool(i % 2), bool((i // 2) % 2)
+    _CASES.append(pytest.param(m, k, n, frac, g, r2, bias,
+                               id=f"M{m}-K{k}-N{n}-s{frac}-G{g}{'-r2' if r2 else ''}"
+                                  f"{'-bias' if bias else ''}"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m,k,n,frac,g,r2,bias", _CASES)
+def test_matches_reference(lib, m, k, n, frac, g, r2, bias, dtype):
+    w = _weights(n, k, frac, g, r2, bias, seed=k + n)
+    sess = ort_session(bml_model(w, ["M", k], dtype), lib)
+    x = np.random.default_rng(m * 1000 + k).standard_normal((m, k)).astype(dtype)
+    (y,) = sess.run(None, {"X": x})
+    _assert_close(y, _reference(w, x), FP32_RTOL if dtype == np.float32 else FP16_RTOL)
+
+
+@pytest.mark.parametrize("shape", [(13,), (5, 13), (2, 5, 13), (2, 3, 5, 13), (0, 13), (2, 0, 13)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_leading_dims(lib, shape, dtype):
+    w = _weights(7, 13, 0.2, 2, True, True, seed=3)
+    dims = [f"d{i}" for i in range(len(shape) - 1)] + [13]
+    sess = ort_session(bml_model(w, dims, dtype), lib)
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    (y,) = sess.run(None, {"X": x})
+    assert y.shape == shape[:-1] + (7,)
+    _assert_close(y, _reference(w, x), FP32_RTOL if dtype == np.float32 else FP16_RTOL)
+
+
+def test_fp16_special_values(lib):
+    """Large inputs overflow to inf in fp16 exactly as the reference's cast does."""
+    w = _weights(4, 16, 0.0, 0, False, False, seed=5)
+    sess = ort_session(bml_model(w, ["M", 16], np.float16), lib)
+    x = np.full((2, 16), 60000.0, dtype=np.float16)
+    x[1] = np.float16(1e-7)  # subnormal inputs
+    (y,) = sess.run(None, {"X": x})
+    ref = _reference(w, x)
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    _assert_close(y[1:], ref[1:], FP16_RTOL)
+
+
+def test_fp16_conversions_exact(lib):
+    """The kernel's own IEEE half<->float helpers round like numpy (to nearest even).
+
+    One salient channel with code 1, zero 0, scale 1 makes y = x + bias: every fp16 value
+    through X checks half->float->half; fp32 biases with x = 0 check float->half rounding
+    (ties, subnormals, overflow to inf)."""
+    from qexport.packing import MixedLinearWeights
+
+    rng = np.random.default_rng(7)
+    bias = np.concatenate([
+        rng.standard_normal(2000).astype(np.float32) * 10.0 ** rng.integers(-9, 6, 2000),
+        (np.arange(1, 1000, dtype=np.float32) * np.float32(2.0 ** -25)),  # subnormal ties
+        np.float32([65504, 65519.99, 65520, 1e9, -65520, 2.0 ** -24, 2.0 ** -25,
+                    1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, np.inf, -np.inf, 0.0])]).astype(np.float32)
+    n = bias.size
+
+    def t(a, dtype):
+        return torch.tensor(a, dtype=dtype)
+
+    w = MixedLinearWeights(
+        in_features=1, out_features=n, salient_group_size=0,
+        sign_packed=torch.zeros(n, 0, dtype=torch.uint8),
+        row_scale=torch.zeros(n, dtype=torch.float16), row_offset=torch.zeros(n, dtype=torch.float16),
+        salient_idx=t([0], torch.int32), salient_packed=torch.ones(n, 1, dtype=torch.uint8),
+        salient_scale=torch.ones(n, 1, dtype=torch.float16),
+        salient_zero=torch.zeros(n, 1, dtype=torch.uint8), bias=torch.from_numpy(bias))
+    w.validate()
+    sess = ort_session(bml_model(w, ["M", 1], np.float16), lib)
+    (y,) = sess.run(None, {"X": np.zeros((1, 1), np.float16)})
+    with np.errstate(over="ignore"):
+        expect = bias.astype(np.float16)
+    np.testing.assert_array_equal(y[0].view(np.uint16), expect.view(np.uint16))
+
+    w.bias = None
+    w.out_features = 1
+    for name in ("sign_packed", "row_scale", "row_offset", "salient_packed", "salient_scale",
+                 "salient_zero"):
+        setattr(w, name, getattr(w, name)[:1])
+    sess = ort_session(bml_model(w, ["M", 1], np.float16), lib)
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite_or_inf = ~np.isnan(halves)
+    (y,) = sess.run(None, {"X": halves[:, None]})
+    ref = _reference(w, halves[:, None])  # x itself, but -0 -> +0 (0 + -0 in fp32)
+    np.testing.assert_array_equal(ref[finite_or_inf, 0], halves[finite_or_inf])
+    np.testing.assert_array_equal(y[finite_or_inf, 0].view(np.uint16),
+                                  ref[finite_or_inf, 0].view(np.uint16))
+    assert np.isnan(y[~finite_or_inf, 0]).all()
+
+
+@pytest.mark.parametrize("frac,g,r2,bias", [(0.2, 32, True, True), (0.0, 0, False, False),
+                                            (1.0, 0, False, True)],
+                         ids=["mixed", "w1", "w4"])
+def test_reference_evaluator_agrees(lib, frac, g, r2, bias):
+    """The same model through onnx's ReferenceEvaluator (ops.py OpRun), torch and ORT."""
+    from onnx.reference import ReferenceEvaluator
+
+    w = _weights(9, 70, frac, g, r2, bias, seed=11)
+    model = bml_model(w, ["B", "T", 70])
+    x = np.random.default_rng(2).standard_normal((2, 3, 70)).astype(np.float32)
+    (y_ref_eval,) = ReferenceEvaluator(model, new_ops=reference_evaluator_ops()).run(None, {"X": x})
+    ref = _reference(w, x)
+    np.testing.assert_allclose(y_ref_eval, ref, rtol=0, atol=1e-6)
+    (y_ort,) = ort_session(model, lib).run(None, {"X": x})
+    _assert_close(y_ort, ref, FP32_RTOL)
+
+
+# ---------------------------------------------------------------- inputs the kernel must reject
+N, K, S, G = 6, 40, 10, 4  # Kb = 30: sign_packed [6, 4]; groups = 3
+
+
+def _bad_weights():
+    return _weights(N, K, S / K, G, True, True, seed=21)
+
+
+def _tensors(w):
+    return [None if t is None else t.numpy().copy() for t in w.tensors()]
+
+
+def _wrong_dtype(i, dtype):
+    def mutate(t, attrs):
+        t[i - 1] = t[i - 1].astype(dtype)
+    return mutate
+
+
+def _set(i, fn):
+    def mutate(t, attrs):
+        t[i - 1] = fn(t[i - 1])
+    return mutate
+
+
+def _attr(name, value):
+    def mutate(t, attrs):
+        attrs[name] = value
+    return mutate
+
+
+def _idx(values):
+    return _set(C.IN_SALIENT_IDX, lambda a: np.array(values, dtype=np.int32))
+
+
+_SORTED = list(range(0, 40, 4))  # 10 salient channels
+_BAD = {
+    # wrong dtype of every weight input
+    "dtype-sign_packed": (_wrong_dtype(C.IN_SIGN_PACKED, np.int8), "'sign_packed'", "expected uint8"),
+    "dtype-row_scale": (_wrong_dtype(C.IN_ROW_SCALE, np.float32), "'row_scale'", "expected float16"),
+    "dtype-row_offset": (_wrong_dtype(C.IN_ROW_OFFSET, np.float64), "'row_offset'", "expected float16"),
+    "dtype-salient_idx": (_wrong_dtype(C.IN_SALIENT_IDX, np.int64), "'salient_idx'", "expected int32"),
+    "dtype-salient_packed": (_wrong_dtype(C.IN_SALIENT_PACKED, np.int32), "'salient_packed'",
+                             "expected uint8"),
+    "dtype-salient_scale": (_wrong_dtype(C.IN_SALIENT_SCALE, np.float32), "'salient_scale'",
+                            "expected float16"),
+    "dtype-salient_zero": (_wrong_dtype(C.IN_SALIENT_ZERO, np.int8), "'salient_zero'", "expected uint8"),
+    "dtype-r2": (_wrong_dtype(C.IN_R2, np.float32), "'r2'", "expected float16"),
+    "dtype-bias": (_wrong_dtype(C.IN_BIAS, np.float16), "'bias'", "expected float"),
+    # shapes disagreeing with the attributes
+    "shape-sign_packed": (_set(C.IN_SIGN_PACKED, lambda a: a[:, :-1]), "'sign_packed'", "[6, 3]"),
+    "shape-row_scale": (_set(C.IN_ROW_SCALE, lambda a: np.concatenate([a, a[:1]])), "'row_scale'",
+                        "[7]"),
+    "shape-row_offset": (_set(C.IN_ROW_OFFSET, lambda a: a[None]), "'row_offset'", "[1, 6]"),
+    "shape-salient_packed": (_set(C.IN_SALIENT_PACKED, lambda a: a[:-1]), "'salient_packed'",
+                             "[5, 5]"),
+    "shape-salient_scale": (_attr(C.ATTR_SALIENT_GROUP_SIZE, 5), "'salient_scale'",
+                            "expected float16 [6, 2]"),
+    "shape-salient_zero": (_set(C.IN_SALIENT_ZERO, lambda a: a[:, :2]), "'salient_zero'", "[6, 2]"),
+    "shape-r2": (_set(C.IN_R2, lambda a: a[:-1]), "'r2'", "[29]"),
+    "shape-bias": (_set(C.IN_BIAS, lambda a: a[:3]), "'bias'", "[3]"),
+    "shape-salient_idx-2d": (_set(C.IN_SALIENT_IDX, lambda a: a[None]), "'salient_idx'", "[1, 10]"),
+    "in_features": (_attr(C.ATTR_IN_FEATURES, 41), "'X'", "[2, 40]"),
+    "out_features": (_attr(C.ATTR_OUT_FEATURES, 5), "'sign_packed'", "out_features=5"),
+    # salient_idx contents
+    "idx-out-of-range": (_idx(_SORTED[:-1] + [40]), "'salient_idx'", "out of range"),
+    "idx-negative": (_idx([-1] + _SORTED[1:]), "'salient_idx'", "out of range"),
+    "idx-not-increasing": (_idx(_SORTED[:4] + [_SORTED[5], _SORTED[4]] + _SORTED[6:]),
+                           "'salient_idx'", "not strictly increasing"),
+    "idx-duplicate": (_idx(_SORTED[:5] + [_SORTED[4]] + _SORTED[6:]), "'salient_idx'",
+                      "not strictly increasing"),
+    # zero point above 15
+    "zero-16": (_set(C.IN_SALIENT_ZERO, lambda a: np.where(np.arange(a.size).reshape(a.shape) == 7,
+                                                          16, a).astype(np.uint8)),
+                "'salient_zero'", "16 at [2, 1]"),
+    # attributes
+    "layout-2": (_attr(C.ATTR_LAYOUT, 2), "'layout'", "unknown"),
+    "group-size-negative": (_attr(C.ATTR_SALIENT_GROUP_SIZE, -1), "'salient_group_size'", ">= 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD), ids=list(_BAD))
+def test_rejects_bad_inputs(lib, case):
+    mutate, name, detail = _BAD[case]
+    w = _bad_weights()
+    tensors, attrs = _tensors(w), dict(w.attributes())
+    mutate(tensors, attrs)
+    model = bml_model(w, ["M", K], tensors=tensors, attributes=attrs, check=False)
+    x = np.random.default_rng(0).standard_normal((2, K)).astype(np.float32)
+    with pytest.raises(ort_errors()) as info:
+        ort_session(model, lib).run(None, {"X": x})
+    msg = str(info.value)
+    assert "BinaryMixedLinear" in msg and name in msg and detail in msg, msg
+
+
+def test_rejects_missing_attribute(lib):
+    w = _bad_weights()
+    attrs = dict(w.attributes())
+    del attrs[C.ATTR_IN_FEATURES]
+    model = bml_model(w, ["M", K], attributes=attrs, check=False)
+    with pytest.raises(ort_errors(), match="in_features"):
+        ort_session(model, lib)
+
+
+def test_x_feature_mismatch_at_run_time(lib):
+    """A symbolic last dim lets a wrong X reach the kernel: the message names X and shapes."""
+    w = _bad_weights()
+    sess = ort_session(bml_model(w, ["M", "K"]), lib)
+    with pytest.raises(ort_errors()) as info:
+        sess.run(None, {"X": np.zeros((3, K + 1), np.float32)})
+    msg = str(info.value)
+    assert "'X'" in msg and "[3, 41]" in msg and "in_features=40" in msg, msg

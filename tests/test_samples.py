@@ -1,0 +1,169 @@
+"""The numbered samples run on a folder shaped like an export (model.onnx, libqexport_ops.so,
+reference.npz) and fail when the outputs disagree with the reference."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from native_helpers import require_library
+from qexport import contract as C
+from qexport.ops import binary_mixed_linear_reference
+from qexport.testing import random_mixed_linear
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PY_SAMPLE = ROOT / "samples" / "01_python_ort" / "run.py"
+CPP_SAMPLE = ROOT / "samples" / "02_cpp_ort"
+VOCAB, K, N = 50, 96, 24
+
+
+def _sample_module():
+    spec = importlib.util.spec_from_file_location("qexport_sample_01", PY_SAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _model(kind: str):
+    """`float`: X [batch, K] -> BinaryMixedLinear -> Y. `tokens`: input_ids [batch, seq] ->
+    Gather(embedding) -> BinaryMixedLinear -> logits, with metadata qexport.vocab_size."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from native_helpers import bml_model
+
+    w = random_mixed_linear(N, K, K // 5, 16, with_r2=True, with_bias=True, seed=4)
+    emb = np.random.default_rng(5).standard_normal((VOCAB, K)).astype(np.float32)
+    if kind == "float":
+        return bml_model(w, ["batch", K]), w, emb
+    model = bml_model(w, ["batch", "seq", K])
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(emb, name="embedding"))
+    g.node.insert(0, helper.make_node("Gather", ["embedding", "input_ids"], ["X"], axis=0))
+    del g.input[:]
+    g.input.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]))
+    g.output[0].name = "logits"
+    g.node[1].output[0] = "logits"
+    helper.set_model_props(model, {"qexport.vocab_size": str(VOCAB),
+                                   C.META_CONTRACT: str(C.CONTRACT_VERSION)})
+    onnx.checker.check_model(model)
+    return model, w, emb
+
+
+def _folder(tmp_path: pathlib.Path, kind: str, lib: pathlib.Path, with_lib=True,
+            with_reference=True) -> pathlib.Path:
+    import onnx
+
+    model, w, emb = _model(kind)
+    out = tmp_path / f"{kind}_out"
+    out.mkdir()
+    onnx.save(model, out / "model.onnx")
+    if with_lib:
+        shutil.copy2(lib, out / lib.name)
+    if with_reference:
+        rng = np.random.default_rng(6)
+        if kind == "float":
+            feeds = {"X": rng.standard_normal((3, K)).astype(np.float32)}
+            x, out_name = feeds["X"], "Y"
+        else:
+            feeds = {"input_ids": rng.integers(0, VOCAB, (2, 5), dtype=np.int64)}
+            x, out_name = emb[feeds["input_ids"]], "logits"
+        y = binary_mixed_linear_reference(torch.from_numpy(x), *w.tensors(), **w.attributes())
+        np.savez(out / "reference.npz", **feeds, **{out_name: y.numpy()})
+    return out
+
+
+def _run(cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, **kw)
+
+
+def _parse(stdout: str) -> dict[str, tuple[float, float]]:
+    return {m[0]: (float(m[1]), float(m[2])) for m in
+            re.findall(r"reference (\w+): max_abs_diff (\S+) cosine (\S+)", stdout)}
+
+
+def _checksums(stdout: str) -> dict[str, float]:
+    return {m[0]: float(m[1]) for m in re.findall(r"output (\w+): .*checksum (\S+)", stdout)}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return require_library()
+
+
+@pytest.mark.parametrize("kind", ["float", "tokens"])
+def test_python_sample(tmp_path, lib, kind):
+    out = _folder(tmp_path, kind, lib)
+    proc = _run([sys.executable, PY_SAMPLE, out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (diff, cos), = _parse(proc.stdout).values()
+    assert cos >= 0.999999 and diff < 1e-4, proc.stdout
+
+    # A reference that disagrees makes it fail.
+    ref = dict(np.load(out / "reference.npz"))
+    name = "Y" if kind == "float" else "logits"
+    ref[name] = -ref[name]
+    np.savez(out / "reference.npz", **ref)
+    proc = _run([sys.executable, PY_SAMPLE, out])
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_python_sample_without_library_copy_or_reference(tmp_path, lib):
+    out = _folder(tmp_path, "tokens", lib, with_lib=False, with_reference=False)
+    env = dict(os.environ, QEXPORT_OPS_LIBRARY=str(lib))  # as qexport.native finds it
+    proc = _run([sys.executable, PY_SAMPLE, out, "--batch", "2", "--seq", "7"], env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "output logits: shape [2, 7, 24]" in proc.stdout and "not checked" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def cpp_sample(tmp_path_factory, lib):
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip(reason="cmake not installed: the C++ sample cannot be built")
+    build = tmp_path_factory.mktemp("sample_cpp_build")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    for cmd in ([cmake, "-S", CPP_SAMPLE, "-B", build, *gen], [cmake, "--build", build]):
+        proc = _run(cmd)
+        assert proc.returncode == 0, f"{cmd}:\n{proc.stdout}\n{proc.stderr}"
+    return build / "qexport_sample"
+
+
+@pytest.mark.parametrize("kind", ["float", "tokens"])
+def test_cpp_sample(tmp_path, lib, cpp_sample, kind):
+    out = _folder(tmp_path, kind, lib)
+    py = _run([sys.executable, PY_SAMPLE, out, "--write-reference-bin"])
+    assert py.returncode == 0 and (out / "reference.bin").is_file(), py.stdout + py.stderr
+
+    proc = _run([cpp_sample, out, "--threads", "1"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (diff, cos), = _parse(proc.stdout).values()
+    assert cos >= 0.999999 and diff < 1e-4, proc.stdout
+    # Same inputs, same kernel: the C++ and Python checksums agree.
+    py_sums, cpp_sums = _checksums(py.stdout), _checksums(proc.stdout)
+    assert py_sums.keys() == cpp_sums.keys() and py_sums
+    for name, s in py_sums.items():
+        assert abs(cpp_sums[name] - s) <= 1e-5 * max(1.0, abs(s)), (py.stdout, proc.stdout)
+
+    # A reference that disagrees makes it fail.
+    ref = dict(np.load(out / "reference.npz"))
+    name = "Y" if kind == "float" else "logits"
+    ref[name] = -ref[name]
+    _sample_module().write_reference_bin(out / "reference.bin", ref)
+    proc = _run([cpp_sample, out])
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_cpp_sample_without_reference(tmp_path, lib, cpp_sample):
+    out = _folder(tmp_path, "tokens", lib, with_reference=False)
+    proc = _run([cpp_sample, out, "--batch", "2", "--seq", "3"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "output logits: shape [2, 3, 24]" in proc.stdout and "not checked" in proc.stdout
