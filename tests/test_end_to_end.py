@@ -70,3 +70,33 @@ def test_smollm2_end_to_end(tmp_path):
     ppl = report["perplexity"]
     assert ppl["fp"] < 100 and np.isfinite(ppl["quantized_ort"])
     assert abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1) < 0.005
+
+
+def test_pt2_archive_end_to_end(tmp_path):
+    import torch
+    from tiny_models import LogitsOnly, tiny_llama
+    module = LogitsOnly(tiny_llama())
+    ids = torch.randint(0, 128, (2, 8))
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=256)}
+    ep = torch.export.export(module, (ids,), dynamic_shapes=(dims,))
+    src = tmp_path / "tiny.pt2"
+    torch.export.save(ep, src)
+    out = tmp_path / "out"
+    proc = run_cli(src, "-o", out, "--calib-samples", "2", "--calib-seqlen", "16")
+    assert proc.returncode == 0, proc.stderr
+    _check_folder(out, "w1.61a16")
+
+
+def test_trusted_pickle_end_to_end(tmp_path):
+    import torch
+    from tiny_models import LogitsOnly, tiny_opt
+    src = tmp_path / "tiny.pt"
+    torch.save(LogitsOnly(tiny_opt()), src)
+    out = tmp_path / "out"
+    env_path = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "qexport.cli", str(src), "--trust-pickle",
+                           "-o", str(out), "--calib-samples", "2", "--calib-seqlen", "16"],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=env_path))
+    assert proc.returncode == 0, proc.stderr
+    _check_folder(out, "w1.61a16")
