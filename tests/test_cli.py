@@ -84,3 +84,36 @@ def test_foreign_output_folder_is_not_replaced(tiny_llama_dir, tmp_path):
     assert_one_line_error(run_cli(tiny_llama_dir, "-o", out, "--calib-samples", "1"), "--force")
     assert (out / "precious.txt").read_text() == "keep"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_parity_failure_exits_3_and_says_so(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A backend that disagrees with the reference is a bug: report written, exit code 3."""
+    import json
+
+    import numpy as np
+
+    from qexport import cli, native
+
+    real_make_session = native.make_session
+
+    class Corrupted:
+        def __init__(self, session):
+            self.session = session
+
+        def get_inputs(self):
+            return self.session.get_inputs()
+
+        def run(self, names, feeds):
+            outs = self.session.run(names, feeds)
+            rng = np.random.default_rng(0)
+            return [o + rng.standard_normal(o.shape).astype(o.dtype) * o.std() for o in outs]
+
+    monkeypatch.setattr(native, "make_session", lambda *a, **k: Corrupted(real_make_session(*a, **k)))
+    out = tmp_path / "out"
+    code = cli.main([str(tiny_llama_dir), "-o", str(out), "--calib-samples", "1",
+                     "--calib-seqlen", "16", "--quiet"])
+    assert code == cli.EXIT_PARITY
+    assert "parity check failed" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["ok"] is False
+    assert "FAILED" in (out / "report.md").read_text()
