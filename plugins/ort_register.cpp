@@ -7,6 +7,9 @@
 #include <string>
 
 #include "binary_mixed_linear/ort_op.h"
+#ifdef QEXPORT_WITH_CUDA  // QEXPORT_BUILD_CUDA=ON (cmake/QexportGpu.cmake, docs/gpu.md)
+#include "binary_mixed_linear/ort_cuda_op.h"
+#endif
 #include "onnxruntime_cxx_api.h"
 #include "qexport_contract.h"
 
@@ -45,6 +48,9 @@ QEXPORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
     if (!g_domain) {
       auto* domain = new Ort::CustomOpDomain(qexport::kDomain);
       qexport::AddBinaryMixedLinearOps(*domain);
+#ifdef QEXPORT_WITH_CUDA
+      qexport::AddBinaryMixedLinearCudaOps(*domain);  // same op, CUDAExecutionProvider
+#endif
       g_domain = domain;
     }
     Ort::UnownedSessionOptions session_options(options);

@@ -1,5 +1,8 @@
 """The CPU kernel of qexport::BinaryMixedLinear in ONNX Runtime vs the PyTorch reference.
 
+Every result test runs on each CPU path the machine has (QEXPORT_CPU_ISA=portable, avx2,
+avx512; a path the CPU lacks is skipped with the reason), single- and multi-threaded.
+
 Tolerances (max abs error over the output, relative to the output scale max|ref|):
 - fp32 activations: 1e-4 * max|ref| (both sides accumulate in fp32, in different orders);
 - fp16 activations: 2^-9 * max|ref| (both sides compute in fp32 from the same fp16 inputs and
@@ -8,6 +11,7 @@ Tolerances (max abs error over the output, relative to the output scale max|ref|
 from __future__ import annotations
 
 import itertools
+import pathlib
 
 import numpy as np
 import pytest
@@ -22,9 +26,55 @@ FP32_RTOL = 1e-4
 FP16_RTOL = 2.0 ** -9
 
 
+ISAS = ("portable", "avx2", "avx512")
+_ISA_FLAGS = {"portable": (), "avx2": ("avx2", "fma"),
+              "avx512": ("avx512f", "avx512bw", "avx512vl", "fma")}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _missing(isa: str) -> list[str]:
+    import platform
+
+    if isa != "portable" and platform.machine().lower() not in ("x86_64", "amd64"):
+        return [f"x86-64 (this is {platform.machine()})"]
+    flags = _cpu_flags()
+    return [f for f in _ISA_FLAGS[isa] if f not in flags]
+
+
 @pytest.fixture(scope="module")
 def lib():
     return require_library()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Forces one CPU path (read by the library when a session creates the kernel)."""
+    missing = _missing(request.param)
+    if missing:
+        pytest.skip(f"CPU lacks {', '.join(missing)} for the {request.param} path")
+    monkeypatch.setenv("QEXPORT_CPU_ISA", request.param)
+    return request.param
+
+
+def _session(model, library, threads=1):
+    import onnxruntime as ort
+
+    from qexport import native
+
+    options = native.session_options(library)
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                providers=["CPUExecutionProvider"])
 
 
 def _reference(w, x: np.ndarray) -> np.ndarray:
@@ -59,7 +109,7 @@ for i, (k, frac, g) in enumerate(itertools.product((8, 13, 576, 1000), (0.0, 0.2
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("m,k,n,frac,g,r2,bias", _CASES)
-def test_matches_reference(lib, m, k, n, frac, g, r2, bias, dtype):
+def test_matches_reference(lib, isa, m, k, n, frac, g, r2, bias, dtype):
     w = _weights(n, k, frac, g, r2, bias, seed=k + n)
     sess = ort_session(bml_model(w, ["M", k], dtype), lib)
     x = np.random.default_rng(m * 1000 + k).standard_normal((m, k)).astype(dtype)
@@ -70,7 +120,7 @@ def test_matches_reference(lib, m, k, n, frac, g, r2, bias, dtype):
 @pytest.mark.parametrize("shape", [(13,), (5, 13), (2, 5, 13), (2, 3, 5, 13), (0, 13), (2, 0, 13)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
-def test_leading_dims(lib, shape, dtype):
+def test_leading_dims(lib, isa, shape, dtype):
     w = _weights(7, 13, 0.2, 2, True, True, seed=3)
     dims = [f"d{i}" for i in range(len(shape) - 1)] + [13]
     sess = ort_session(bml_model(w, dims, dtype), lib)
@@ -80,7 +130,7 @@ def test_leading_dims(lib, shape, dtype):
     _assert_close(y, _reference(w, x), FP32_RTOL if dtype == np.float32 else FP16_RTOL)
 
 
-def test_fp16_special_values(lib):
+def test_fp16_special_values(lib, isa):
     """Large inputs overflow to inf in fp16 exactly as the reference's cast does."""
     w = _weights(4, 16, 0.0, 0, False, False, seed=5)
     sess = ort_session(bml_model(w, ["M", 16], np.float16), lib)
@@ -92,7 +142,7 @@ def test_fp16_special_values(lib):
     _assert_close(y[1:], ref[1:], FP16_RTOL)
 
 
-def test_fp16_conversions_exact(lib):
+def test_fp16_conversions_exact(lib, isa):
     """The kernel's own IEEE half<->float helpers round like numpy (to nearest even).
 
     One salient channel with code 1, zero 0, scale 1 makes y = x + bias: every fp16 value
@@ -144,7 +194,7 @@ def test_fp16_conversions_exact(lib):
 @pytest.mark.parametrize("frac,g,r2,bias", [(0.2, 32, True, True), (0.0, 0, False, False),
                                             (1.0, 0, False, True)],
                          ids=["mixed", "w1", "w4"])
-def test_reference_evaluator_agrees(lib, frac, g, r2, bias):
+def test_reference_evaluator_agrees(lib, isa, frac, g, r2, bias):
     """The same model through onnx's ReferenceEvaluator (ops.py OpRun), torch and ORT."""
     from onnx.reference import ReferenceEvaluator
 
@@ -156,6 +206,114 @@ def test_reference_evaluator_agrees(lib, frac, g, r2, bias):
     np.testing.assert_allclose(y_ref_eval, ref, rtol=0, atol=1e-6)
     (y_ort,) = ort_session(model, lib).run(None, {"X": x})
     _assert_close(y_ort, ref, FP32_RTOL)
+
+
+# Random shapes from a fixed seed list: M (up to the large-M tiles and several passes over
+# the rows of X), K, N, salient count and group size (odd ones too), r2, bias, dtype, threads.
+_RANDOM_SEEDS = list(range(12))
+
+
+def _random_case(seed):
+    r = np.random.default_rng(1000 + seed)
+    m = int(r.choice([1, 2, 5, 17, 64, 256, int(r.integers(1, 300))]))
+    k = int(r.integers(1, 700))
+    n = int(r.integers(1, 150))
+    s = int(r.integers(0, k + 1)) if r.random() < 0.3 else int(round(k * r.uniform(0, 0.4)))
+    g = int(r.choice([0, 1, 2, 3, 5, 8, 32, 64, 128]))
+    return m, k, n, s, g, bool(r.random() < 0.5), bool(r.random() < 0.5), \
+        (np.float32, np.float16)[int(r.random() < 0.3)], 1 + seed % 2
+
+
+@pytest.mark.parametrize("seed", _RANDOM_SEEDS)
+def test_random_shapes(lib, isa, seed):
+    m, k, n, s, g, r2, bias, dtype, threads = _random_case(seed)
+    w = random_mixed_linear(n, k, s, g, with_r2=r2, with_bias=bias, seed=seed)
+    sess = _session(bml_model(w, ["M", k], dtype), lib, threads=threads)
+    x = np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
+    (y,) = sess.run(None, {"X": x})
+    _assert_close(y, _reference(w, x), FP32_RTOL if dtype == np.float32 else FP16_RTOL)
+
+
+@pytest.mark.parametrize("m,k,n,threads", [(64, 576, 200, 2), (256, 576, 96, 2),
+                                           (200, 4096, 40, 2), (256, 1536, 64, 1)],
+                         ids=lambda v: str(v))
+def test_large_m(lib, isa, m, k, n, threads):
+    """Large-M tiles, several passes over the rows of X (K = 4096), two threads."""
+    w = _weights(n, k, 0.2, 0, True, True, seed=m + n)
+    sess = _session(bml_model(w, ["M", k]), lib, threads=threads)
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    (y,) = sess.run(None, {"X": x})
+    _assert_close(y, _reference(w, x), FP32_RTOL)
+
+
+def test_same_session_many_runs(lib, isa):
+    """Packed weights are cached per kernel: later runs (other M, other X) stay right."""
+    w = _weights(33, 100, 0.2, 8, True, True, seed=9)
+    sess = _session(bml_model(w, ["M", 100]), lib, threads=2)
+    rng = np.random.default_rng(4)
+    for m in (1, 7, 1, 70, 3):
+        x = rng.standard_normal((m, 100)).astype(np.float32)
+        (y,) = sess.run(None, {"X": x})
+        _assert_close(y, _reference(w, x), FP32_RTOL)
+
+
+def test_weights_fed_at_run_time(lib, isa):
+    """Weight inputs that are not constant initializers (graph inputs) are packed on every
+    call, never served from the cache: feeding other weights gives their result."""
+    from onnx import helper, numpy_helper
+
+    w1 = _weights(21, 90, 0.2, 8, True, True, seed=1)
+    w2 = _weights(21, 90, 0.2, 8, True, True, seed=2)
+    w2.salient_idx = w1.salient_idx.clone()  # any valid weights of the same shapes
+    w2.validate()
+    model = bml_model(w1, ["M", 90])
+    for init in model.graph.initializer:  # an initializer named as a graph input: overridable
+        model.graph.input.append(helper.make_tensor_value_info(
+            init.name, init.data_type, list(init.dims)))
+    sess = _session(model, lib)
+    x = np.random.default_rng(5).standard_normal((3, 90)).astype(np.float32)
+    (y1,) = sess.run(None, {"X": x})
+    _assert_close(y1, _reference(w1, x), FP32_RTOL)
+    feed = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    names = list(C.INPUT_NAMES)
+    for i, t in enumerate(w2.tensors(), start=1):
+        if t is not None:
+            feed[names[i]] = t.numpy()
+    (y2,) = sess.run(None, {"X": x, **feed})
+    _assert_close(y2, _reference(w2, x), FP32_RTOL)
+
+
+def test_non_finite_activations(lib, isa):
+    """An infinity in X goes through the plain kernel: inf/NaN exactly where the reference."""
+    w = _weights(20, 50, 0.2, 4, True, False, seed=2)
+    sess = _session(bml_model(w, ["M", 50]), lib)
+    x = np.random.default_rng(3).standard_normal((3, 50)).astype(np.float32)
+    x[1, 7] = np.inf
+    (y,) = sess.run(None, {"X": x})
+    ref = _reference(w, x)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    finite = np.isfinite(ref)
+    _assert_close(np.where(finite, y, 0), np.where(finite, ref, 0), FP32_RTOL)
+
+
+def test_isa_env_rejects_unknown(lib, monkeypatch):
+    monkeypatch.setenv("QEXPORT_CPU_ISA", "sse9")
+    w = _weights(4, 16, 0.0, 0, False, False)
+    with pytest.raises(ort_errors()) as info:
+        ort_session(bml_model(w, ["M", 16]), lib)
+    msg = str(info.value)
+    assert "QEXPORT_CPU_ISA" in msg and "sse9" in msg and "portable" in msg, msg
+
+
+@pytest.mark.parametrize("name", ["avx2", "avx512"])
+def test_isa_env_refuses_missing(lib, monkeypatch, name):
+    if not _missing(name):
+        pytest.skip(f"this CPU has {name}: nothing to refuse")
+    monkeypatch.setenv("QEXPORT_CPU_ISA", name)
+    w = _weights(4, 16, 0.0, 0, False, False)
+    with pytest.raises(ort_errors(), match="lacks"):
+        ort_session(bml_model(w, ["M", 16]), lib)
 
 
 # ---------------------------------------------------------------- inputs the kernel must reject

@@ -1,11 +1,12 @@
-// qexport::BinaryMixedLinear CPU kernel: plain C++, fp32 accumulation (docs/format.md).
+// qexport::BinaryMixedLinear CPU kernel, plain form: C++ in the reference's order of
+// operations, fp32 accumulation (docs/format.md); the fp16 helpers. The fast kernels are
+// bml_cpu_lut.cpp (driver) and bml_cpu_kernels_*.cpp (per-ISA inner loops); this one serves
+// inputs that are not finite (see RunCpuPlain in bml_cpu.h).
 //
 // Per call: the binary-channel list, the fp16 parameters converted to float. Per row of X:
 // gather the binary channels (times r2) into a zero-padded buffer and the salient channels,
 // then for every output n one pass over the bytes of its sign row (a 256-entry table maps a
-// byte to eight +-1.0f factors, so the inner loop is a plain multiply-add the compiler can
-// vectorize) and one pass over its 4-bit codes. No SIMD intrinsics, no threads: speed is a
-// later issue (docs/kernels.md).
+// byte to eight +-1.0f factors) and one pass over its 4-bit codes.
 #include "binary_mixed_linear/bml_cpu.h"
 
 #include <algorithm>
@@ -176,7 +177,7 @@ Status Run(const Args& a) {
 
 }  // namespace
 
-Status RunCpu(const Args& a) noexcept {
+Status RunCpuPlain(const Args& a) noexcept {
   try {
     if (a.m < 0 || a.k < 0 || a.n < 0 || a.s < 0 || a.s > a.k || a.group_size < 0)
       return Status::Error("bad sizes M=" + std::to_string(a.m) +

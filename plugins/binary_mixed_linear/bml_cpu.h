@@ -2,7 +2,11 @@
 // Raw pointers and sizes only: no ONNX Runtime types, so the same launcher serves any glue.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "binary_mixed_linear/bml_status.h"
 
@@ -38,10 +42,52 @@ struct Args {
 // Number of salient groups per row: ceil(s / g) with g = group_size or s; 0 when s == 0.
 int64_t NumGroups(int64_t s, int64_t group_size);
 
-// Runs the kernel. Re-checks what memory safety depends on (sizes, salient_idx order and
-// range) and returns an error instead of reading out of bounds; full input validation
-// against the contract is bml_validate.h. Never throws.
+// Instruction-set paths of the CPU kernel (docs/kernels.md). kAuto: the best the CPU has.
+enum class Isa { kAuto, kPortable, kAvx2, kAvx512 };
+
+// Environment variable that forces a path: portable | avx2 | avx512 (unset or "auto": best).
+constexpr const char* kIsaEnv = "QEXPORT_CPU_ISA";
+
+const char* IsaName(Isa isa);
+bool IsaSupported(Isa isa);  // compiled in and the CPU has it (kAuto, kPortable: always)
+Isa BestIsa();
+// `name` (e.g. the value of QEXPORT_CPU_ISA; null or empty: auto) to the path to run; an error
+// names the value and what the CPU offers when it is unknown or the CPU lacks it.
+Status ResolveIsa(const char* name, Isa* out);
+// ResolveIsa(getenv(kIsaEnv)).
+Status IsaFromEnvironment(Isa* out);
+
+// A generic parallel-for: calls task(data, i) once for every i in [0, total), possibly from
+// several threads at once, and returns when all are done. Null run: serial.
+struct ParallelFor {
+  void (*run)(void* pool, void (*task)(void* data, size_t i), size_t total, void* data) = nullptr;
+  void* pool = nullptr;
+};
+
+// Weights rearranged for the lookup-table kernels (bml_cpu_lut.cpp): built once from layout 1
+// (constant initializers: once per kernel) and read by every call.
+struct PackedWeights;
+using PackedPtr = std::shared_ptr<const PackedWeights>;
+
+// Builds the packed form of the weights in `args` (everything but x, y and m). Same checks
+// as RunCpu; never throws.
+Status PackWeights(const Args& args, PackedPtr* out) noexcept;
+
+// Runs the kernel on weights packed by PackWeights from the same weight inputs, on the given
+// ISA path (kAuto: best), spreading the work with `parallel`. Never throws.
+Status RunCpuPacked(const Args& args, const PackedWeights& packed, Isa isa,
+                    const ParallelFor& parallel) noexcept;
+
+// Runs the kernel: packs the weights, then RunCpuPacked on the best ISA path (or the one
+// QEXPORT_CPU_ISA forces), serially. Re-checks what memory safety depends on (sizes,
+// salient_idx order and range) and returns an error instead of reading out of bounds; full
+// input validation against the contract is bml_validate.h. Never throws.
 Status RunCpu(const Args& args) noexcept;
+
+// The plain reference-order kernel (no tables, no threads): used for activations or weight
+// parameters that are not finite, where the table kernels' reordering would turn an
+// infinity into NaN. Never throws.
+Status RunCpuPlain(const Args& args) noexcept;
 
 // IEEE 754 binary16 <-> binary32, round to nearest even; NaN and infinities kept.
 float HalfToFloat(uint16_t h);

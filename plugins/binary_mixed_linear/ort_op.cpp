@@ -5,9 +5,16 @@
 // back as a message naming the input, instead of a generic schema error. Attributes are read
 // and checked once at kernel creation; inputs are checked on every call (cheap next to the
 // product). All entry points are noexcept and report failures as OrtStatus.
+//
+// CPU speed (docs/kernels.md): the ISA path is chosen at kernel creation (QEXPORT_CPU_ISA
+// forces one; a path the CPU lacks fails the session with a message); the weights are
+// packed for the table kernel once and cached when every weight input is a constant
+// initializer (else packed on every call); the work is spread with ORT's intra-op thread pool
+// (KernelContext_ParallelFor), so the session's intra_op_num_threads governs it.
 #include "binary_mixed_linear/ort_op.h"
 
 #include <exception>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -61,10 +68,27 @@ std::string TakeError(const OrtApi& api, OrtStatus* status) {
   return msg.empty() ? std::string("unknown ONNX Runtime error") : msg;
 }
 
+// ParallelFor callback of the launcher over the kernel context's thread pool.
+struct OrtPool {
+  const OrtApi* api;
+  OrtKernelContext* ctx;
+};
+
+void OrtParallelFor(void* pool, void (*task)(void*, size_t), size_t total, void* data) {
+  OrtPool* p = static_cast<OrtPool*>(pool);
+  OrtStatus* status = p->api->KernelContext_ParallelFor(p->ctx, task, total, 0, data);
+  if (status) {
+    // No pool to run on: run serially (tasks write disjoint outputs and may be rerun).
+    p->api->ReleaseStatus(status);
+    for (size_t i = 0; i < total; ++i) task(data, i);
+  }
+}
+
 struct BmlKernel {
   BmlKernel(const OrtApi& api, bml::Attributes attrs, std::string node_name,
-            ONNXTensorElementDataType act)
-      : api_(api), attrs_(attrs), node_name_(std::move(node_name)), act_(act) {}
+            ONNXTensorElementDataType act, bml::Isa isa, std::vector<bool> constant)
+      : api_(api), attrs_(attrs), node_name_(std::move(node_name)), act_(act), isa_(isa),
+        constant_(std::move(constant)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
     try {
@@ -112,8 +136,42 @@ struct BmlKernel {
     void* y = nullptr;
     if (!(err = TakeError(api_, api_.GetTensorMutableData(out, &y))).empty()) return err;
     args.y = y;
-    st = bml::RunCpu(args);
+    if (args.m == 0 || args.n == 0) return std::string();
+    bml::PackedPtr packed;
+    if (!(err = Packed(in, args, &packed)).empty()) return err;
+    OrtPool pool{&api_, ctx};
+    bml::ParallelFor par;
+    par.run = &OrtParallelFor;
+    par.pool = &pool;
+    st = bml::RunCpuPacked(args, *packed, isa_, par);
     return st ? std::string() : st.message;
+  }
+
+  // The packed weights: cached when every present weight input is a constant initializer
+  // (keyed on their data pointers, which stay put for the session's life), else built now.
+  std::string Packed(const std::vector<bml::TensorView>& in, const bml::Args& args,
+                     bml::PackedPtr* out) {
+    bool cacheable = true;
+    std::vector<const void*> key;
+    for (int i = 1; i < kNumInputs; ++i) {
+      key.push_back(in[i].present ? in[i].data : nullptr);
+      if (in[i].present && !constant_[i]) cacheable = false;
+    }
+    if (cacheable) {
+      std::lock_guard<std::mutex> lock(cache_mutex_);
+      if (cache_ && cache_key_ == key) {
+        *out = cache_;
+        return std::string();
+      }
+    }
+    Status st = bml::PackWeights(args, out);
+    if (!st) return st.message;
+    if (cacheable) {
+      std::lock_guard<std::mutex> lock(cache_mutex_);
+      cache_ = *out;
+      cache_key_ = key;
+    }
+    return std::string();
   }
 
   std::string Describe(const OrtValue* value, int index, bml::TensorView* t) {
@@ -148,6 +206,11 @@ struct BmlKernel {
   bml::Attributes attrs_;
   std::string node_name_;
   ONNXTensorElementDataType act_;
+  bml::Isa isa_;
+  std::vector<bool> constant_;  // per input: a constant initializer
+  std::mutex cache_mutex_;
+  bml::PackedPtr cache_;
+  std::vector<const void*> cache_key_;
 };
 
 struct BmlOp : Ort::CustomOpBase<BmlOp, BmlKernel, /*WithStatus=*/true> {
@@ -182,7 +245,22 @@ struct BmlOp : Ort::CustomOpBase<BmlOp, BmlKernel, /*WithStatus=*/true> {
       Status st = bml::ValidateAttributes(attrs);
       if (!st)
         return api.CreateStatus(ORT_INVALID_ARGUMENT, (Prefix(node_name) + st.message).c_str());
-      *op_kernel = new BmlKernel(api, attrs, node_name, act_);
+      bml::Isa isa;
+      st = bml::IsaFromEnvironment(&isa);
+      if (!st)
+        return api.CreateStatus(ORT_INVALID_ARGUMENT, (Prefix(node_name) + st.message).c_str());
+      std::vector<bool> constant(kNumInputs, false);
+      size_t input_count = 0;
+      if (TakeError(api, api.KernelInfo_GetInputCount(info, &input_count)).empty()) {
+        for (size_t i = 1; i < input_count && i < constant.size(); ++i) {
+          int is_constant = 0;
+          const OrtValue* value = nullptr;
+          if (TakeError(api, api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &value))
+                  .empty())
+            constant[i] = is_constant != 0 && value != nullptr;
+        }
+      }
+      *op_kernel = new BmlKernel(api, attrs, node_name, act_, isa, std::move(constant));
       return nullptr;
     } catch (const std::exception& e) {
       return api.CreateStatus(ORT_FAIL, (Prefix(node_name) + e.what()).c_str());

@@ -1,0 +1,168 @@
+"""TensorRT engine building for qexport exports (docs/gpu.md).
+
+`build_engine(onnx_path, plugin_lib, engine_path, fp16=True)` parses an exported model.onnx
+with TensorRT's ONNX parser, with the qexport plugins of libqexport_trt.so loaded, and writes a
+serialized engine. `engine_prerequisites()` says in one line what is missing (None when a build
+can be attempted). TensorRT is imported lazily: importing this module loads nothing.
+
+How qexport nodes reach the plugin: TensorRT's ONNX parser maps a node of an unknown op to the
+plugin creator named like the op type ("BinaryMixedLinear"), version from the node's
+`plugin_version` attribute (default "1") and namespace from its `plugin_namespace` attribute
+(default ""). `build_engine` parses an in-memory copy of the model in which every node of the
+qexport domain carries plugin_namespace="qexport"; the exported file is not modified. (The
+library also registers the same plugin under namespace "", so `trtexec --onnx=model.onnx
+--staticPlugins=libqexport_trt.so` works on an unmodified export.)
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+from . import contract as C
+from .errors import QexportError
+
+ENV_TRT_LIBRARY = "QEXPORT_TRT_LIBRARY"
+TRT_LIBRARY_NAME = "libqexport_trt.so"
+PLUGIN_NAMESPACE = C.DOMAIN
+_BUILD_HINT = ("build it with CUDA (`QEXPORT_BUILD_CUDA=ON pip install -e . --no-build-isolation`, "
+               f"or cmake with -DQEXPORT_BUILD_CUDA=ON) or point {ENV_TRT_LIBRARY} at it")
+
+
+def _cuda_gpu_count() -> tuple[int, str]:
+    """(number of CUDA devices, reason when 0), asked of the CUDA driver through ctypes."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0, "no CUDA GPU (the CUDA driver libcuda.so.1 is not installed)"
+    rc = cuda.cuInit(0)
+    if rc != 0:
+        return 0, f"no CUDA GPU (cuInit failed with CUDA driver error {rc})"
+    count = ctypes.c_int(0)
+    rc = cuda.cuDeviceGetCount(ctypes.byref(count))
+    if rc != 0 or count.value == 0:
+        return 0, "no CUDA GPU (the CUDA driver reports no device)"
+    return count.value, ""
+
+
+def trt_library_path() -> pathlib.Path:
+    """Path of libqexport_trt.so: $QEXPORT_TRT_LIBRARY, else beside libqexport_ops.so."""
+    env = os.environ.get(ENV_TRT_LIBRARY)
+    if env:
+        path = pathlib.Path(env).expanduser()
+        if not path.is_file():
+            raise QexportError(f"{ENV_TRT_LIBRARY}={env} is not a file; unset it or {_BUILD_HINT}")
+        return path.resolve()
+    from . import native
+
+    try:
+        ops = native.library_path()
+    except QexportError:
+        ops = None
+    candidates = [ops.parent / TRT_LIBRARY_NAME] if ops else []
+    import qexport
+
+    candidates += [pathlib.Path(p) / "lib" / TRT_LIBRARY_NAME for p in qexport.__path__]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise QexportError(f"the qexport TensorRT plugin library {TRT_LIBRARY_NAME} is not built; "
+                       f"{_BUILD_HINT}")
+
+
+def engine_prerequisites() -> str | None:
+    """None when a TensorRT engine build can be attempted here, else the one-line reason."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        return f"TensorRT Python package is not installed ({e})"
+    except Exception as e:  # the bindings wheel alone raises on import without the runtime
+        return f"TensorRT Python package does not load ({type(e).__name__}: {e})"
+    count, reason = _cuda_gpu_count()
+    if count == 0:
+        return reason
+    try:
+        trt_library_path()
+    except QexportError as e:
+        return str(e)
+    return None
+
+
+def _with_plugin_namespace(onnx_path: pathlib.Path) -> bytes:
+    """model.onnx as bytes, each qexport-domain node given plugin_namespace="qexport"."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for node in model.graph.node:
+        if node.domain == C.DOMAIN and not any(a.name == "plugin_namespace" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE))
+    return model.SerializeToString()
+
+
+def build_engine(onnx_path: str | os.PathLike, plugin_lib: str | os.PathLike | None,
+                 engine_path: str | os.PathLike, fp16: bool = True,
+                 workspace_bytes: int = 1 << 30) -> pathlib.Path:
+    """Parse `onnx_path` with TensorRT (qexport plugins from `plugin_lib`, default
+    trt_library_path()) and write the serialized engine to `engine_path`; returns its path.
+
+    Dynamic input dims get one optimization profile: min 1, opt and max from the dim's value
+    in the model when fixed, else 1 (min), 8 (opt), 64 (max) for the first dim and 128/512 for
+    later ones. QexportError (one line) on anything missing or failing."""
+    reason = engine_prerequisites() if plugin_lib is None else None
+    if reason:
+        raise QexportError(f"cannot build a TensorRT engine: {reason}")
+    try:
+        import tensorrt as trt
+    except Exception as e:
+        raise QexportError(f"cannot build a TensorRT engine: TensorRT Python package is not "
+                           f"installed ({type(e).__name__}: {e})") from None
+    count, why = _cuda_gpu_count()
+    if count == 0:
+        raise QexportError(f"cannot build a TensorRT engine: {why}")
+    onnx_path = pathlib.Path(onnx_path)
+    if not onnx_path.is_file():
+        raise QexportError(f"{onnx_path} is not a file")
+    lib = pathlib.Path(plugin_lib) if plugin_lib is not None else trt_library_path()
+    if not lib.is_file():
+        raise QexportError(f"plugin library {lib} is not a file; {_BUILD_HINT}")
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    registry = builder.get_plugin_registry()
+    handle = registry.load_library(str(lib))
+    if handle is None:
+        raise QexportError(f"TensorRT could not load the plugin library {lib}")
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    data = _with_plugin_namespace(onnx_path)
+    if not parser.parse(data, str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise QexportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    needs_profile = False
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = list(tensor.shape)
+        if all(d >= 0 for d in shape):
+            continue
+        needs_profile = True
+        lo = [d if d >= 0 else 1 for d in shape]
+        opt = [d if d >= 0 else (8 if j == 0 else 128) for j, d in enumerate(shape)]
+        hi = [d if d >= 0 else (64 if j == 0 else 512) for j, d in enumerate(shape)]
+        profile.set_shape(tensor.name, lo, opt, hi)
+    if needs_profile:
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise QexportError(f"TensorRT failed to build an engine from {onnx_path} "
+                           "(see the TensorRT log above)")
+    engine_path = pathlib.Path(engine_path)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    return engine_path
