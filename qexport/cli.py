@@ -1,7 +1,9 @@
 """`qexport MODEL --scheme w1.61a16 -o out/`: quantize, export to ONNX, check, report.
 
 User mistakes end with one line `qexport: error: ...` and exit code 2; a failed parity check
-(a bug, not a user mistake) writes the report and exits with code 3.
+(a bug, not a user mistake) writes the report and exits with code 3; `--target trt` where
+TensorRT or a GPU is missing writes the ONNX outputs, says what is missing, and exits with 4.
+`qexport build-engine out/model.onnx` builds (and checks) the engine of an earlier export.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_PARITY = 3
+EXIT_TARGET_UNAVAILABLE = 4  # outputs written, but the requested TensorRT engine not built
 
 
 def _log(msg: str) -> None:
@@ -34,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"quantization scheme: {', '.join(SCHEMES)} (NAME-gGROUP sets the 4-bit "
                         "group size) [default: %(default)s]")
     p.add_argument("-o", "--output", default="out", help="output folder [default: %(default)s]")
+    p.add_argument("--target", choices=("ort", "trt"), default="ort",
+                   help="ort: ONNX + op library; trt: also a TensorRT engine (needs TensorRT and "
+                        "a GPU) [default: %(default)s]")
     p.add_argument("--force", action="store_true",
                    help="replace an output folder that was not written by qexport")
     p.add_argument("--trust-pickle", action="store_true",
@@ -60,11 +66,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_engine_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qexport build-engine",
+                                description="Build a TensorRT engine from an exported model.onnx "
+                                            "and check it against the export's reference.")
+    p.add_argument("onnx", help="model.onnx written by qexport")
+    p.add_argument("-o", "--output", help="engine file [default: model.engine beside the model]")
+    p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
+                   help="allow fp16 kernels [default: on]")
+    return p
+
+
+def build_engine_main(args) -> int:
+    from . import check, trt
+    from .errors import QexportError
+    onnx_path = Path(args.onnx)
+    if not onnx_path.is_file():
+        raise QexportError(f"no such file: {onnx_path}")
+    reason = trt.engine_prerequisites()
+    if reason:
+        print(f"qexport: error: cannot build a TensorRT engine: {reason}", file=sys.stderr)
+        return EXIT_TARGET_UNAVAILABLE
+    engine = Path(args.output) if args.output else onnx_path.with_suffix(".engine")
+    metrics = trt.build_and_check(onnx_path, engine, fp16=args.fp16)
+    _log(f"wrote {engine}")
+    if metrics:
+        _log(f"TensorRT vs PyTorch reference: cosine {metrics['cosine']:.6f}, "
+             f"top-1 {metrics['top1_agreement']:.4f}")
+        if not check.parity_ok(metrics):
+            print("qexport: error: TensorRT parity check failed", file=sys.stderr)
+            return EXIT_PARITY
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import QexportError
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    sub = argv[0] if argv else None
     try:
-        return run(args)
+        if sub == "build-engine":
+            return build_engine_main(build_engine_parser().parse_args(argv[1:]))
+        return run(build_parser().parse_args(argv))
     except QexportError as e:
         print(f"qexport: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -124,8 +166,17 @@ def run(args) -> int:
     if code == EXIT_PARITY:
         print(f"qexport: error: parity check failed (ORT disagrees with the PyTorch reference); "
               f"see {out / 'report.md'}", file=sys.stderr)
-    else:
-        say(f"wrote {out}/ (model.onnx, op library, report.md)")
+        return code
+    say(f"wrote {out}/ (model.onnx, op library, report.md)")
+    if args.target == "trt":
+        from . import trt
+        reason = trt.engine_prerequisites()
+        if reason:
+            print(f"qexport: error: no TensorRT engine built: {reason}; the ONNX and ONNX Runtime "
+                  f"outputs in {out}/ are complete", file=sys.stderr)
+            return EXIT_TARGET_UNAVAILABLE
+        return build_engine_main(argparse.Namespace(onnx=str(out / "model.onnx"), output=None,
+                                                    fp16=True))
     return code
 
 

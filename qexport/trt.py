@@ -166,3 +166,55 @@ def build_engine(onnx_path: str | os.PathLike, plugin_lib: str | os.PathLike | N
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
     return engine_path
+
+
+def run_engine(engine_path: str | os.PathLike, plugin_lib: str | os.PathLike | None,
+               feeds: dict) -> list:
+    """Run a serialized engine once on numpy `feeds` (name -> array); returns the outputs as
+    numpy arrays in the engine's I/O order. Buffers live in torch CUDA tensors."""
+    import numpy as np
+    import tensorrt as trt
+    import torch
+
+    lib = pathlib.Path(plugin_lib) if plugin_lib is not None else trt_library_path()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime.get_plugin_registry().load_library(str(lib))
+    engine = runtime.deserialize_cuda_engine(pathlib.Path(engine_path).read_bytes())
+    if engine is None:
+        raise QexportError(f"TensorRT could not deserialize {engine_path}")
+    ctx = engine.create_execution_context()
+    keep, outputs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            dtype = torch.from_numpy(np.zeros(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            ctx.set_tensor_address(name, t.data_ptr())
+            outputs.append(t)
+    if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        raise QexportError(f"TensorRT failed to run {engine_path}")
+    torch.cuda.synchronize()
+    return [t.cpu().numpy() for t in outputs]
+
+
+def build_and_check(onnx_path: pathlib.Path, engine_path: pathlib.Path, fp16: bool = True
+                    ) -> dict:
+    """Build an engine beside an export and compare it with the export's reference.npz
+    (PyTorch quantized logits); returns the comparison (qexport.check.compare)."""
+    import numpy as np
+
+    from .check import compare
+    build_engine(onnx_path, None, engine_path, fp16=fp16)
+    ref_file = onnx_path.with_name("reference.npz")
+    if not ref_file.exists():
+        return {}
+    ref = np.load(ref_file)
+    got = run_engine(engine_path, None, {"input_ids": ref["input_ids"]})[0]
+    return compare(got.astype(np.float32), ref["logits"], top1=True)

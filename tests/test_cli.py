@@ -117,3 +117,21 @@ def test_parity_failure_exits_3_and_says_so(tiny_llama_dir, tmp_path, monkeypatc
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["ok"] is False
     assert "FAILED" in (out / "report.md").read_text()
+
+
+def test_target_trt_without_tensorrt_says_what_is_missing(tiny_llama_dir, tmp_path):
+    from qexport import trt
+    reason = trt.engine_prerequisites()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present: the engine is built instead")
+    out = tmp_path / "out"
+    proc = run_cli(tiny_llama_dir, "--target", "trt", "-o", out, "--calib-samples", "1",
+                   "--calib-seqlen", "16")
+    assert proc.returncode == 4, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("qexport: error:")]
+    assert len(errors) == 1 and "no TensorRT engine built" in errors[0] and "Traceback" not in proc.stderr
+    assert (out / "model.onnx").exists() and (out / "report.json").exists()
+    # build-engine on that export says the same in one line.
+    proc = run_cli("build-engine", out / "model.onnx")
+    assert proc.returncode == 4 and "cannot build a TensorRT engine" in proc.stderr
+    assert_one_line_error(run_cli("build-engine", tmp_path / "missing.onnx"), "no such file")
