@@ -52,7 +52,8 @@ def trace(module: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModul
 def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
                 metadata: dict[str, str], input_names: list[str] | None = None,
                 output_names: list[str] | None = None) -> list[Path]:
-    """Write `gm` to `path` as ONNX with qexport nodes; returns the files written."""
+    """Write `gm` to `path` as ONNX with qexport nodes; returns the files written.
+    Each qexport node is named after its layer (e.g. model.model.layers.0.mlp.up_proj)."""
     import onnx
 
     ops.register_onnx_schema()
@@ -63,6 +64,11 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
             custom_translation_table=ops.onnx_translation_table(),
             input_names=input_names, output_names=output_names, optimize=True)
     model = program.model_proto
+    layer_of = {str(n.args[1].target): n.meta["qexport_layer"] for n in gm.graph.nodes
+                if n.op == "call_function" and "qexport_layer" in n.meta}
+    for node in model.graph.node:
+        if node.domain == C.DOMAIN and len(node.input) > 1 and node.input[1] in layer_of:
+            node.name = layer_of[node.input[1]]
     model.ir_version = min(model.ir_version, 10)  # onnxruntime >= 1.29 reads IR <= 10 safely
     model.producer_name = "qexport"
     del model.metadata_props[:]

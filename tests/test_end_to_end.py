@@ -24,6 +24,7 @@ def _check_folder(out, scheme):
     assert (out / "libqexport_ops.so").exists() and (out / "report.md").exists()
     assert report["parity"]["ok"]
     assert len(q_nodes) == report["bits"]["quantized_linears"] == len(report["layers"])
+    assert sorted(n.name for n in q_nodes) == sorted(r["layer"] for r in report["layers"])
     assert all(r["parity"]["ok"] for r in report["layers"])
     return report
 
