@@ -1,0 +1,223 @@
+"""Benchmark of the qexport::BinaryMixedLinear CPU kernel against ONNX Runtime's own ops.
+
+Not a test (nothing under tests/ imports it). Per shape (given as N x K: out_features x
+in_features; X is [M, K], Y is [M, N]), per M and per intra-op thread count, three one-node
+ONNX Runtime sessions on the same random X:
+- ours: qexport::BinaryMixedLinear, w1.61 (20 % salient channels, one salient group per row,
+  no r2, no bias), random packed weights (qexport.testing.random_mixed_linear);
+- fp32: ONNX MatMul with an fp32 [K, N] initializer;
+- nbits: com.microsoft MatMulNBits, bits=4, block_size=32 (accuracy_level 0: fp32 compute),
+  weights quantized by a plain round-to-nearest with a zero point per block.
+Reported: median wall latency, effective weight GB/s (stored weight bytes / latency), the
+ratios fp32/ours and nbits/ours (> 1: ours is faster), all measured in the same run with the
+three sessions taking turns, and the process CPU time per run (getrusage; summed over
+threads), which is less sensitive than wall time to other processes on a busy machine.
+
+    python benchmarks/bench_linear.py                      # everything (several minutes)
+    python benchmarks/bench_linear.py --shapes 4096x4096 --m 1 256 --threads 1
+    python benchmarks/bench_linear.py --bandwidth          # also a numpy copy bandwidth
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008"]
+
+
+def _model_ours(n, k, seed=0):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qexport import contract as C
+    from qexport import ops
+    from qexport.testing import random_mixed_linear
+
+    ops.register_onnx_schema()
+    w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=seed)
+    names = list(C.INPUT_NAMES)
+    inits, node_inputs, nbytes = [], ["X"], 0
+    for i, t in enumerate(w.tensors(), start=1):
+        if t is None:
+            node_inputs.append("")
+            continue
+        a = t.numpy()
+        nbytes += a.nbytes
+        inits.append(numpy_helper.from_array(a, name=names[i]))
+        node_inputs.append(names[i])
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    node = helper.make_node(C.OP_BINARY_MIXED_LINEAR, node_inputs, ["Y"], domain=C.DOMAIN,
+                            **w.attributes())
+    graph = helper.make_graph([node], "ours",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+                              initializer=inits)
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 17),
+                                             helper.make_opsetid(C.DOMAIN, C.OPSET_VERSION)])
+    return model, nbytes
+
+
+def _model_fp32(n, k, rng):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (rng.standard_normal((k, n), dtype=np.float32) * 0.02)
+    node = helper.make_node("MatMul", ["X", "W"], ["Y"])
+    graph = helper.make_graph([node], "fp32",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+                              initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)])
+    return model, w.nbytes
+
+
+def _model_nbits(n, k, rng, block=32):
+    """MatMulNBits per the ORT contrib-op doc: B uint8 [N, k_blocks, blob], scales
+    [N * k_blocks], zero_points uint8 [N * ceil(k_blocks / 2)] (two 4-bit zero points a byte,
+    low nibble first); element 2i of a block in the low nibble of byte i."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k_blocks = (k + block - 1) // block
+    w = rng.standard_normal((n, k_blocks * block), dtype=np.float32) * 0.02
+    w[:, k:] = 0
+    wb = w.reshape(n, k_blocks, block)
+    lo, hi = wb.min(-1), wb.max(-1)
+    scale = np.maximum(hi - lo, 1e-8) / 15.0
+    zp = np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
+    q = np.clip(np.round(wb / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
+    b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # [N, k_blocks, block/2]
+    zp_pad = np.zeros((n, (k_blocks + 1) // 2 * 2), np.uint8)
+    zp_pad[:, :k_blocks] = zp
+    zpp = (zp_pad[:, 0::2] | (zp_pad[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    scales = scale.astype(np.float32).reshape(-1)
+    node = helper.make_node("MatMulNBits", ["X", "B", "scales", "zero_points"], ["Y"],
+                            domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
+    graph = helper.make_graph(
+        [node], "nbits",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        initializer=[numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales"),
+                     numpy_helper.from_array(zpp, "zero_points")])
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 17),
+                                             helper.make_opsetid("com.microsoft", 1)])
+    return model, b.nbytes + scales.nbytes + zpp.nbytes
+
+
+def _session(model, threads, custom):
+    import onnxruntime as ort
+
+    from qexport import native
+
+    so = native.session_options() if custom else ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _time_all(sessions, x, min_time, min_reps=7):
+    """Median wall latency and mean process CPU time per run of each session. The sessions
+    run in turn (round robin) so that load from other processes hits them alike."""
+    import resource
+
+    feed = {"X": x}
+    for s in sessions.values():
+        for _ in range(2):
+            s.run(None, feed)
+    wall = {name: [] for name in sessions}
+    cpu = {name: 0.0 for name in sessions}
+    t_end = time.perf_counter() + min_time * len(sessions)
+    reps = 0
+    while reps < min_reps or time.perf_counter() < t_end:
+        for name, s in sessions.items():
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            wall[name].append(time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu[name] += (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        reps += 1
+    return ({n: statistics.median(v) for n, v in wall.items()},
+            {n: c / reps for n, c in cpu.items()})
+
+
+def copy_bandwidth(mb=512, reps=5):
+    """Read+write GB/s of a numpy copy of a large fp32 array (best of reps)."""
+    a = np.ones(mb * 1024 * 1024 // 4, np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best / 1e9, a.nbytes / best / 1e9
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="N x K (out x in) [default: all]")
+    p.add_argument("--m", nargs="+", type=int, default=[1, 8, 64, 256], help="rows of X")
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
+    p.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=False,
+                   help="also measure numpy copy bandwidth")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare our output with the PyTorch reference once per shape")
+    args = p.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    print(f"# qexport bench_linear; CPU path: {os.environ.get('QEXPORT_CPU_ISA', 'auto')}; "
+          f"shapes are N x K (out x in)")
+    if args.bandwidth:
+        rw, r = copy_bandwidth()
+        print(f"# numpy copy: {rw:.1f} GB/s read+write ({r:.1f} GB/s copied)")
+    hdr = (f"{'shape NxK':>11} {'M':>4} {'thr':>3} | {'ours ms':>8} {'fp32 ms':>8} {'nbits ms':>8}"
+           f" | {'ours GB/s':>9} {'fp32 GB/s':>9} {'nbits GB/s':>10} | {'fp32/ours':>9}"
+           f" {'nbits/ours':>10} | cpu ms ours/fp32/nbits")
+    print(hdr)
+    print("-" * len(hdr))
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.lower().split("x"))
+        models = {"ours": _model_ours(n, k), "fp32": _model_fp32(n, k, rng),
+                  "nbits": _model_nbits(n, k, rng)}
+        if args.check:
+            import torch
+
+            from qexport.ops import binary_mixed_linear_reference
+            from qexport.testing import random_mixed_linear
+
+            w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=0)
+            x = rng.standard_normal((3, k), dtype=np.float32)
+            (y,) = _session(models["ours"][0], 1, True).run(None, {"X": x})
+            ref = binary_mixed_linear_reference(torch.from_numpy(x), *w.tensors(),
+                                                **w.attributes()).numpy()
+            err = np.abs(y - ref).max() / np.abs(ref).max()
+            assert err < 1e-4, f"{shape}: ours differs from the reference by {err:.2e}"
+        for threads in args.threads:
+            sessions = {name: _session(m, threads, name == "ours") for name, (m, _) in models.items()}
+            for m in args.m:
+                x = rng.standard_normal((m, k), dtype=np.float32)
+                t, cpu = _time_all(sessions, x, args.min_time)
+                gbs = {name: models[name][1] / t[name] / 1e9 for name in t}
+                print(f"{shape:>11} {m:>4} {threads:>3} | {t['ours'] * 1e3:8.3f} "
+                      f"{t['fp32'] * 1e3:8.3f} {t['nbits'] * 1e3:8.3f} | {gbs['ours']:9.1f} "
+                      f"{gbs['fp32']:9.1f} {gbs['nbits']:10.1f} | "
+                      f"{t['fp32'] / t['ours']:9.2f} {t['nbits'] / t['ours']:10.2f} | "
+                      f"{cpu['ours'] * 1e3:.3f}/{cpu['fp32'] * 1e3:.3f}/{cpu['nbits'] * 1e3:.3f}",
+                      flush=True)
+        print(f"# {shape}: stored weight bytes ours {models['ours'][1]} "
+              f"({8 * models['ours'][1] / (n * k):.3f} bits/weight), fp32 {models['fp32'][1]}, "
+              f"nbits {models['nbits'][1]}", flush=True)
+    print("# stored weight bytes per shape: ours (inputs 1-9), fp32 (N*K*4), nbits (B+scales+zp)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
