@@ -28,12 +28,20 @@ class QuantizeConfig:
     outlier_suppression: bool = False
     os_quantile: float = 0.99
     skip: str = DEFAULT_SKIP
+    head_scheme: Scheme | None = None  # quantize the skipped Linears (output head) with this
+    embeddings_fp16: bool = False
+
+    def is_head(self, layer_name: str) -> bool:
+        """Whether a Linear is one the --skip pattern keeps out of the main scheme."""
+        return bool(self.skip) and re.search(self.skip, layer_name) is not None
 
     def as_dict(self) -> dict:
         return {"scheme": self.scheme.label, "salient_ratio": self.scheme.salient_ratio,
                 "salient_group_size": self.scheme.salient_group_size,
                 "outlier_suppression": self.outlier_suppression,
-                "os_quantile": self.os_quantile, "skip": self.skip}
+                "os_quantile": self.os_quantile, "skip": self.skip,
+                "head_scheme": self.head_scheme.label if self.head_scheme else None,
+                "embeddings_fp16": self.embeddings_fp16}
 
 
 @dataclasses.dataclass
@@ -66,17 +74,17 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         gm, batches, progress=lambda i: say(f"calibration batch {i}/{len(batches)}"))
     timings["calibrate"] = time.perf_counter() - t0
 
-    skip = re.compile(config.skip) if config.skip else None
     fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     scheme = config.scheme
 
     def quantizer(name, weight, bias):
-        if (skip and skip.search(name)) or name not in stats:
+        chosen = config.head_scheme if config.is_head(name) else scheme
+        if chosen is None or name not in stats:
             return None
         fp_weights[name] = (weight.detach().float().clone(),
                             None if bias is None else bias.detach().float().clone())
-        salient = select_salient(stats[name].rms, scheme.salient_ratio)
-        return quantize_mixed(weight, bias, salient, scheme.salient_group_size)
+        salient = select_salient(stats[name].rms, chosen.salient_ratio)
+        return quantize_mixed(weight, bias, salient, chosen.salient_group_size)
 
     packed: dict[str, MixedLinearWeights] = {}
     pipeline = []
@@ -90,6 +98,8 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     def replace_linear(g):
         return passes.replace_linear(g, quantizer, packed)
     pipeline.append(replace_linear)
+    if config.embeddings_fp16:
+        pipeline.append(passes.embeddings_fp16)
 
     check = _runs_check(example_inputs)
     check("trace", gm)

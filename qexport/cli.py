@@ -59,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--salient-ratio", type=float, help="fraction of input channels kept at 4 bits")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction, default=False,
                    help="fold OS+ shift/scale into norms and Linears before quantizing")
-    q.add_argument("--skip", help="regex of Linear names kept in floating point "
-                   "[default: output head]")
+    q.add_argument("--skip", help="regex of Linear names kept out of --scheme "
+                   "[default: the output head]")
+    q.add_argument("--head-scheme", help="quantize the --skip Linears (the output head) with "
+                   "this scheme, e.g. w4a16, instead of keeping them in floating point")
+    q.add_argument("--embeddings-fp16", action=argparse.BooleanOptionalAction, default=False,
+                   help="store embedding tables in fp16 (halves the largest fp tensor)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads [default: all cores]")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     return p
@@ -152,6 +156,7 @@ def run(args) -> int:
 
     say = (lambda msg: None) if args.quiet else _log
     scheme = parse_scheme(args.scheme).with_overrides(args.salient_ratio)
+    args.head = parse_scheme(args.head_scheme) if args.head_scheme else None
     for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window"):
         if getattr(args, name) < 1:
             raise QexportError(f"--{name.replace('_', '-')} must be at least 1")
@@ -226,7 +231,10 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         ppl_skipped = "the model has no tokenizer"
 
     example = lm.example_inputs(batch=2, seq=8)
-    config = api.QuantizeConfig(scheme=scheme, outlier_suppression=args.outlier_suppression)
+    config = api.QuantizeConfig(
+        scheme=scheme, outlier_suppression=args.outlier_suppression,
+        head_scheme=args.head,
+        embeddings_fp16=args.embeddings_fp16)
     if args.skip is not None:
         config.skip = args.skip
     qm = api.quantize(lm.module, example, [(b.unsqueeze(0),) for b in calib], config,
@@ -297,7 +305,7 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         "calibration": {"source": calib_source, "samples": args.calib_samples,
                         "seq_len": args.calib_seqlen},
         "files": [f.name for f in files] + [lib.name, "reference.npz"],
-        "bits": report.bits_summary(layers, qm.packed),
+        "bits": report.bits_summary(layers, qm.packed, head=config.is_head),
         "size": {"onnx_bytes": onnx_bytes, "fp32_bytes": 4 * n_params, "fp16_bytes": 2 * n_params},
         "parity": {"ok": parity_ok, "min_cosine": check.PARITY_MIN_COSINE,
                    "min_top1": check.PARITY_MIN_TOP1},

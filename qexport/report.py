@@ -5,12 +5,21 @@ import json
 from pathlib import Path
 
 
-def bits_summary(layers: list[dict], packed) -> dict:
-    weights = sum(w.in_features * w.out_features for w in packed.values())
-    nbytes = sum(w.weight_nbytes() for w in packed.values())
-    return {"quantized_linears": len(packed), "weights": weights, "stored_bytes": nbytes,
-            "bits_per_weight": 8 * nbytes / weights if weights else 0.0,
-            "max_layer_bits_per_weight": max((r["bits_per_weight"] for r in layers), default=0.0)}
+def bits_summary(layers: list[dict], packed, head=lambda name: False) -> dict:
+    """Bits of the Linears quantized with the main scheme (the output head, if quantized with
+    --head-scheme, is counted apart under "head")."""
+    def summary(names):
+        weights = sum(packed[n].in_features * packed[n].out_features for n in names)
+        nbytes = sum(packed[n].weight_nbytes() for n in names)
+        return {"quantized_linears": len(names), "weights": weights, "stored_bytes": nbytes,
+                "bits_per_weight": 8 * nbytes / weights if weights else 0.0,
+                "max_layer_bits_per_weight": max((packed[n].bits_per_weight() for n in names),
+                                                 default=0.0)}
+    main = summary([n for n in packed if not head(n)])
+    heads = [n for n in packed if head(n)]
+    if heads:
+        main["head"] = summary(heads)
+    return main
 
 
 def write(report: dict, out_dir: Path) -> None:
@@ -51,7 +60,12 @@ def markdown(r: dict) -> str:
               f"| ratio to fp32 / fp16 | {s['onnx_bytes'] / s['fp32_bytes']:.3f} / "
               f"{s['onnx_bytes'] / s['fp16_bytes']:.3f} |",
               f"| quantized Linear weights: fp32 → stored | {_mib(4 * b['weights'])} → "
-              f"{_mib(b['stored_bytes'])} |", ""]
+              f"{_mib(b['stored_bytes'])} |"]
+    if "head" in b:
+        h = b["head"]
+        lines.append(f"| output head ({r['config']['head_scheme']}) | {h['weights']:,} weights, "
+                     f"{h['bits_per_weight']:.3f} bits/weight |")
+    lines.append("")
     e2e = r["end_to_end"]
     lines += ["## End to end (logits)", "", "| comparison | cosine | top-1 | rel. error | max |diff| |",
               "|---|---|---|---|---|"]

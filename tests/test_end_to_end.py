@@ -23,15 +23,21 @@ def _check_folder(out, scheme):
     assert json.loads(meta[C.META_CONFIG])["scheme"] == scheme
     assert (out / "libqexport_ops.so").exists() and (out / "report.md").exists()
     assert report["parity"]["ok"]
-    assert len(q_nodes) == report["bits"]["quantized_linears"] == len(report["layers"])
+    n_head = report["bits"].get("head", {}).get("quantized_linears", 0)
+    assert len(q_nodes) == report["bits"]["quantized_linears"] + n_head == len(report["layers"])
     assert sorted(n.name for n in q_nodes) == sorted(r["layer"] for r in report["layers"])
     assert all(r["parity"]["ok"] for r in report["layers"])
     return report
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("scheme,extra", [("w1.61a16", []), ("w1a16", []),
-                                          ("w4a16", []), ("w1.61a16", ["--outlier-suppression"])])
+@pytest.mark.parametrize("scheme,extra", [
+    pytest.param("w1.61a16", [], id="w1.61a16"),
+    pytest.param("w1a16", [], id="w1a16"),
+    pytest.param("w4a16", [], id="w4a16"),
+    pytest.param("w1.61a16", ["--outlier-suppression"], id="w1.61a16-os"),
+    pytest.param("w1.61a16", ["--head-scheme", "w4a16", "--embeddings-fp16"], id="w1.61a16-head4"),
+])
 def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
     from tiny_models import tiny_llama, tiny_opt
     src = tmp_path / family
@@ -44,6 +50,10 @@ def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
     e2e = report["end_to_end"]["parity"]
     assert e2e["cosine"] >= 0.999 and e2e["top1_agreement"] >= 0.99
     assert report["perplexity_skipped"]  # no tokenizer: said so, not silently dropped
+    if "--head-scheme" in extra:
+        assert report["bits"]["head"]["quantized_linears"] == 1
+        assert any(init.data_type == onnx.TensorProto.FLOAT16 and len(init.dims) == 2
+                   for init in onnx.load(out / "model.onnx").graph.initializer)
     # Running it again replaces its own output folder.
     assert run_cli(src, "--scheme", scheme, "-o", out, "--calib-samples", "1",
                    "--calib-seqlen", "16", *extra).returncode == 0
