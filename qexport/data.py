@@ -43,7 +43,8 @@ def load_text(path: str | os.PathLike) -> str:
     if not p.exists():
         raise QexportError(f"no such file or folder: {path}")
     if p.is_dir():
-        files = sorted((f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES),
+        files = sorted((f for f in p.iterdir()
+                        if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES),
                        key=lambda f: f.name)
         if not files:
             raise QexportError(f"folder {p} has no .txt or .jsonl files")
@@ -131,8 +132,8 @@ def brown_text_from_tarball(tgz: str | os.PathLike) -> str:
     docs = []
     try:
         with tarfile.open(tgz, "r:gz") as tf:
-            members = sorted((m for m in tf.getmembers() if m.isfile() and _BROWN_FILE.match(m.name)),
-                             key=lambda m: m.name)
+            members = sorted((m for m in tf.getmembers()
+                              if m.isfile() and _BROWN_FILE.match(m.name)), key=lambda m: m.name)
             for m in members:
                 docs.append(brown_detokenize(tf.extractfile(m).read().decode("utf-8")))
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
@@ -250,7 +251,8 @@ def eval_tokens(tokenizer: Any, text: str, n_tokens: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def random_token_batches(vocab_size: int, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def random_token_batches(vocab_size: int, n_samples: int, seq_len: int,
+                         seed: int = 0) -> torch.Tensor:
     """LongTensor[n_samples, seq_len] of uniform ids in [0, vocab_size), for models without a
     tokenizer (random-init test models, .pt2 archives)."""
     if vocab_size < 1 or n_samples < 1 or seq_len < 1:

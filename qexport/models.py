@@ -64,7 +64,7 @@ def _first_line(e: BaseException) -> str:
 
 
 class CausalLMLogits(torch.nn.Module):
-    """`forward(input_ids[B, T]) -> logits[B, T, V]` around a Hugging Face causal LM (no KV cache)."""
+    """`forward(input_ids[B, T]) -> logits[B, T, V]` around a HF causal LM (no KV cache)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -78,15 +78,18 @@ class CausalLMLogits(torch.nn.Module):
 class LoadedModel:
     """A model ready to quantize and export.
 
-    module: fp32 nn.Module in eval mode. For a Hugging Face causal LM it is a `CausalLMLogits`
-        (input_ids -> logits); for other HF models the HF model itself; for `.pt2` the
-        unlifted `ExportedProgram.module()`; for a pickle the unpickled module.
+    module: fp32 nn.Module in eval mode. For a Hugging Face causal LM (from a folder or a
+        pickle) it is a `CausalLMLogits` (input_ids -> logits); for other HF models the HF
+        model itself; for `.pt2` the unlifted `ExportedProgram.module()` (torch refuses
+        `.eval()` on it: it runs as exported); for a pickle the unpickled module.
     kind: "hf", "pt2" or "pickle".
     source: the path (or example name) it came from.
     tokenizer / config: the HF tokenizer and config, or None.
-    vocab_size: logits width of a language model (None when unknown).
+    vocab_size: token vocabulary size, the logits width for a causal LM (None when unknown;
+        for `.pt2` inferred from an int [B, T] input and a float [B, T, V] output).
     name: a short name for reports and file names.
-    hf_model: the raw Hugging Face model (None unless kind == "hf").
+    hf_model: the raw Hugging Face model wrapped by `module` (HF folder or pickled HF model),
+        e.g. for `generate`; else None.
     exported_program: the ExportedProgram (None unless kind == "pt2").
     """
 
@@ -125,7 +128,8 @@ class LoadedModel:
 
 
 def load_model(spec: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:
-    """Load `spec`: a HF folder, a `.pt2`, a pickled module (`trust_pickle=True`) or `smollm2-135m`."""
+    """Load `spec`: a HF folder, a `.pt2`, a pickled module (with `trust_pickle=True`), or
+    the built-in example `smollm2-135m`. Raises QexportError (one line) on any input mistake."""
     spec_str = os.fspath(spec)
     if spec_str == EXAMPLE_NAME:
         folder = ensure_example_model()
@@ -191,7 +195,8 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
                   attn_implementation="eager")
     try:
         try:
-            model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(folder, **kwargs)
+            auto = AutoModelForCausalLM if causal else AutoModel
+            model = auto.from_pretrained(folder, **kwargs)
         except ValueError as e:
             if not causal or "Unrecognized configuration class" not in str(e):
                 raise
@@ -305,7 +310,8 @@ def _load_pickle(path: Path, trust_pickle: bool) -> LoadedModel:
     config = getattr(obj, "config", None)
     module: torch.nn.Module = obj
     vocab = None
-    if config is not None and hasattr(obj, "get_output_embeddings") and obj.get_output_embeddings() is not None:
+    head = obj.get_output_embeddings() if hasattr(obj, "get_output_embeddings") else None
+    if config is not None and head is not None:
         config.use_cache = False
         module = CausalLMLogits(obj).eval()
         vocab = _out_features(obj) or getattr(config, "vocab_size", None)

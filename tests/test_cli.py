@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, timeout=900):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "qexport.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def assert_one_line_error(proc, *needles):

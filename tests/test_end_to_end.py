@@ -72,7 +72,8 @@ def test_smollm2_end_to_end(tmp_path):
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"example model package not installed: {e}")
     out = tmp_path / "out"
-    proc = run_cli("smollm2-135m", "--scheme", "w1.61a16", "-o", out, "--eval-tokens", "2048")
+    proc = run_cli("smollm2-135m", "--scheme", "w1.61a16", "-o", out, "--eval-tokens", "2048",
+                   timeout=2400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = _check_folder(out, "w1.61a16")
     assert report["bits"]["bits_per_weight"] <= 1.75
