@@ -16,7 +16,11 @@ from .calibrate import collect_linear_input_stats
 from .export import export_onnx, metadata, trace
 from .packing import MixedLinearWeights
 from .quantize import quantize_mixed, select_salient
+from .errors import QexportError
+from .ptq161 import LearnConfig, learn_mixed_weights
 from .schemes import Scheme
+
+METHODS = ("closed-form", "ptq161")
 
 # Linears kept in floating point by default: the output head and embeddings-like projections.
 DEFAULT_SKIP = r"(^|\.)(lm_head|embed_out|output|classifier|score|embed_tokens)$"
@@ -30,6 +34,8 @@ class QuantizeConfig:
     skip: str = DEFAULT_SKIP
     head_scheme: Scheme | None = None  # quantize the skipped Linears (output head) with this
     embeddings_fp16: bool = False
+    method: str = "closed-form"  # or "ptq161": learned block-wise scales (qexport/ptq161.py)
+    learn: "LearnConfig | None" = None  # PTQ1.61 settings (None: the default preset)
 
     def is_head(self, layer_name: str) -> bool:
         """Whether a Linear is one the --skip pattern keeps out of the main scheme."""
@@ -41,7 +47,8 @@ class QuantizeConfig:
                 "outlier_suppression": self.outlier_suppression,
                 "os_quantile": self.os_quantile, "skip": self.skip,
                 "head_scheme": self.head_scheme.label if self.head_scheme else None,
-                "embeddings_fp16": self.embeddings_fp16}
+                "embeddings_fp16": self.embeddings_fp16, "method": self.method,
+                "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None}
 
 
 @dataclasses.dataclass
@@ -76,6 +83,7 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
 
     fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     scheme = config.scheme
+    learned = _learn(module, batches, stats, config, say, timings)
 
     def quantizer(name, weight, bias):
         chosen = config.head_scheme if config.is_head(name) else scheme
@@ -83,6 +91,8 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
             return None
         fp_weights[name] = (weight.detach().float().clone(),
                             None if bias is None else bias.detach().float().clone())
+        if name in learned:
+            return learned[name]
         salient = select_salient(stats[name].rms, chosen.salient_ratio)
         return quantize_mixed(weight, bias, salient, chosen.salient_group_size)
 
@@ -108,11 +118,30 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     gm = manager(gm).graph_module
     timings.update({f"pass:{k}": v for k, v in manager.timings.items()})
     if not packed:
-        from .errors import QexportError
         raise QexportError("the model has no Linear layers to quantize "
                            f"(none outside the skip pattern {config.skip!r})")
     return QuantizedModel(gm, example_inputs, config, packed, fp_weights, stats, timings,
                           manager.notes)
+
+
+def _learn(module, batches, stats, config: QuantizeConfig, say, timings) -> dict:
+    """PTQ1.61 learned scales for the Linears of the main scheme (empty for closed form)."""
+    if config.method not in METHODS:
+        raise QexportError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    if config.method != "ptq161" or config.scheme.salient_ratio >= 1.0:
+        return {}  # nothing binary to learn scales for
+    if config.outlier_suppression:
+        raise QexportError("--outlier-suppression with --method ptq161 is not supported yet: "
+                           "use one of them")
+    t0 = time.perf_counter()
+    salient = {name: select_salient(st.rms, config.scheme.salient_ratio)
+               for name, st in stats.items() if not config.is_head(name)}
+    calib_ids = torch.cat([b[0] for b in batches])
+    learned = learn_mixed_weights(module, calib_ids, salient, config.scheme.salient_group_size,
+                                  config.learn or LearnConfig.preset("default"), progress=say,
+                                  include=lambda name: name in salient)
+    timings["learn_scales"] = time.perf_counter() - t0
+    return learned
 
 
 def _runs_check(example_inputs):

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report fp and quantized perplexity [default: on]")
     q = p.add_argument_group("quantization")
     q.add_argument("--salient-ratio", type=float, help="fraction of input channels kept at 4 bits")
+    q.add_argument("--method", choices=("ptq161", "closed-form"), default="ptq161",
+                   help="ptq161: learn the binary scales α, r1, r2 block by block (PTQ1.61); "
+                        "closed-form: α = mean|W - μ|, no learning [default: %(default)s]")
+    q.add_argument("--preset", choices=("fast", "default"), default="fast",
+                   help="PTQ1.61 learning budget: fast (16 samples, 1 epoch) or default (every "
+                        "calibration sample, 2 epochs) [default: %(default)s]")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction, default=False,
                    help="fold OS+ shift/scale into norms and Linears before quantizing")
     q.add_argument("--skip", help="regex of Linear names kept out of --scheme "
@@ -190,6 +196,7 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
 
     from . import __version__, api, check, data, evaluate, models, native, report
     from .errors import QexportError
+    from .ptq161 import LearnConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,8 +240,8 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
     example = lm.example_inputs(batch=2, seq=8)
     config = api.QuantizeConfig(
         scheme=scheme, outlier_suppression=args.outlier_suppression,
-        head_scheme=args.head,
-        embeddings_fp16=args.embeddings_fp16)
+        head_scheme=args.head, embeddings_fp16=args.embeddings_fp16, method=args.method,
+        learn=LearnConfig.preset(args.preset))
     if args.skip is not None:
         config.skip = args.skip
     qm = api.quantize(lm.module, example, [(b.unsqueeze(0),) for b in calib], config,

@@ -35,7 +35,9 @@ def _check_folder(out, scheme):
     pytest.param("w1.61a16", [], id="w1.61a16"),
     pytest.param("w1a16", [], id="w1a16"),
     pytest.param("w4a16", [], id="w4a16"),
-    pytest.param("w1.61a16", ["--outlier-suppression"], id="w1.61a16-os"),
+    pytest.param("w1.61a16", ["--method", "closed-form"], id="w1.61a16-closed-form"),
+    pytest.param("w1.61a16", ["--outlier-suppression", "--method", "closed-form"],
+                 id="w1.61a16-os"),
     pytest.param("w1.61a16", ["--head-scheme", "w4a16", "--embeddings-fp16"], id="w1.61a16-head4"),
 ])
 def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
