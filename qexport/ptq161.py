@@ -1,0 +1,411 @@
+"""PTQ1.61 as published: learned block-wise scales for the w1.61 linear.
+
+For every Linear inside a transformer block, with W [N, K], salient input channels S (4-bit RTN,
+frozen) and the binary columns B = the other channels, the binary part is
+
+    Wq[n, c] = r2[c] · r1[n] · (α[n] · sign(W[n, c] − μ[n]) + μ[n])        (c ∈ B)
+
+with μ[n] the row mean of W[n, B] (frozen), the signs frozen, and α (init mean |W − μ| per
+row, the closed form of `quantize.quantize_mixed`), r1 (per row, init 1) and r2 (per binary
+input channel, init 1) learned per block with AdamW on (paper Eq. 5-6, 9)
+
+    L = MSE(F(W, X), F(Wq, Xq)) + MSE(F(W, Xq), F(Wq, Xq))
+        − log cos(F(W, X), F(Wq, Xq)) − log cos(F(W, Xq), F(Wq, Xq))
+
+where F is the block, X its fp input and Xq its input in the model whose earlier blocks are
+already quantized. Since the signs are frozen, Wq is a differentiable function of α, r1, r2 and
+no straight-through estimator is needed. α is optimized as α0·a (a starts at 1) so that one
+learning rate suits every layer whatever its weight scale (same optimum, per-row step size).
+
+After a block is learned its factors fold into the packed format (docs/format.md):
+row_scale = r1·α, row_offset = r1·μ, r2 stored, all in fp16; the next block's quantized input is
+computed with exactly those fp16 weights, so what is learned is what is exported.
+
+Memory: one block's parameters plus four activation tensors [n_samples, L, D] in fp32 on the CPU
+(or memory-mapped files under `LearnConfig.spill_dir`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .errors import QexportError
+from .packing import MixedLinearWeights, binary_channels, unpack_signs
+from .quantize import quantize_mixed
+
+# Paths (relative to the searched module) of the block lists of known architectures, tried first.
+KNOWN_BLOCK_PATHS = ("model.model.layers", "model.layers", "layers",  # Llama family
+                     "model.model.decoder.layers", "model.decoder.layers", "decoder.layers",  # OPT
+                     "model.transformer.h", "transformer.h")  # GPT-2 style
+
+
+@dataclasses.dataclass
+class LearnConfig:
+    """Settings of the block-wise learning (AdamW, weight decay 0)."""
+    epochs: int = 2
+    lr_alpha: float = 2e-3  # step on a = α/α0 (relative), see the module docstring
+    lr_r1: float = 2e-3
+    lr_r2: float = 2e-3
+    weight_decay: float = 0.0
+    n_samples: int | None = None  # None: every row of calib_ids
+    batch_size: int = 1  # calibration sequences per optimizer step
+    mse_weight: float = 1.0  # weight of both MSE terms
+    cos_weight: float = 1.0  # weight of both −log cos terms
+    seed: int = 0
+    spill_dir: str | None = None  # keep activations in memory-mapped files there (large runs)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LearnConfig":
+        """"default": the paper's 2 epochs on all calibration rows; "fast": 16 rows, 1 epoch."""
+        presets = {"default": {}, "fast": {"n_samples": 16, "epochs": 1}}
+        if name not in presets:
+            raise QexportError(f"unknown PTQ1.61 preset {name!r}; choose from {', '.join(presets)}")
+        return dataclasses.replace(cls(**presets[name]), **overrides)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- finding blocks
+
+def find_blocks(module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(path, ModuleList) of the transformer blocks of `module`.
+
+    Known paths first (Llama family `model.model.layers`, OPT `model.model.decoder.layers`);
+    otherwise the single ModuleList of same-type blocks that hold Linears.
+    """
+    modules = dict(module.named_modules())
+    for path in KNOWN_BLOCK_PATHS:
+        m = modules.get(path)
+        if isinstance(m, torch.nn.ModuleList) and len(m) and _has_linear(m[0]):
+            return path, m
+    found = [(p, m) for p, m in modules.items()
+             if isinstance(m, torch.nn.ModuleList) and len(m)
+             and len({type(b) for b in m}) == 1 and _has_linear(m[0])]
+    if len(found) == 1:
+        return found[0]
+    what = ("no ModuleList of transformer blocks" if not found else
+            "several candidate block lists: " + ", ".join(p for p, _ in found))
+    raise QexportError(
+        f"PTQ1.61 learning needs the model's transformer blocks, but found {what} in "
+        f"{type(module).__name__}; supported layouts: {', '.join(KNOWN_BLOCK_PATHS)}")
+
+
+def _has_linear(m: torch.nn.Module) -> bool:
+    return any(isinstance(x, torch.nn.Linear) for x in m.modules())
+
+
+# --------------------------------------------------------------------------- one learned Linear
+
+class LearnedLinear(torch.nn.Module):
+    """Learnable factors of one Linear (α as α0·a, r1, r2); signs, μ and 4-bit part frozen."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, salient_idx: torch.Tensor,
+                 salient_group_size: int):
+        super().__init__()
+        self.closed_form = quantize_mixed(weight, bias, salient_idx, salient_group_size)
+        w = weight.detach().float()
+        n, k = w.shape
+        self.n, self.k = n, k
+        sal = self.closed_form.salient_idx.long()
+        binc = binary_channels(k, sal)
+        wb = w[:, binc]
+        kb = wb.shape[1]
+        self.kb = kb
+        if kb:
+            mu = wb.mean(1)
+            alpha0 = (wb - mu[:, None]).abs().mean(1)
+            signs = unpack_signs(self.closed_form.sign_packed, kb)
+        else:
+            mu = alpha0 = torch.zeros(n)
+            signs = torch.zeros(n, 0)
+        self.register_buffer("signs", signs)
+        self.register_buffer("mu", mu)
+        self.register_buffer("alpha0", alpha0.clamp(min=1e-12))
+        self.register_buffer("w_salient", self.closed_form._salient_dequant() if sal.numel()
+                             else torch.zeros(n, 0))
+        # Wq = cat([binary cols, salient cols])[:, inverse permutation]
+        perm = torch.cat([binc, sal])
+        self.register_buffer("inv_perm", torch.argsort(perm))
+        self.a = torch.nn.Parameter(torch.ones(n))
+        self.r1 = torch.nn.Parameter(torch.ones(n))
+        self.r2 = torch.nn.Parameter(torch.ones(kb))
+
+    def row_scale(self) -> torch.Tensor:  # r1·α
+        return self.r1 * self.alpha0 * self.a
+
+    def row_offset(self) -> torch.Tensor:  # r1·μ
+        return self.r1 * self.mu
+
+    def weight(self, rounded: bool = False) -> torch.Tensor:
+        """Wq [N, K]; `rounded`: from the fp16 values that are stored (no gradient needed)."""
+        A, M, r2 = self.row_scale(), self.row_offset(), self.r2
+        if rounded:
+            A, M, r2 = A.half().float(), M.half().float(), r2.half().float()
+        wb = (A[:, None] * self.signs + M[:, None]) * r2[None, :]
+        return torch.cat([wb, self.w_salient], dim=1)[:, self.inv_perm]
+
+    @torch.no_grad()
+    def pack(self) -> MixedLinearWeights:
+        packed = dataclasses.replace(self.closed_form, row_scale=self.row_scale().half(),
+                                     row_offset=self.row_offset().half(),
+                                     r2=self.r2.detach().half().clone())
+        packed.validate()
+        return packed
+
+
+# --------------------------------------------------------------------------- activations
+
+class _Activations:
+    """[n, L, D] fp32 tensors on the CPU, or memory-mapped files when `spill_dir` is set."""
+
+    def __init__(self, spill_dir: str | None):
+        self.dir = None
+        if spill_dir:
+            os.makedirs(spill_dir, exist_ok=True)
+            self.dir = tempfile.mkdtemp(prefix="qexport-ptq161-", dir=spill_dir)
+        self.count = 0
+
+    def new(self, shape) -> torch.Tensor:
+        if self.dir is None:
+            return torch.empty(shape, dtype=torch.float32)
+        self.count += 1
+        path = os.path.join(self.dir, f"act{self.count}.bin")
+        return torch.from_file(path, shared=True, size=math.prod(shape),
+                               dtype=torch.float32).view(shape)
+
+    def close(self) -> None:
+        if self.dir is not None:
+            import shutil
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_block0_inputs(module, block0, ids, batch_size, store: _Activations):
+    """fp inputs of block 0 for every row of ids, and the other args/kwargs of its call."""
+    captured: dict = {}
+
+    def hook(mod, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    x = None
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                try:
+                    module(ids[start:start + batch_size])
+                except _Stop:
+                    pass
+                else:
+                    raise QexportError("PTQ1.61: the forward pass never reached the first block")
+                args, kwargs = captured["args"], captured["kwargs"]
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if x is None:
+                    x = store.new((ids.shape[0],) + tuple(hidden.shape[1:]))
+                    extra = (tuple(args[1:]), dict(kwargs))
+                x[start:start + hidden.shape[0]] = hidden.float()
+    finally:
+        handle.remove()
+    return x, extra
+
+
+def _batch_extra(extra, b: int):
+    """The captured block args/kwargs (from a batch-1 call) broadcast to a batch of b rows."""
+    def fit(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == 1 and b != 1:
+            return v.expand(b, *v.shape[1:])
+        if isinstance(v, tuple):
+            return tuple(fit(u) for u in v)
+        return v
+    args, kwargs = extra
+    return tuple(fit(a) for a in args), {k: fit(v) for k, v in kwargs.items()}
+
+
+def _out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+# --------------------------------------------------------------------------- loss
+
+def block_loss(q: torch.Tensor, t_fp: torch.Tensor, t_q: torch.Tensor,
+               config: LearnConfig) -> torch.Tensor:
+    """MSE and −log cos of the quantized block output q against both fp targets."""
+    loss = q.new_zeros(())
+    for t in (t_fp, t_q):
+        if config.mse_weight:
+            loss = loss + config.mse_weight * F.mse_loss(q, t)
+        if config.cos_weight:
+            cos = F.cosine_similarity(q, t, dim=-1).mean()
+            loss = loss - config.cos_weight * torch.log(cos.clamp(min=1e-6))
+    return loss
+
+
+# --------------------------------------------------------------------------- the learning
+
+def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
+                        salient: dict[str, torch.Tensor], salient_group_size: int,
+                        config: LearnConfig | None = None,
+                        progress: Callable[[str], None] | None = None,
+                        include: Callable[[str], bool] | None = None
+                        ) -> dict[str, MixedLinearWeights]:
+    """Learn α, r1, r2 block by block; return the packed weights of every Linear in the blocks.
+
+    module: the fp model taking `calib_ids[i:j]` (e.g. `load_model(...).module`); not modified.
+    calib_ids: LongTensor [n, L] calibration sequences (first `config.n_samples` rows are used).
+    salient: layer name (module path in `module`) -> salient input channel indices.
+    include: optional filter on layer names (a Linear it rejects keeps fp weights in the
+        quantized model used to compute the following blocks' inputs, and is not returned).
+    """
+    config = config or LearnConfig()
+    say = progress or (lambda msg: None)
+    ids = calib_ids[:config.n_samples] if config.n_samples else calib_ids
+    if ids.dim() != 2 or ids.shape[0] < 1:
+        raise QexportError(f"PTQ1.61 needs calibration ids of shape [n, L], got {tuple(ids.shape)}")
+    path, blocks = find_blocks(module)
+    names = [f"{path}.{bi}.{sub}" for bi, block in enumerate(blocks)
+             for sub, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = [n for n in names if include is None or include(n)]
+    missing = [n for n in names if n not in salient]
+    if missing:
+        raise QexportError(f"PTQ1.61: no salient channels given for {len(missing)} Linear(s), "
+                           f"e.g. {missing[0]}")
+
+    requires = {p: p.requires_grad for p in module.parameters()}
+    for p in requires:
+        p.requires_grad_(False)
+    store = _Activations(config.spill_dir)
+    out: dict[str, MixedLinearWeights] = {}
+    n, bs = ids.shape[0], max(1, config.batch_size)
+    gen = torch.Generator().manual_seed(config.seed)
+    t_start = time.perf_counter()
+    try:
+        say(f"PTQ1.61: capturing the inputs of {path}.0 on {n}x{ids.shape[1]} tokens")
+        x_fp, extra = _capture_block0_inputs(module, blocks[0], ids, 1, store)
+        x_q = store.new(x_fp.shape)
+        x_q.copy_(x_fp)
+        y_fp, y_fpq = store.new(x_fp.shape), store.new(x_fp.shape)
+        batches = [(s, min(s + bs, n)) for s in range(0, n, bs)]
+        extras = {e - s: _batch_extra(extra, e - s) for s, e in batches}
+
+        def run(block, params, x, y):
+            with torch.no_grad():
+                for s, e in batches:
+                    args, kwargs = extras[e - s]
+                    y[s:e] = _out(functional_call(block, params, (x[s:e],) + args, kwargs))
+
+        for bi, block in enumerate(blocks):
+            t0 = time.perf_counter()
+            prefix = f"{path}.{bi}."
+            learned = {sub: LearnedLinear(m.weight, m.bias, salient[prefix + sub],
+                                          salient_group_size)
+                       for sub, m in block.named_modules()
+                       if isinstance(m, torch.nn.Linear) and prefix + sub in names}
+            run(block, {}, x_fp, y_fp)  # fp target; also the next block's fp input
+            run(block, {}, x_q, y_fpq)
+            params = [(mods.a, config.lr_alpha) for mods in learned.values()] + \
+                [(mods.r1, config.lr_r1) for mods in learned.values()] + \
+                [(mods.r2, config.lr_r2) for mods in learned.values() if mods.kb]
+            opt = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in params],
+                                    weight_decay=config.weight_decay) if learned else None
+            first = last = float("nan")  # first step's loss, mean loss of the last epoch
+            for epoch in range(config.epochs if learned else 0):
+                total = 0.0
+                for j in torch.randperm(len(batches), generator=gen).tolist():
+                    s, e = batches[j]
+                    args, kwargs = extras[e - s]
+                    weights = {f"{sub}.weight": ll.weight() for sub, ll in learned.items()}
+                    q = _out(functional_call(block, weights, (x_q[s:e],) + args, kwargs))
+                    loss = block_loss(q, y_fp[s:e], y_fpq[s:e], config)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * (e - s)
+                    if first != first:
+                        first = float(loss.detach())
+                last = total / n
+            packs = {sub: ll.pack() for sub, ll in learned.items()}
+            for sub, pk in packs.items():
+                out[prefix + sub] = pk
+            # next block's quantized input, with exactly the stored (fp16) weights
+            run(block, {f"{sub}.weight": pk.dequantize() for sub, pk in packs.items()}, x_q, x_q)
+            x_fp, y_fp = y_fp, x_fp
+            dt = time.perf_counter() - t0
+            done = time.perf_counter() - t_start
+            eta = done / (bi + 1) * (len(blocks) - bi - 1)
+            mse = float(F.mse_loss(x_q, x_fp)) if n * x_q[0].numel() <= 2 ** 26 else \
+                float(F.mse_loss(x_q[:4], x_fp[:4]))
+            say(f"PTQ1.61: block {bi + 1}/{len(blocks)}: {len(learned)} Linears, loss "
+                f"{first:.4g} (first step) -> {last:.4g} (epoch {config.epochs} mean), "
+                f"output MSE vs fp {mse:.4g}, {dt:.1f}s, ETA {eta:.0f}s")
+    finally:
+        store.close()
+        for p, r in requires.items():
+            p.requires_grad_(r)
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+@torch.no_grad()
+def linear_input_rms(module: torch.nn.Module, calib_ids: torch.Tensor, batch_size: int = 1,
+                     include: Callable[[str], bool] | None = None,
+                     forward: Callable[[torch.Tensor], object] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Per-input-channel RMS of every Linear's input over `calib_ids` (forward hooks), keyed by
+    module path in `module`. `forward(ids)` runs the model (default `module(ids)`); pass e.g. the
+    backbone alone to skip an output head whose input statistics are not needed."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear) and (include is None or include(name)):
+            def hook(mod, args, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                sums[name] = sums.get(name, 0) + x.square().sum(0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        for s in range(0, calib_ids.shape[0], batch_size):
+            (forward or module)(calib_ids[s:s + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (v / counts[k]).sqrt().float() for k, v in sums.items()}
+
+
+class substituted_weights:
+    """Context manager: Linear weights of `module` replaced by dequantized packed weights
+    (keyed by module path), restored on exit. For evaluating a quantized model in eager mode."""
+
+    def __init__(self, module: torch.nn.Module, packed: dict[str, MixedLinearWeights]):
+        self.module, self.packed, self.saved = module, packed, {}
+
+    def __enter__(self):
+        mods = dict(self.module.named_modules())
+        with torch.no_grad():
+            for name, pk in self.packed.items():
+                w = mods[name].weight
+                self.saved[name] = w.detach().clone()
+                w.copy_(pk.dequantize().to(w.dtype))
+        return self.module
+
+    def __exit__(self, *exc):
+        mods = dict(self.module.named_modules())
+        with torch.no_grad():
+            for name, w in self.saved.items():
+                mods[name].weight.copy_(w)
+        self.saved = {}
+        return False
