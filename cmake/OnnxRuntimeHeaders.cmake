@@ -12,6 +12,7 @@
 #      of the iOS framework (MIT), delete the tarball. Later configures reuse the cache.
 # No header is ever written into the source tree.
 include_guard(GLOBAL)
+include(${CMAKE_CURRENT_LIST_DIR}/QexportCommon.cmake)
 
 set(QEXPORT_ORT_NPM_PACKAGE "com.github.asus4.onnxruntime" CACHE STRING
     "npm package the ONNX Runtime headers are fetched from when none are found")
@@ -27,14 +28,7 @@ set(ONNXRUNTIME_ROOT "$ENV{ONNXRUNTIME_ROOT}" CACHE PATH
     "ONNX Runtime install/release tree to take headers from (empty: search, then fetch)")
 
 function(_qexport_ort_fetch_headers out_dir)
-  if(DEFINED ENV{QEXPORT_CACHE} AND NOT "$ENV{QEXPORT_CACHE}" STREQUAL "")
-    set(cache_root "$ENV{QEXPORT_CACHE}")
-  elseif(DEFINED ENV{XDG_CACHE_HOME} AND NOT "$ENV{XDG_CACHE_HOME}" STREQUAL "")
-    set(cache_root "$ENV{XDG_CACHE_HOME}/qexport")
-  else()
-    set(cache_root "$ENV{HOME}/.cache/qexport")
-  endif()
-  file(TO_CMAKE_PATH "${cache_root}" cache_root)
+  qexport_cache_root(cache_root)
   set(dest "${cache_root}/onnxruntime-headers-${QEXPORT_ORT_NPM_VERSION}")
   set(headers "${dest}/include")
 

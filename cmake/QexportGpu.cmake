@@ -11,6 +11,7 @@
 # Architectures: CMAKE_CUDA_ARCHITECTURES, else $ENV{QEXPORT_CUDA_ARCHS}, else "80;86;89;90".
 include_guard(GLOBAL)
 include(CheckLanguage)
+include(${CMAKE_CURRENT_LIST_DIR}/QexportCommon.cmake)
 
 if(DEFINED ENV{QEXPORT_BUILD_CUDA} AND NOT "$ENV{QEXPORT_BUILD_CUDA}" STREQUAL "")
   set(_qexport_cuda_default "$ENV{QEXPORT_BUILD_CUDA}")
@@ -85,17 +86,7 @@ if(_qexport_trt_build)
     "${CMAKE_CURRENT_SOURCE_DIR}/plugins" "${CMAKE_CURRENT_SOURCE_DIR}/plugins/common")
   # No libnvinfer: the library talks to TensorRT only through the interfaces it hands over.
   target_link_libraries(qexport_trt PRIVATE qexport::tensorrt_headers CUDA::cudart_static)
-  set_target_properties(qexport_trt PROPERTIES
-    CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON POSITION_INDEPENDENT_CODE ON)
-  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-    target_compile_options(qexport_trt PRIVATE -Wall -Wextra)
-  endif()
-  if(NOT APPLE AND NOT WIN32)
-    set(_qexport_trt_map "${CMAKE_CURRENT_SOURCE_DIR}/plugins/trt/qexport_trt.map")
-    target_link_options(qexport_trt PRIVATE
-      "LINKER:--no-undefined" "LINKER:--version-script=${_qexport_trt_map}")
-    set_property(TARGET qexport_trt APPEND PROPERTY LINK_DEPENDS "${_qexport_trt_map}")
-  endif()
+  qexport_plugin_library(qexport_trt "${CMAKE_CURRENT_SOURCE_DIR}/plugins/trt/qexport_trt.map")
   install(TARGETS qexport_trt LIBRARY DESTINATION qexport/lib RUNTIME DESTINATION qexport/lib)
 endif()
 

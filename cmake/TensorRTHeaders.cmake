@@ -12,6 +12,7 @@
 #      without its NvInferPlugin.h (a stub that is not the real header), and the wheel is deleted.
 # No header is ever written into the source tree.
 include_guard(GLOBAL)
+include(${CMAKE_CURRENT_LIST_DIR}/QexportCommon.cmake)
 
 set(QEXPORT_TRT_PIP_PACKAGE "kernel-lens" CACHE STRING
     "PyPI package the TensorRT headers are fetched from when none are found")
@@ -22,14 +23,7 @@ set(TensorRT_INCLUDE_DIR "$ENV{TensorRT_INCLUDE_DIR}" CACHE PATH
 set(TensorRT_ROOT "$ENV{TensorRT_ROOT}" CACHE PATH "TensorRT install tree (empty: search, then fetch)")
 
 function(_qexport_trt_fetch_headers out_dir)
-  if(DEFINED ENV{QEXPORT_CACHE} AND NOT "$ENV{QEXPORT_CACHE}" STREQUAL "")
-    set(cache_root "$ENV{QEXPORT_CACHE}")
-  elseif(DEFINED ENV{XDG_CACHE_HOME} AND NOT "$ENV{XDG_CACHE_HOME}" STREQUAL "")
-    set(cache_root "$ENV{XDG_CACHE_HOME}/qexport")
-  else()
-    set(cache_root "$ENV{HOME}/.cache/qexport")
-  endif()
-  file(TO_CMAKE_PATH "${cache_root}" cache_root)
+  qexport_cache_root(cache_root)
   set(dest "${cache_root}/tensorrt-headers-${QEXPORT_TRT_PIP_PACKAGE}-${QEXPORT_TRT_PIP_VERSION}")
   set(headers "${dest}/include")
   set(${out_dir} "" PARENT_SCOPE)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from . import contract
 from .errors import QexportError
@@ -42,18 +42,29 @@ def _candidates() -> list[pathlib.Path]:
     return found
 
 
-def library_path() -> pathlib.Path:
-    """Path of libqexport_ops.so; QexportError (one line, how to build) if there is none."""
-    env = os.environ.get(ENV_LIBRARY)
+def find_library(env_var: str, candidates: Callable[[], Iterable[pathlib.Path]],
+                 missing: str, hint: str) -> pathlib.Path:
+    """The file $env_var names, else the first of `candidates()` that is a file (resolved).
+
+    QexportError (one line) when $env_var is set but not a file, or when no candidate is:
+    `missing` says what is not built, `hint` how to build it. `candidates` is called only when
+    $env_var is unset."""
+    env = os.environ.get(env_var)
     if env:
         path = pathlib.Path(env).expanduser()
         if not path.is_file():
-            raise QexportError(f"{ENV_LIBRARY}={env} is not a file; unset it or {_BUILD_HINT}")
+            raise QexportError(f"{env_var}={env} is not a file; unset it or {hint}")
         return path.resolve()
-    for path in _candidates():
+    for path in candidates():
         if path.is_file():
             return path.resolve()
-    raise QexportError(f"the qexport op library {LIBRARY_NAME} is not built; {_BUILD_HINT}")
+    raise QexportError(f"{missing}; {hint}")
+
+
+def library_path() -> pathlib.Path:
+    """Path of libqexport_ops.so; QexportError (one line, how to build) if there is none."""
+    return find_library(ENV_LIBRARY, _candidates,
+                        f"the qexport op library {LIBRARY_NAME} is not built", _BUILD_HINT)
 
 
 def library_version(path: str | os.PathLike | None = None) -> int:

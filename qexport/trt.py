@@ -46,14 +46,7 @@ def _cuda_gpu_count() -> tuple[int, str]:
     return count.value, ""
 
 
-def trt_library_path() -> pathlib.Path:
-    """Path of libqexport_trt.so: $QEXPORT_TRT_LIBRARY, else beside libqexport_ops.so."""
-    env = os.environ.get(ENV_TRT_LIBRARY)
-    if env:
-        path = pathlib.Path(env).expanduser()
-        if not path.is_file():
-            raise QexportError(f"{ENV_TRT_LIBRARY}={env} is not a file; unset it or {_BUILD_HINT}")
-        return path.resolve()
+def _trt_candidates() -> list[pathlib.Path]:
     from . import native
 
     try:
@@ -64,11 +57,16 @@ def trt_library_path() -> pathlib.Path:
     import qexport
 
     candidates += [pathlib.Path(p) / "lib" / TRT_LIBRARY_NAME for p in qexport.__path__]
-    for path in candidates:
-        if path.is_file():
-            return path.resolve()
-    raise QexportError(f"the qexport TensorRT plugin library {TRT_LIBRARY_NAME} is not built; "
-                       f"{_BUILD_HINT}")
+    return candidates
+
+
+def trt_library_path() -> pathlib.Path:
+    """Path of libqexport_trt.so: $QEXPORT_TRT_LIBRARY, else beside libqexport_ops.so."""
+    from . import native
+
+    return native.find_library(
+        ENV_TRT_LIBRARY, _trt_candidates,
+        f"the qexport TensorRT plugin library {TRT_LIBRARY_NAME} is not built", _BUILD_HINT)
 
 
 def engine_prerequisites() -> str | None:

@@ -191,12 +191,8 @@ Status RunCpuPlain(const Args& a) noexcept {
                           !a.salient_zero)))
       return Status::Error("a required input pointer is null");
     return a.act == ActType::kFloat32 ? Run<float>(a) : Run<uint16_t>(a);
-  } catch (const std::bad_alloc&) {
-    return Status::Error("out of memory");
-  } catch (const std::exception& e) {
-    return Status::Error(std::string("internal error: ") + e.what());
   } catch (...) {
-    return Status::Error("unknown error");
+    return Status::Error(ExceptionMessage());
   }
 }
 

@@ -50,31 +50,12 @@ inline void LutDotN(const uint8_t* w, int64_t blk_stride, const float* lut, int6
   }
 }
 
-void LutDot(const uint8_t* w, int64_t blk_stride, int nblk, const float* lut, int64_t nbytes,
-            float* out, const float* scale) {
-  switch (nblk) {
-    case 4: return LutDotN<4>(w, blk_stride, lut, nbytes, out, scale);
-    case 3: return LutDotN<3>(w, blk_stride, lut, nbytes, out, scale);
-    case 2: return LutDotN<2>(w, blk_stride, lut, nbytes, out, scale);
-    default: return LutDotN<1>(w, blk_stride, lut, nbytes, out, scale);
-  }
-}
-
 }  // namespace
 
-const CpuKernels* KernelsAvx2() {
-  static const CpuKernels k{&LutDot, &SignLut, &CodeLut};
-  return &k;
-}
+const CpuKernels* KernelsAvx2() { return &Table(); }
 
 }  // namespace detail
 }  // namespace bml
 }  // namespace qexport
 
-#else
-
-namespace qexport { namespace bml { namespace detail {
-const CpuKernels* KernelsAvx2() { return nullptr; }
-}}}  // namespace qexport::bml::detail
-
-#endif
+#endif  // x86-64; elsewhere KernelsAvx2() is a stub in bml_cpu_kernels_portable.cpp

@@ -9,9 +9,10 @@ namespace {
 
 #include "binary_mixed_linear/bml_cpu_kernels_common.inc"
 
-void LutDot(const uint8_t* w, int64_t blk_stride, int nblk, const float* lut, int64_t nbytes,
-            float* out, const float* scale) {
-  for (int i = 0; i < nblk; ++i) {
+template <int NB>
+inline void LutDotN(const uint8_t* w, int64_t blk_stride, const float* lut, int64_t nbytes,
+                    float* out, const float* scale) {
+  for (int i = 0; i < NB; ++i) {
     const uint8_t* wi = w + i * blk_stride;
     float acc[kRowBlock] = {};
     for (int64_t b = 0; b < nbytes; ++b) {
@@ -32,10 +33,13 @@ void LutDot(const uint8_t* w, int64_t blk_stride, int nblk, const float* lut, in
 
 }  // namespace
 
-const CpuKernels& KernelsPortable() {
-  static const CpuKernels k{&LutDot, &SignLut, &CodeLut};
-  return k;
-}
+const CpuKernels& KernelsPortable() { return Table(); }
+
+#if !defined(__x86_64__) && !defined(_M_X64)
+// The AVX files compile to nothing off x86-64.
+const CpuKernels* KernelsAvx2() { return nullptr; }
+const CpuKernels* KernelsAvx512() { return nullptr; }
+#endif
 
 }  // namespace detail
 }  // namespace bml

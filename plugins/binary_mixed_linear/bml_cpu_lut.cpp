@@ -217,12 +217,8 @@ Status ParallelRun(const ParallelFor& par, size_t total, Fn fn) {
     try {
       (*c->fn)(i);
       return;
-    } catch (const std::bad_alloc&) {
-      err = "out of memory";
-    } catch (const std::exception& e) {
-      err = std::string("internal error: ") + e.what();
     } catch (...) {
-      err = "unknown error";
+      err = ExceptionMessage();
     }
     if (!c->message_lock.test_and_set()) c->message = err;
     c->failed.store(true);
@@ -432,12 +428,8 @@ Status PackWeights(const Args& a, PackedPtr* out) noexcept {
     if (!st) return st;
     *out = std::move(p);
     return Status::Ok();
-  } catch (const std::bad_alloc&) {
-    return Status::Error("out of memory");
-  } catch (const std::exception& e) {
-    return Status::Error(std::string("internal error: ") + e.what());
   } catch (...) {
-    return Status::Error("unknown error");
+    return Status::Error(ExceptionMessage());
   }
 }
 
@@ -460,12 +452,8 @@ Status RunCpuPacked(const Args& a, const PackedWeights& p, Isa isa,
     const CpuKernels& kern = *Kernels(isa);
     return a.act == ActType::kFloat32 ? Run<float>(a, p, kern, par)
                                       : Run<uint16_t>(a, p, kern, par);
-  } catch (const std::bad_alloc&) {
-    return Status::Error("out of memory");
-  } catch (const std::exception& e) {
-    return Status::Error(std::string("internal error: ") + e.what());
   } catch (...) {
-    return Status::Error("unknown error");
+    return Status::Error(ExceptionMessage());
   }
 }
 

@@ -1,6 +1,8 @@
 // Status type shared by the BinaryMixedLinear launcher and validator (no ORT types).
 #pragma once
 
+#include <exception>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -14,5 +16,19 @@ struct Status {
   static Status Error(std::string msg) { return Status{false, std::move(msg)}; }
   explicit operator bool() const { return ok; }
 };
+
+// The one-line message of the exception being handled; call only inside a catch block (the
+// noexcept entry points end with `catch (...) { return Status::Error(ExceptionMessage()); }`).
+inline std::string ExceptionMessage() {
+  try {
+    throw;
+  } catch (const std::bad_alloc&) {
+    return "out of memory";
+  } catch (const std::exception& e) {
+    return std::string("internal error: ") + e.what();
+  } catch (...) {
+    return "unknown error";
+  }
+}
 
 }  // namespace qexport
