@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("calibration and evaluation")
     g.add_argument("--calib", metavar="PATH", help="calibration text: .txt, .jsonl or a folder "
                    "[default: the Brown corpus for models with a tokenizer, random tokens otherwise]")
-    g.add_argument("--calib-samples", type=int, default=16, help="[default: %(default)s]")
-    g.add_argument("--calib-seqlen", type=int, default=256, help="[default: %(default)s]")
+    g.add_argument("--calib-samples", type=int, default=64, help="[default: %(default)s]")
+    g.add_argument("--calib-seqlen", type=int, default=512, help="[default: %(default)s]")
     g.add_argument("--eval", dest="eval_text", metavar="PATH",
                    help="held-out text for perplexity [default: Brown from char 3,000,000]")
     g.add_argument("--eval-tokens", type=int, default=4096, help="[default: %(default)s]")
@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("ptq161", "closed-form"), default="ptq161",
                    help="ptq161: learn the binary scales α, r1, r2 block by block (PTQ1.61); "
                         "closed-form: α = mean|W - μ|, no learning [default: %(default)s]")
-    q.add_argument("--preset", choices=("fast", "default"), default="fast",
-                   help="PTQ1.61 learning budget: fast (16 samples, 1 epoch) or default (every "
-                        "calibration sample, 2 epochs) [default: %(default)s]")
+    q.add_argument("--preset", choices=("fast", "default"), default="default",
+                   help="PTQ1.61 learning budget: default (every calibration sample, 2 epochs, "
+                        "as in the paper) or fast (16 samples, 1 epoch) [default: %(default)s]")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction, default=False,
                    help="fold OS+ shift/scale into norms and Linears before quantizing")
     q.add_argument("--skip", help="regex of Linear names kept out of --scheme "

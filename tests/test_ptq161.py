@@ -97,11 +97,11 @@ def test_reference_op_runs_on_learned_weights(learned):
         torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("group_size", [0, 8])
-def test_packed_weights_dequantize_to_what_was_learned(group_size):
+@pytest.mark.parametrize("group_size,ratio", [(0, 0.2), (8, 0.2), (0, 0.0), (8, 1.0)])
+def test_packed_weights_dequantize_to_what_was_learned(group_size, ratio):
     torch.manual_seed(0)
     w, b = torch.randn(12, 37), torch.randn(12)
-    sal = select_salient(torch.rand(37), 0.2)
+    sal = select_salient(torch.rand(37), ratio)
     ll = LearnedLinear(w, b, sal, group_size)
     with torch.no_grad():  # move away from the closed form
         ll.a.mul_(1.1 + 0.1 * torch.rand(12))

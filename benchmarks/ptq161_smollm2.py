@@ -1,0 +1,136 @@
+"""PTQ1.61 on SmolLM2-135M: fp vs closed-form w1.61 vs learned w1.61 (held-out Brown perplexity).
+
+Protocol (docs/results.md): calibration = the first n_samples x 512 tokens of
+`brown_splits()[0]`; salient channels = the top 20% input channels of each Linear in the
+transformer blocks by calibration activation RMS (the same set for both w1.61 rows); evaluation =
+the first `--eval-tokens` tokens of `brown_splits()[1]` in 512-token windows; fp32, CPU.
+The output head and embeddings stay fp (as the default skip pattern of qexport.api).
+
+    python benchmarks/ptq161_smollm2.py                       # default preset, 64x512, 20k eval
+    python benchmarks/ptq161_smollm2.py --preset fast --eval-tokens 4096
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from qexport.data import brown_splits, calibration_batches, eval_tokens
+from qexport.evaluate import perplexity, torch_logits_fn
+from qexport.models import load_model
+from qexport.ptq161 import (LearnConfig, find_blocks, learn_mixed_weights, linear_input_rms,
+                            substituted_weights)
+from qexport.quantize import quantize_mixed, select_salient
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="default", choices=["default", "fast"])
+    ap.add_argument("--n-samples", type=int, default=None,
+                    help="calibration sequences (default: 64, or the preset's n_samples)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="one lr for α, r1, r2")
+    ap.add_argument("--eval-tokens", type=int, default=20_000)
+    ap.add_argument("--short-eval", type=int, default=4096,
+                    help="every row also reports the perplexity of the first SHORT_EVAL tokens")
+    ap.add_argument("--full-eval-rows", default="fp,closed,learned",
+                    help="rows evaluated on all --eval-tokens (the others: --short-eval only)")
+    ap.add_argument("--salient-ratio", type=float, default=0.2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="fp,closed,learned",
+                    help="comma-separated subset of fp,closed,learned")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.short_eval % 512 or args.short_eval > args.eval_tokens:
+        ap.error("--short-eval must be a multiple of 512 and at most --eval-tokens")
+    torch.set_num_threads(args.threads)
+    rows = set(args.rows.split(","))
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    overrides = {}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.lr is not None:
+        overrides.update(lr_alpha=args.lr, lr_r1=args.lr, lr_r2=args.lr)
+    config = LearnConfig.preset(args.preset, **overrides)
+    n_samples = args.n_samples or config.n_samples or 64
+    config = LearnConfig.preset(args.preset, **{**overrides, "n_samples": n_samples})
+
+    loaded = load_model("smollm2-135m")
+    module = loaded.module
+    calib_text, eval_text = brown_splits()
+    calib = calibration_batches(loaded.tokenizer, calib_text, n_samples, args.seq_len)
+    tokens = eval_tokens(loaded.tokenizer, eval_text, args.eval_tokens)
+    path, _ = find_blocks(module)
+    in_blocks = lambda name: name.startswith(path + ".")  # noqa: E731
+    results = {"model": "smollm2-135m", "calib": list(calib.shape), "eval_tokens": args.eval_tokens,
+               "threads": args.threads, "config": config.as_dict(), "rows": {}}
+
+    full_rows = set(args.full_eval_rows.split(","))
+
+    def ppl(row):
+        """{"ppl_short": on the first --short-eval tokens, "ppl": on all (full rows only)}."""
+        t0 = time.perf_counter()
+        fn = torch_logits_fn(module)
+        short = perplexity(fn, tokens[:args.short_eval], window=512)
+        out = {"ppl_short": short, "short_eval_tokens": args.short_eval}
+        rest = tokens[args.short_eval:]
+        if row in full_rows and rest.numel() >= 512:
+            # windows never cross the split (short_eval is a multiple of 512), so the NLLs add up
+            n1, n2 = args.short_eval // 512 * 511, rest.numel() // 512 * 511
+            v = perplexity(fn, rest, window=512)
+            out["ppl"] = math.exp((n1 * math.log(short) + n2 * math.log(v)) / (n1 + n2))
+        log(f"{row}: perplexity {out} ({time.perf_counter() - t0:.0f}s)")
+        return out
+
+    if "fp" in rows:
+        results["rows"]["fp"] = {"bits": 32.0, **ppl("fp"), "time_s": 0.0}
+
+    t0 = time.perf_counter()
+    backbone = loaded.hf_model.model  # the stats need no output head
+    rms = linear_input_rms(module, calib, include=in_blocks,
+                           forward=lambda ids: backbone(input_ids=ids, use_cache=False))
+    t_stats = time.perf_counter() - t0
+    salient = {k: select_salient(v, args.salient_ratio) for k, v in rms.items()}
+    log(f"activation RMS of {len(rms)} Linears: {t_stats:.0f}s")
+    mods = dict(module.named_modules())
+
+    def bits(packed):
+        return 8 * sum(p.weight_nbytes() for p in packed.values()) / sum(
+            p.in_features * p.out_features for p in packed.values())
+
+    if "closed" in rows:
+        t0 = time.perf_counter()
+        closed = {k: quantize_mixed(mods[k].weight, mods[k].bias, s, 0) for k, s in salient.items()}
+        t = t_stats + time.perf_counter() - t0
+        with substituted_weights(module, closed):
+            results["rows"]["closed"] = {"bits": bits(closed), **ppl("closed"),
+                                       "time_s": t}
+        del closed
+
+    if "learned" in rows:
+        t0 = time.perf_counter()
+        learned = learn_mixed_weights(module, calib, salient, 0, config, progress=log)
+        t = t_stats + time.perf_counter() - t0
+        log(f"learning: {t - t_stats:.0f}s")
+        with substituted_weights(module, learned):
+            results["rows"]["learned"] = {"bits": bits(learned), **ppl("learned"),
+                                        "time_s": t}
+
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
