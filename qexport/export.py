@@ -1,6 +1,7 @@
 """Tracing to torch.fx and export of the rewritten graph to ONNX (qexport domain)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -13,8 +14,16 @@ import torch
 from . import contract as C
 from . import ops
 
-# Above this many initializer bytes, weights go to an external data file (protobuf caps at 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Above this many initializer bytes, weights go to an external data file `<model>.data`
+# (save_external_aligned): ONNX Runtime then maps that file instead of copying the weights out
+# of the protobuf, which keeps the peak RSS of a session near the weights' own size
+# (docs/performance.md). Small models (tests) stay in one file.
+EXTERNAL_DATA_THRESHOLD = 16 << 20
+# Offsets in the external data file are multiples of this (a page): each tensor starts on its
+# own page, so pages a kernel no longer needs can be given back without touching a neighbour.
+EXTERNAL_DATA_ALIGN = 4096
+# Tensors below this many bytes stay inside the protobuf.
+EXTERNAL_DATA_MIN_BYTES = 1024
 
 
 def dynamic_shapes_for(example_inputs: tuple) -> tuple:
@@ -64,11 +73,7 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
             custom_translation_table=ops.onnx_translation_table(),
             input_names=input_names, output_names=output_names, optimize=True)
     model = program.model_proto
-    layer_of = {str(n.args[1].target): n.meta["qexport_layer"] for n in gm.graph.nodes
-                if n.op == "call_function" and "qexport_layer" in n.meta}
-    for node in model.graph.node:
-        if node.domain == C.DOMAIN and len(node.input) > 1 and node.input[1] in layer_of:
-            node.name = layer_of[node.input[1]]
+    _name_layer_nodes(model, gm)
     model.ir_version = min(model.ir_version, 10)  # onnxruntime >= 1.29 reads IR <= 10 safely
     model.producer_name = "qexport"
     del model.metadata_props[:]
@@ -77,15 +82,59 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
     nbytes = sum(len(t.raw_data) for t in model.graph.initializer)
     files = [path]
     if nbytes > EXTERNAL_DATA_THRESHOLD:
-        data_name = path.name + ".data"
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        files.append(path.with_name(data_name))
+        files.append(save_external_aligned(model, path))
         onnx.checker.check_model(str(path), full_check=True)
     else:
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, path)
     return files
+
+
+def save_external_aligned(model, path: Path, align: int = EXTERNAL_DATA_ALIGN,
+                          min_bytes: int = EXTERNAL_DATA_MIN_BYTES) -> Path:
+    """Save `model` (an onnx.ModelProto; modified: its large initializers become external) to
+    `path`, with the raw data of every initializer of at least `min_bytes` in one file
+    `<path>.data` at offsets that are multiples of `align`. Returns the data file's path.
+    Loading is plain ONNX external data (onnx.load, onnxruntime from a path)."""
+    import onnx
+    from onnx import external_data_helper as ext
+
+    path = Path(path)
+    data_path = path.with_name(path.name + ".data")
+    data_path.write_bytes(b"")
+    offset = 0
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes:
+            continue
+        offset = (offset + align - 1) // align * align
+        ext.set_external_data(tensor, data_path.name, offset)
+        ext.save_external_data(tensor, str(path.parent))  # pads to `offset`, then writes
+        offset += len(tensor.raw_data)
+        tensor.ClearField("raw_data")
+    onnx.save_model(model, path)
+    return data_path
+
+
+def _name_layer_nodes(model, gm: torch.fx.GraphModule) -> None:
+    """Name each qexport node after its layer. Its weight initializers are named after the layer
+    (replace_linear), but the exporter merges identical ones (e.g. empty or all-zero tensors),
+    so each node takes the layer most of its inputs point to, once."""
+    layer_of = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and "qexport_layer" in n.meta:
+            for arg in n.args[1:]:
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                    layer_of[str(arg.target)] = n.meta["qexport_layer"]
+    taken = set()
+    for node in model.graph.node:
+        if node.domain != C.DOMAIN:
+            continue
+        votes = collections.Counter(layer_of[i] for i in node.input[1:] if i in layer_of)
+        for layer, _ in votes.most_common():
+            if layer not in taken:
+                node.name = layer
+                taken.add(layer)
+                break
 
 
 def metadata(scheme_label: str, config: dict) -> dict[str, str]:
