@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--w161", type=pathlib.Path, help="model.onnx of a qexport w1.61a16 folder")
     p.add_argument("--fp32", type=pathlib.Path, help="fp32 ONNX (exported here when missing)")
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--also", nargs="+", default=[], metavar="LABEL=PATH",
+                   help="more models to measure the same way (e.g. fp32-ext=fp32x/model.onnx)")
     p.add_argument("--reps", type=int, default=20, help="runs per measurement")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=1, help=argparse.SUPPRESS)
@@ -96,14 +98,20 @@ def main(argv=None) -> int:
         print(f"# exporting fp32 to {args.fp32}", flush=True)
         export_fp32(args.fp32)
     models = {"fp32": args.fp32, "w1.61a16": args.w161}
+    for item in args.also:
+        label, _, path = item.partition("=")
+        if not path:
+            p.error(f"--also wants LABEL=PATH, got {item!r}")
+        models[label] = pathlib.Path(path)
     print(f"# ORT CPU, QEXPORT_CPU_ISA={os.environ.get('QEXPORT_CPU_ISA', 'auto')}")
-    print(f"{'model':>9} {'thr':>3} | {'file MB':>8} | {'1-token ms':>10} {'prefill128 ms':>13} |"
+    width = max(9, *(len(label) for label in models))
+    print(f"{'model':>{width}} {'thr':>3} | {'file MB':>8} | {'1-token ms':>10} {'prefill128 ms':>13} |"
           f" {'peak RSS MiB (1-tok / prefill)':>30}")
     for threads in args.threads:
         for label, path in models.items():
             one = _measure(path, threads, 1, args.reps)
             pre = _measure(path, threads, 128, max(5, args.reps // 4))
-            print(f"{label:>9} {threads:>3} | {_size(path) / 1e6:8.1f} | "
+            print(f"{label:>{width}} {threads:>3} | {_size(path) / 1e6:8.1f} | "
                   f"{one['median_s'] * 1e3:10.2f} {pre['median_s'] * 1e3:13.2f} | "
                   f"{one['peak_rss_mib']:14.0f} / {pre['peak_rss_mib']:.0f}", flush=True)
     return 0

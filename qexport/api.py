@@ -17,7 +17,7 @@ from .export import export_onnx, metadata, trace
 from .packing import MixedLinearWeights
 from .quantize import quantize_mixed, select_salient
 from .errors import QexportError
-from .ptq161 import LearnConfig, learn_mixed_weights
+from .ptq161 import LearnConfig, find_blocks, learn_mixed_weights
 from .schemes import Scheme
 
 METHODS = ("closed-form", "ptq161")
@@ -83,7 +83,8 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
 
     fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     scheme = config.scheme
-    learned = _learn(module, batches, stats, config, say, timings)
+    notes_learn: list[str] = []
+    learned = _learn(module, batches, stats, config, say, timings, notes_learn)
 
     def quantizer(name, weight, bias):
         chosen = config.head_scheme if config.is_head(name) else scheme
@@ -120,12 +121,15 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     if not packed:
         raise QexportError("the model has no Linear layers to quantize "
                            f"(none outside the skip pattern {config.skip!r})")
-    return QuantizedModel(gm, example_inputs, config, packed, fp_weights, stats, timings,
-                          manager.notes)
+    notes = dict(manager.notes)
+    if notes_learn:
+        notes["learn_scales"] = notes_learn
+    return QuantizedModel(gm, example_inputs, config, packed, fp_weights, stats, timings, notes)
 
 
-def _learn(module, batches, stats, config: QuantizeConfig, say, timings) -> dict:
-    """PTQ1.61 learned scales for the Linears of the main scheme (empty for closed form)."""
+def _learn(module, batches, stats, config: QuantizeConfig, say, timings, notes) -> dict:
+    """PTQ1.61 learned scales for the Linears of the main scheme (empty for closed form, and
+    for models whose transformer blocks can't be found, e.g. a flat .pt2 graph: noted)."""
     if config.method not in METHODS:
         raise QexportError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     if config.method != "ptq161" or config.scheme.salient_ratio >= 1.0:
@@ -133,6 +137,13 @@ def _learn(module, batches, stats, config: QuantizeConfig, say, timings) -> dict
     if config.outlier_suppression:
         raise QexportError("--outlier-suppression with --method ptq161 is not supported yet: "
                            "use one of them")
+    try:
+        find_blocks(module)
+    except QexportError as e:
+        msg = f"PTQ1.61 learning skipped, closed-form scales used: {e}"
+        say(msg)
+        notes.append(msg)
+        return {}
     t0 = time.perf_counter()
     salient = {name: select_salient(st.rms, config.scheme.salient_ratio)
                for name, st in stats.items() if not config.is_head(name)}

@@ -103,7 +103,9 @@ def test_pt2_archive_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = run_cli(src, "-o", out, "--calib-samples", "2", "--calib-seqlen", "16")
     assert proc.returncode == 0, proc.stderr
-    _check_folder(out, "w1.61a16")
+    report = _check_folder(out, "w1.61a16")
+    # A flat exported graph has no blocks to learn on: closed form, and the report says so.
+    assert "closed-form scales used" in report["notes"]["learn_scales"][0]
 
 
 def test_trusted_pickle_end_to_end(tmp_path):

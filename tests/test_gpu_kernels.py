@@ -1,9 +1,12 @@
-"""The CUDA kernels (GEMV and GEMM paths, fp32 and fp16) vs the PyTorch reference, and the ORT
-CUDA execution provider vs the CPU one. Need a CUDA GPU: without one they skip, saying why.
+"""The CUDA kernels (GEMV, SIMT GEMM and tensor-core GEMM paths, fp32 and fp16) vs the PyTorch
+reference, and the ORT CUDA execution provider vs the CPU one. Need a CUDA GPU: without one
+they skip, saying why.
 
 Tolerances (max abs error relative to max|ref|), as for the CPU kernel: fp32 1e-4 (fp32
 accumulation in a different order; the GEMM path folds row_scale*sign + row_offset into one
-weight), fp16 2^-9 (one rounding of the fp32 result to fp16, 1 ulp either way)."""
+weight), fp16 2^-9 (one rounding of the fp32 result to fp16, 1 ulp either way; the
+tensor-core path also rounds each salient weight (q - zero) * scale to fp16 once, which the
+host emulation in tests/test_gpu_unpack.py shows stays well inside it)."""
 from __future__ import annotations
 
 import ctypes
@@ -81,6 +84,73 @@ def test_matches_reference(lib, m, k, n, frac, g, path, dtype):
     assert flags == 0
     ref = binary_mixed_linear_reference(torch.from_numpy(x), *w.tensors(), **w.attributes())
     _close(y, ref.numpy(), TOL[dtype])
+
+
+TC_CASES = [(m, k, n, frac, g) for m in (1, 5, 16, 118, 256) for (k, n, frac, g) in
+            [(8, 1, 0.0, 0), (13, 7, 0.2, 2), (37, 129, 0.0, 0), (100, 65, 0.3, 3),
+             (576, 64, 0.2, 32), (1000, 33, 1.0, 0), (4096, 256, 0.2, 128), (77, 130, 0.5, 0),
+             (1001, 200, 0.02, 0)]]
+
+
+def _need_tensor_cores(lib):
+    lib.qx_cuda_compute_capability.restype = ctypes.c_int
+    cc = lib.qx_cuda_compute_capability()
+    if cc < 80:
+        pytest.skip(reason=f"the tensor-core path needs compute capability >= 8.0 (device: {cc})")
+
+
+@pytest.mark.parametrize("with_r2", [False, True], ids=["no_r2", "r2"])
+@pytest.mark.parametrize("m,k,n,frac,g", TC_CASES, ids=lambda v: str(v))
+def test_tensor_core_path_matches_reference(lib, m, k, n, frac, g, with_r2):
+    """Path 3 (mma.sync m16n8k16, fp16 activations): tails in M, N, K; K - S not a multiple of
+    8/16/32; S = 0 and S = K; odd G; with and without r2 and bias."""
+    _need_tensor_cores(lib)
+    w = random_mixed_linear(n, k, int(round(frac * k)), g, with_r2=with_r2,
+                            with_bias=bool(k % 2), seed=k + n + m)
+    x = np.random.default_rng(m * 1000 + k).standard_normal((m, k)).astype(np.float16)
+    y, flags, _ = run_cuda(lib, w, x, 3)
+    assert flags == 0
+    ref = binary_mixed_linear_reference(torch.from_numpy(x), *w.tensors(), **w.attributes())
+    _close(y, ref.numpy(), TOL[np.float16])
+    if m > 4:  # kAuto takes the tensor-core path here: same result
+        y_auto, _, _ = run_cuda(lib, w, x, 0)
+        np.testing.assert_array_equal(y_auto.view(np.uint16), y.view(np.uint16))
+
+
+def test_tensor_core_path_large_values(lib):
+    """Large activations (|x| up to ~8000, outputs ~11000): the products sign*r2*x and the row
+    sums of x*r2 stay in fp32 (nothing intermediate is rounded to fp16), so no overflow."""
+    _need_tensor_cores(lib)
+    w = random_mixed_linear(96, 512, 100, 64, with_r2=True, with_bias=True, seed=5)
+    x = (np.random.default_rng(5).standard_normal((40, 512)) * 2000).astype(np.float16)
+    y, _, _ = run_cuda(lib, w, x, 3)
+    ref = binary_mixed_linear_reference(torch.from_numpy(x).float(), *w.tensors(),
+                                        **w.attributes()).numpy()
+    assert np.abs(ref).max() < 60000
+    assert np.isfinite(y.astype(np.float32)).all()
+    _close(y, ref, TOL[np.float16])
+
+
+def test_auto_dispatch(lib):
+    """kAuto: GEMV for M <= 4, the tensor-core GEMM for fp16 above it on sm_80+, else SIMT."""
+    lib.qx_bml_cuda_auto_path.restype = ctypes.c_char_p
+    lib.qx_cuda_compute_capability.restype = ctypes.c_int
+    tc = lib.qx_cuda_compute_capability() >= 80
+    i64 = ctypes.c_int64
+
+    def auto(m, act):
+        return lib.qx_bml_cuda_auto_path(i64(m), i64(4096), i64(4096), i64(819), i64(128),
+                                         ctypes.c_int(act)).decode()
+    assert auto(4, 1) == "gemv" and auto(4, 0) == "gemv"
+    assert auto(5, 0) == "gemm" and auto(256, 0) == "gemm"
+    assert auto(5, 1) == auto(256, 1) == ("gemm_tc" if tc else "gemm")
+
+
+def test_tensor_core_path_rejects_fp32(lib):
+    w = random_mixed_linear(8, 32, 4, 0, seed=3)
+    x = np.ones((8, 32), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="tensor-core path takes fp16"):
+        run_cuda(lib, w, x, 3)
 
 
 def test_prepare_flags_bad_weights(lib):

@@ -257,6 +257,43 @@ def test_same_session_many_runs(lib, isa):
         _assert_close(y, _reference(w, x), FP32_RTOL)
 
 
+def test_external_data_weights(lib, isa, tmp_path):
+    """Weights in a page-aligned external data file (qexport.export.save_external_aligned, as
+    large exports are written): ONNX Runtime maps them, the kernel packs them once and hands
+    the mapped pages back (MADV_PAGEOUT); later runs, which skip the content checks of cached
+    weights, and a page-in of the released pages (the plain kernel reads layout 1 again for a
+    non-finite X) stay right."""
+    import onnx
+    import onnxruntime as ort
+
+    from qexport import native
+    from qexport.export import EXTERNAL_DATA_ALIGN, save_external_aligned
+
+    w = _weights(300, 576, 0.2, 64, True, True, seed=11)
+    path = tmp_path / "model.onnx"
+    data = save_external_aligned(bml_model(w, ["M", 576]), path, min_bytes=64)
+    loaded = onnx.load(str(path), load_external_data=False)
+    offsets = [int(e.value) for t in loaded.graph.initializer for e in t.external_data
+               if e.key == "offset"]
+    assert len(offsets) >= 6 and all(o % EXTERNAL_DATA_ALIGN == 0 for o in offsets)
+    assert data.stat().st_size >= max(offsets)
+    options = native.session_options(lib)
+    options.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(6)
+    for m in (1, 5, 1, 40):
+        x = rng.standard_normal((m, 576)).astype(np.float32)
+        (y,) = sess.run(None, {"X": x})
+        _assert_close(y, _reference(w, x), FP32_RTOL)
+    x[3, 10] = np.inf
+    (y,) = sess.run(None, {"X": x})
+    ref = _reference(w, x)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    finite = np.isfinite(ref)
+    _assert_close(np.where(finite, y, 0), np.where(finite, ref, 0), FP32_RTOL)
+
+
 def test_weights_fed_at_run_time(lib, isa):
     """Weight inputs that are not constant initializers (graph inputs) are packed on every
     call, never served from the cache: feeding other weights gives their result."""

@@ -70,8 +70,13 @@ struct PackedWeights;
 using PackedPtr = std::shared_ptr<const PackedWeights>;
 
 // Builds the packed form of the weights in `args` (everything but x, y and m). Same checks
-// as RunCpu; never throws.
-Status PackWeights(const Args& args, PackedPtr* out) noexcept;
+// as RunCpu; never throws. release_source: the weight inputs will not be read again (constant
+// initializers, packed once): as packing goes, their pages are handed back to the OS with
+// madvise(MADV_PAGEOUT) where available. A hint only, safe for any memory (a later read
+// brings the data back: file pages from the file, anonymous ones from swap, and without swap
+// anonymous pages simply stay); it keeps a model whose weights ONNX Runtime maps from an
+// external data file from holding both the mapped and the packed copy (docs/kernels.md).
+Status PackWeights(const Args& args, PackedPtr* out, bool release_source = false) noexcept;
 
 // Runs the kernel on weights packed by PackWeights from the same weight inputs, on the given
 // ISA path (kAuto: best), spreading the work with `parallel`. Never throws.

@@ -29,6 +29,11 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #include "binary_mixed_linear/bml_cpu.h"
 #include "binary_mixed_linear/bml_cpu_kernels.h"
 
@@ -94,7 +99,44 @@ Status CheckSizes(const Args& a) {
   return Status::Ok();
 }
 
-Status Pack(const Args& a, PackedWeights* p) {
+// Hands the pages of [data, data + bytes) back to the OS (rounded out to whole pages): see
+// PackWeights' release_source. MADV_PAGEOUT (Linux 5.4+) reclaims clean file pages at once and
+// never loses data; where it is missing or fails this does nothing.
+void ReleasePages(const void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_PAGEOUT)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  if (!data || bytes == 0 || page == 0 || (page & (page - 1)) != 0) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes + page - 1) & ~(page - 1);
+  (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// Releases (ReleasePages) the rows of a row-major source as packing moves past them, in
+// chunks of ~1 MiB, so that the source and the packed copy never both sit in memory whole.
+class RowReleaser {
+ public:
+  RowReleaser(bool on, const void* base, int64_t row_bytes, int64_t rows)
+      : on_(on && base && row_bytes > 0), base_(static_cast<const uint8_t*>(base)),
+        row_bytes_(row_bytes), rows_(rows),
+        chunk_(std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, row_bytes))) {}
+  void Done(int64_t row) {  // rows < row + 1 are done
+    if (on_ && (row + 1 - done_ >= chunk_ || row + 1 == rows_)) {
+      ReleasePages(base_ + done_ * row_bytes_, static_cast<size_t>((row + 1 - done_) * row_bytes_));
+      done_ = row + 1;
+    }
+  }
+
+ private:
+  bool on_;
+  const uint8_t* base_;
+  int64_t row_bytes_, rows_, chunk_, done_ = 0;
+};
+
+Status Pack(const Args& a, PackedWeights* p, bool release) {
   Status st = CheckSizes(a);
   if (!st) return st;
   const bool have_binary = a.k > a.s, have_salient = a.s > 0;
@@ -151,10 +193,12 @@ Status Pack(const Args& a, PackedWeights* p) {
   p->kb_bytes = (p->kb + 7) / 8;
   const int64_t kbb = p->kb_bytes;
   p->wb.assign(static_cast<size_t>(p->nblk * kbb * kRowBlock), 0);
+  RowReleaser sign_release(release, a.sign_packed, kbb, n);
   for (int64_t row = 0; row < n; ++row) {
     const uint8_t* src = a.sign_packed + row * kbb;
     uint8_t* dst = p->wb.data() + (row / kRowBlock) * kbb * kRowBlock + row % kRowBlock;
     for (int64_t b = 0; b < kbb; ++b) dst[b * kRowBlock] = src[b];
+    sign_release.Done(row);
   }
 
   // Salient codes: groups padded to an even number of columns.
@@ -174,6 +218,7 @@ Status Pack(const Args& a, PackedWeights* p) {
   }
   const int64_t sb = p->s_bytes, sal_bytes = (a.s + 1) / 2;
   p->ws.assign(static_cast<size_t>(p->nblk * sb * kRowBlock), 0);
+  RowReleaser code_release(release, a.salient_packed, sal_bytes, n);
   for (int64_t row = 0; row < n; ++row) {
     const uint8_t* src = a.salient_packed + row * sal_bytes;
     uint8_t* dst = p->ws.data() + (row / kRowBlock) * sb * kRowBlock + row % kRowBlock;
@@ -182,6 +227,7 @@ Status Pack(const Args& a, PackedWeights* p) {
       const int64_t slot = slot_of[j];
       dst[(slot >> 1) * kRowBlock] |= static_cast<uint8_t>(q << ((slot & 1) * 4));
     }
+    code_release.Done(row);
   }
   p->sscale.assign(static_cast<size_t>(groups * npad), 0.0f);
   p->szero.assign(static_cast<size_t>(groups * npad), 0.0f);
@@ -195,6 +241,15 @@ Status Pack(const Args& a, PackedWeights* p) {
       p->szero[g * npad + row] = scale * static_cast<float>(zero);
       p->has_zero = p->has_zero || zero != 0;
     }
+  }
+  if (release) {  // the small inputs, all copied above
+    ReleasePages(a.row_scale, static_cast<size_t>(n) * 2);
+    ReleasePages(a.row_offset, static_cast<size_t>(n) * 2);
+    ReleasePages(a.salient_idx, static_cast<size_t>(a.s) * 4);
+    ReleasePages(a.salient_scale, static_cast<size_t>(n * groups) * 2);
+    ReleasePages(a.salient_zero, static_cast<size_t>(n * groups));
+    if (a.r2) ReleasePages(a.r2, static_cast<size_t>(p->kb) * 2);
+    if (a.bias) ReleasePages(a.bias, static_cast<size_t>(n) * 4);
   }
   return Status::Ok();
 }
@@ -260,6 +315,25 @@ inline void StoreF(uint16_t* p, int64_t i, float v) { p[i] = FloatToHalf(v); }
 constexpr int64_t kChunkBytes = 64;         // K chunk: 512 binary / 128 salient columns
 constexpr int64_t kTableBudget = 8 << 20;   // bytes of tables per pass over rows of X
 
+// Scratch buffers kept per thread across calls (a small model makes hundreds of short calls
+// per forward; allocating these on each one showed up in profiles). CallScratch belongs to
+// the thread that runs Run; TaskScratch to the thread running a task (the calling thread
+// may run tasks too, hence two separate objects). Grow-only.
+struct CallScratch {
+  std::vector<float> tables;
+};
+struct TaskScratch {
+  std::vector<float> buf, acc_b, acc_s;
+};
+CallScratch& ThreadCallScratch() {
+  thread_local CallScratch s;
+  return s;
+}
+TaskScratch& ThreadTaskScratch() {
+  thread_local TaskScratch s;
+  return s;
+}
+
 template <typename T>
 Status Run(const Args& a, const PackedWeights& p, const CpuKernels& kern,
            const ParallelFor& par) {
@@ -269,7 +343,10 @@ Status Run(const Args& a, const PackedWeights& p, const CpuKernels& kern,
   const int64_t row_table = lutb_size + luts_size + 1 + groups;  // floats per row of X
   const int64_t mp = std::max<int64_t>(
       1, std::min<int64_t>(m, kTableBudget / static_cast<int64_t>(4 * row_table)));
-  std::vector<float> tables(static_cast<size_t>(mp * row_table));
+  // Every float of a row's tables is written before it is read: no clearing needed.
+  std::vector<float>& tables = ThreadCallScratch().tables;
+  if (tables.size() < static_cast<size_t>(mp * row_table))
+    tables.resize(static_cast<size_t>(mp * row_table));
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
 
@@ -280,7 +357,8 @@ Status Run(const Args& a, const PackedWeights& p, const CpuKernels& kern,
       const int64_t r = pm0 + static_cast<int64_t>(i);
       const T* xr = x + r * k;
       float* t = tables.data() + static_cast<int64_t>(i) * row_table;
-      std::vector<float> buf(static_cast<size_t>(std::max(8 * kbb, 2 * sb)), 0.0f);
+      std::vector<float>& buf = ThreadTaskScratch().buf;
+      buf.assign(static_cast<size_t>(std::max(8 * kbb, 2 * sb)), 0.0f);
       float sum_b = 0.0f;
       for (int64_t c = 0; c < p.kb; ++c) {
         const float v = LoadF(xr, p.bin_chan[c]) * (p.r2.empty() ? 1.0f : p.r2[c]);
@@ -315,8 +393,11 @@ Status Run(const Args& a, const PackedWeights& p, const CpuKernels& kern,
       const int64_t m0 = mt * mb, m1 = std::min(pm, m0 + mb);
       const int64_t nb0 = nt * nrb, nb1 = std::min(p.nblk, nb0 + nrb);
       const int64_t width = (nb1 - nb0) * kRowBlock;
-      std::vector<float> acc_b(static_cast<size_t>((m1 - m0) * width), 0.0f);
-      std::vector<float> acc_s(static_cast<size_t>((m1 - m0) * width), 0.0f);
+      TaskScratch& scratch = ThreadTaskScratch();
+      std::vector<float>& acc_b = scratch.acc_b;
+      std::vector<float>& acc_s = scratch.acc_s;
+      acc_b.assign(static_cast<size_t>((m1 - m0) * width), 0.0f);
+      acc_s.assign(static_cast<size_t>((m1 - m0) * width), 0.0f);
       for (int64_t c0 = 0; c0 < kbb; c0 += kChunkBytes) {
         const int64_t len = std::min(kChunkBytes, kbb - c0);
         for (int64_t r = m0; r < m1; ++r) {
@@ -421,10 +502,10 @@ Status ResolveIsa(const char* name, Isa* out) {
 
 Status IsaFromEnvironment(Isa* out) { return ResolveIsa(std::getenv(kIsaEnv), out); }
 
-Status PackWeights(const Args& a, PackedPtr* out) noexcept {
+Status PackWeights(const Args& a, PackedPtr* out, bool release_source) noexcept {
   try {
     auto p = std::make_shared<PackedWeights>();
-    Status st = Pack(a, p.get());
+    Status st = Pack(a, p.get(), release_source);
     if (!st) return st;
     *out = std::move(p);
     return Status::Ok();

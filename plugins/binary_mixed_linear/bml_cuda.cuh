@@ -19,8 +19,11 @@ namespace cuda {
 enum class Act { kFloat32, kFloat16 };
 
 // Which kernel Launch uses. kAuto: GEMV for m <= kGemvMaxM (when its shared memory fits),
-// else the tiled GEMM. The others force one (tests run both on the same inputs).
-enum class Path { kAuto, kGemv, kGemm };
+// else the tensor-core GEMM for fp16 activations on a device of compute capability >= 8.0
+// (queried once per device), else the SIMT tiled GEMM. The others force one (tests run each on
+// the same inputs): kGemm is the SIMT GEMM; kGemmTc is an error for fp32 activations or an
+// older device.
+enum class Path { kAuto, kGemv, kGemm, kGemmTc };
 constexpr int64_t kGemvMaxM = 4;
 
 // All pointers are device pointers. fp16 tensors are raw IEEE binary16 bits (uint16_t).
@@ -64,7 +67,7 @@ Status LaunchPrepare(const int32_t* salient_idx, const uint8_t* salient_zero, in
 // back (a fault inside the kernel surfaces at the next synchronizing call, as usual in CUDA).
 Status Launch(const CudaArgs& args, Path path, cudaStream_t stream) noexcept;
 
-// The kernel kAuto picks for these sizes on the current device ("gemv" or "gemm").
+// The kernel kAuto picks for these sizes on the current device ("gemv", "gemm_tc" or "gemm").
 const char* AutoPathName(const CudaArgs& args) noexcept;
 
 }  // namespace cuda

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_fp16.h>
 #define QEXPORT_HD __host__ __device__ __forceinline__
 #else
 #define QEXPORT_HD inline
@@ -123,6 +124,105 @@ QEXPORT_HD float SalientWeight(const uint8_t* packed_row, const uint16_t* scale_
   const int64_t g = GroupOf(j, s, group_size);
   return static_cast<float>(Nibble(packed_row, j) - static_cast<int>(zero_row[g])) *
          HalfBitsToFloat(scale_row[g]);
+}
+
+
+// fp32 -> fp16 bits, round to nearest even: the hardware conversion on the device, the
+// bit-exact software one (FloatToHalfBits, tested against numpy) on the host.
+QEXPORT_HD uint16_t FloatToHalfRn(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  return FloatToHalfBits(f);
+#endif
+}
+
+// Salient weight of column j rounded once to fp16 (what the tensor-core path multiplies).
+QEXPORT_HD uint16_t SalientWeightHalfBits(const uint8_t* packed_row, const uint16_t* scale_row,
+                                          const uint8_t* zero_row, int64_t j, int64_t s,
+                                          int64_t group_size) {
+  return FloatToHalfRn(SalientWeight(packed_row, scale_row, zero_row, j, s, group_size));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core GEMM (bml_cuda.cu, GemmTcKernel): tile geometry, the mma.sync.m16n8k16 fragment
+// layouts and the per-element staging/dequant steps, shared with the host emulation in
+// tests/cpp/unpack_capi.cpp (tests/test_gpu_unpack.py checks them against the PTX ISA layout,
+// numpy and the PyTorch reference).
+//
+// Block: kTcThreads threads = kTcWarpsM x kTcWarpsN warps, output tile kTcBM x kTcBN, K step
+// kTcBK. Each warp owns a kTcWarpTileM x kTcWarpTileN sub-tile = kTcMI x kTcNJ m16n8 tiles.
+// Shared-memory tiles of fp16 bits: A [kTcBM][kTcSmemStride] (activations, row = m, col = k)
+// and, for the salient columns, W [kTcBN][kTcSmemStride] (row = n, col = k); the row stride of
+// kTcBK + 8 halves (20 words) puts the 8 rows a fragment load touches in 8 distinct bank quads.
+constexpr int kTcBM = 64, kTcBN = 64, kTcBK = 32;
+constexpr int kTcWarpsM = 2, kTcWarpsN = 2, kTcThreads = 32 * kTcWarpsM * kTcWarpsN;
+constexpr int kTcWarpTileM = kTcBM / kTcWarpsM, kTcWarpTileN = kTcBN / kTcWarpsN;
+constexpr int kTcMI = kTcWarpTileM / 16, kTcNJ = kTcWarpTileN / 8;
+constexpr int kTcSmemStride = kTcBK + 8;
+// Staging: kTcStageIters elements per thread per tile (A: kTcBM x kTcBK, W: kTcBN x kTcBK).
+constexpr int kTcStageIters = kTcBM * kTcBK / kTcThreads;
+static_assert(kTcBK == 32, "staging maps one warp to one 32-column tile row");
+static_assert(kTcBM == kTcBN, "A and W tiles share the staging map");
+static_assert(kTcThreads % kTcBK == 0 && (kTcBM * kTcBK) % kTcThreads == 0, "staging map");
+static_assert(kTcWarpTileM % 16 == 0 && kTcWarpTileN % 8 == 0, "warp tile");
+
+struct RowCol {
+  int row, col;
+};
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 fragments (PTX ISA, "Matrix Fragments for
+// mma.m16n8k16 with floating point type"), lane = 0..31, g = lane / 4, t = lane % 4.
+// A (16 x 16, m x k): element e = 0..7 of a lane; register e / 2 holds elements (e & ~1, e | 1)
+// in its (low, high) 16 bits: row g + 8 * ((e / 2) & 1), col 2t + (e & 1) + 8 * (e / 4).
+QEXPORT_HD RowCol MmaAElem(int lane, int e) {
+  return RowCol{(lane >> 2) + 8 * ((e >> 1) & 1), 2 * (lane & 3) + (e & 1) + 8 * (e >> 2)};
+}
+// B (16 x 8, k x n): element e = 0..3; register e / 2: row (k) 2t + (e & 1) + 8 * (e / 2),
+// col (n) g.
+QEXPORT_HD RowCol MmaBElem(int lane, int e) {
+  return RowCol{2 * (lane & 3) + (e & 1) + 8 * (e >> 1), lane >> 2};
+}
+// C/D (16 x 8, fp32): element e = 0..3: row g + 8 * (e / 2), col 2t + (e & 1).
+QEXPORT_HD RowCol MmaCElem(int lane, int e) {
+  return RowCol{(lane >> 2) + 8 * (e >> 1), 2 * (lane & 3) + (e & 1)};
+}
+
+// Staging map of a tile (kTcBM or kTcBN rows x kTcBK columns): thread tid, step it handles
+// (TcStageRow, TcStageCol). A warp covers one row's kTcBK consecutive columns (coalesced global
+// reads, conflict-free shared stores), and a thread's rows are the same for every K tile.
+QEXPORT_HD int TcStageRow(int tid, int it) { return (tid + kTcThreads * it) / kTcBK; }
+QEXPORT_HD int TcStageCol(int tid) { return tid % kTcBK; }
+// Row sums of x * r2 over a staged binary K tile: thread tid adds kTcRowSumCols columns of
+// tile row TcRowSumRow(tid) starting at TcRowSumCol(tid); the 2 threads of a row are adjacent
+// lanes (combined with one shuffle).
+constexpr int kTcRowSumCols = kTcBK / 2;
+static_assert(kTcThreads == 2 * kTcBM, "two threads per tile row for the row sums");
+QEXPORT_HD int TcRowSumRow(int tid) { return tid >> 1; }
+QEXPORT_HD int TcRowSumCol(int tid) { return (tid & 1) * kTcRowSumCols; }
+// First tile row / column of a warp's sub-tile.
+QEXPORT_HD int TcWarpRow(int warp) { return (warp / kTcWarpsN) * kTcWarpTileM; }
+QEXPORT_HD int TcWarpCol(int warp) { return (warp % kTcWarpsN) * kTcWarpTileN; }
+
+// fp16 bits of r2 for binary column c: r2[c], 1.0 when r2 is absent, 0 for a padding column
+// (c >= kb), so a padded column contributes 0 whatever its sign bit says.
+QEXPORT_HD uint16_t R2HalfBits(const uint16_t* r2, int64_t c, int64_t kb) {
+  return c < kb ? (r2 ? r2[c] : static_cast<uint16_t>(0x3c00u)) : static_cast<uint16_t>(0);
+}
+
+// Byte `byte` of row o of sign_packed, 0 outside the row (byte >= sign_bytes) or the matrix.
+QEXPORT_HD uint8_t SignByteOr0(const uint8_t* sign_packed, int64_t o, int64_t n, int64_t byte,
+                               int64_t sign_bytes) {
+  return (o < n && byte < sign_bytes) ? sign_packed[o * sign_bytes + byte] : 0;
+}
+
+// A B-fragment register of the binary part: the r2 pair (fp16 bits of binary columns
+// kpos, kpos + 1 of the K tile, low half first) with each half's sign bit flipped where the
+// column's sign bit in `sign_word` (bit i = column i of the tile, i.e. the tile's 4 packed
+// bytes little-endian) is 0: B[c][n] = sign[n][c] * r2[c], exact in fp16. kpos even, < 31.
+QEXPORT_HD uint32_t BinaryBReg(uint32_t sign_word, int kpos, uint32_t r2_pair) {
+  const uint32_t lo = ((sign_word >> kpos) & 1u) ^ 1u, hi = ((sign_word >> (kpos + 1)) & 1u) ^ 1u;
+  return r2_pair ^ ((lo << 15) | (hi << 31));
 }
 
 }  // namespace unpack

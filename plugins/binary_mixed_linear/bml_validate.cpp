@@ -1,6 +1,8 @@
 // Input and attribute checks of qexport::BinaryMixedLinear (docs/format.md).
 #include "binary_mixed_linear/bml_validate.h"
 
+#include <algorithm>
+#include <initializer_list>
 #include <sstream>
 
 namespace qexport {
@@ -33,12 +35,16 @@ std::string Label(int i) {
   return std::string("input '") + InputName(i) + "' (#" + std::to_string(i) + ")";
 }
 
+// why() -> std::string is only called to build an error message (this runs on every call:
+// nothing is allocated on success).
+template <typename Why>
 Status Expect(const std::vector<TensorView>& in, int i, DType dtype,
-              const std::vector<int64_t>& shape, const std::string& why) {
+              std::initializer_list<int64_t> shape, Why why) {
   const TensorView& t = in[i];
-  if (t.dtype != dtype || t.shape != shape) {
+  if (t.dtype != dtype || t.shape.size() != shape.size() ||
+      !std::equal(shape.begin(), shape.end(), t.shape.begin())) {
     return Status::Error(Label(i) + " is " + Describe(t) + ", expected " + DTypeName(dtype) +
-                         " " + ShapeString(shape) + " (" + why + ")");
+                         " " + ShapeString(std::vector<int64_t>(shape)) + " (" + why() + ")");
   }
   return Status::Ok();
 }
@@ -76,7 +82,8 @@ Status ValidateAttributes(const Attributes& a) {
   return Status::Ok();
 }
 
-Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& in, Args* args) {
+Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& in, Args* args,
+                      bool check_contents) {
   Status st = ValidateAttributes(attrs);
   if (!st) return st;
   if (in.size() != static_cast<size_t>(kNumInputs))
@@ -87,7 +94,7 @@ Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& in
       return Status::Error(Label(i) + " is missing; it is required");
   }
   const int64_t k = attrs.in_features, n = attrs.out_features;
-  const std::string nk = "out_features=" + std::to_string(n);
+  auto nk = [&] { return "out_features=" + std::to_string(n); };
 
   // X: float or float16, [..., K]
   const TensorView& x = in[kInX];
@@ -108,29 +115,34 @@ Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& in
                          "in_features=" + std::to_string(k));
   const int64_t kb = k - s;
   const int64_t groups = NumGroups(s, attrs.salient_group_size);
-  const std::string ks = "in_features=" + std::to_string(k) + ", S=" + std::to_string(s);
-  const std::string gs = nk + ", groups=" + std::to_string(groups) + " for S=" +
-                         std::to_string(s) + " and salient_group_size=" +
-                         std::to_string(attrs.salient_group_size);
+  auto ks = [&] { return "in_features=" + std::to_string(k) + ", S=" + std::to_string(s); };
+  auto gs = [&] {
+    return nk() + ", groups=" + std::to_string(groups) + " for S=" + std::to_string(s) +
+           " and salient_group_size=" + std::to_string(attrs.salient_group_size);
+  };
 
   if (!(st = Expect(in, kInSignPacked, DType::kUint8, {n, CeilDiv(kb, 8)},
-                    nk + ", ceil((" + ks + " binary columns = " + std::to_string(kb) + ") / 8)")))
+                    [&] {
+                      return nk() + ", ceil((" + ks() + " binary columns = " +
+                             std::to_string(kb) + ") / 8)";
+                    })))
     return st;
   if (!(st = Expect(in, kInRowScale, DType::kFloat16, {n}, nk))) return st;
   if (!(st = Expect(in, kInRowOffset, DType::kFloat16, {n}, nk))) return st;
   if (!(st = Expect(in, kInSalientPacked, DType::kUint8, {n, CeilDiv(s, 2)},
-                    nk + ", ceil(S=" + std::to_string(s) + " / 2)")))
+                    [&] { return nk() + ", ceil(S=" + std::to_string(s) + " / 2)"; })))
     return st;
   if (!(st = Expect(in, kInSalientScale, DType::kFloat16, {n, groups}, gs))) return st;
   if (!(st = Expect(in, kInSalientZero, DType::kUint8, {n, groups}, gs))) return st;
   if (in[kInR2].present &&
-      !(st = Expect(in, kInR2, DType::kFloat16, {kb}, "binary columns: " + ks)))
+      !(st = Expect(in, kInR2, DType::kFloat16, {kb}, [&] { return "binary columns: " + ks(); })))
     return st;
   if (in[kInBias].present && !(st = Expect(in, kInBias, DType::kFloat32, {n}, nk))) return st;
 
   // Contents.
   const int32_t* sidx = static_cast<const int32_t*>(idx.data);
-  for (int64_t j = 0; j < s; ++j) {
+  const uint8_t* zero = static_cast<const uint8_t*>(in[kInSalientZero].data);
+  for (int64_t j = 0; check_contents && j < s; ++j) {
     const int64_t c = sidx[j];
     if (c < 0 || c >= k)
       return Status::Error(Label(kInSalientIdx) + " [" + std::to_string(s) + "]: value " +
@@ -141,8 +153,7 @@ Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& in
                            "]: not strictly increasing: " + std::to_string(sidx[j - 1]) +
                            " then " + std::to_string(c) + " at position " + std::to_string(j));
   }
-  const uint8_t* zero = static_cast<const uint8_t*>(in[kInSalientZero].data);
-  for (int64_t i = 0; i < n * groups; ++i) {
+  for (int64_t i = 0; check_contents && i < n * groups; ++i) {
     if (zero[i] > kSalientQmax)
       return Status::Error(Label(kInSalientZero) + " " + ShapeString({n, groups}) + ": value " +
                            std::to_string(zero[i]) + " at [" + std::to_string(i / groups) + ", " +

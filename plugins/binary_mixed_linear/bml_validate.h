@@ -40,9 +40,10 @@ Status ValidateAttributes(const Attributes& attrs);
 
 // All inputs against the attributes: presence, dtype, shape, salient_idx order and range,
 // zero points <= 15. On success fills every field of *args (sizes, pointers, act type)
-// except y.
+// except y. check_contents = false skips the value checks (salient_idx, zero points): for
+// constant weights whose contents were checked on an earlier call (the CPU glue's cache).
 Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& inputs,
-                      Args* args);
+                      Args* args, bool check_contents = true);
 
 }  // namespace bml
 }  // namespace qexport

@@ -107,7 +107,15 @@ std::string GatherInputs(const OrtApi& api, OrtKernelContext* ctx,
   std::string err;
   size_t count = 0;
   if (!(err = TakeError(api, api.KernelContext_GetInputCount(ctx, &count))).empty()) return err;
-  in->assign(kNumInputs, bml::TensorView());
+  // Reset in place: a vector reused across calls keeps its shapes' storage (no allocation).
+  in->resize(kNumInputs);
+  for (bml::TensorView& t : *in) {
+    t.present = false;
+    t.dtype = bml::DType::kOther;
+    t.dtype_name.clear();
+    t.shape.clear();
+    t.data = nullptr;
+  }
   for (int i = 0; i < kNumInputs; ++i) {
     if (static_cast<size_t>(i) >= count) continue;
     const OrtValue* value = nullptr;
@@ -119,8 +127,8 @@ std::string GatherInputs(const OrtApi& api, OrtKernelContext* ctx,
 }
 
 std::string ValidateInputs(const Node& node, const std::vector<bml::TensorView>& in,
-                           bml::Args* args) {
-  Status st = bml::ValidateInputs(node.attrs, in, args);
+                           bml::Args* args, bool check_contents) {
+  Status st = bml::ValidateInputs(node.attrs, in, args, check_contents);
   if (!st) return st.message;
   if (ToDType(node.act) != in[kInX].dtype)
     return "input 'X' (#0) is " + TypeName(node.act) + " for this kernel but " +

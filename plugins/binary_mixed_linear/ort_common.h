@@ -47,8 +47,9 @@ std::string GatherInputs(const OrtApi& api, OrtKernelContext* ctx,
                          std::vector<bml::TensorView>* in);
 
 // bml::ValidateInputs, then X's runtime dtype against the kernel's activation type.
+// check_contents: as in bml::ValidateInputs.
 std::string ValidateInputs(const Node& node, const std::vector<bml::TensorView>& in,
-                           bml::Args* args);
+                           bml::Args* args, bool check_contents = true);
 
 // Allocates Y (X's shape with the last dimension out_features) and returns its data pointer.
 std::string AllocateOutput(const OrtApi& api, OrtKernelContext* ctx, const Node& node,
@@ -78,7 +79,8 @@ struct KernelBase {
 
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) noexcept {
     return Guard(api_, node_, [&] {
-      std::vector<bml::TensorView> in;
+      // Reused by this thread's calls (GatherInputs resets it without freeing its storage).
+      thread_local std::vector<bml::TensorView> in;
       std::string err = GatherInputs(api_, ctx, &in);
       if (!err.empty()) return err;
       return static_cast<Kernel*>(this)->Compute(ctx, in);

@@ -13,6 +13,7 @@
 // (KernelContext_ParallelFor), so the session's intra_op_num_threads governs it.
 #include "binary_mixed_linear/ort_op.h"
 
+#include <array>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -51,12 +52,15 @@ struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
   std::string Compute(OrtKernelContext* ctx, const std::vector<bml::TensorView>& in) {
     std::string err;
     bml::Args args;
-    if (!(err = bml_ort::ValidateInputs(node_, in, &args)).empty()) return err;
+    // Cached packed weights: their contents (salient_idx, zero points) were validated on the
+    // call that built them, so only shapes and dtypes are checked again.
+    bml::PackedPtr packed = CachedPacked(in);
+    if (!(err = bml_ort::ValidateInputs(node_, in, &args, /*check_contents=*/!packed)).empty())
+      return err;
     if (!(err = bml_ort::AllocateOutput(api_, ctx, node_, in[kInX], &args.y)).empty())
       return err;
     if (args.m == 0 || args.n == 0) return std::string();
-    bml::PackedPtr packed;
-    if (!(err = Packed(in, args, &packed)).empty()) return err;
+    if (!packed && !(err = Packed(in, args, &packed)).empty()) return err;
     OrtPool pool{&api_, ctx};
     bml::ParallelFor par;
     par.run = &OrtParallelFor;
@@ -66,24 +70,34 @@ struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
   }
 
  private:
-  // The packed weights: cached when every present weight input is a constant initializer
-  // (keyed on their data pointers, which stay put for the session's life), else built now.
-  std::string Packed(const std::vector<bml::TensorView>& in, const bml::Args& args,
-                     bml::PackedPtr* out) {
+  // Whether every present weight input is a constant initializer; *key: their data pointers.
+  using Key = std::array<const void*, kNumInputs - 1>;
+  bool Cacheable(const std::vector<bml::TensorView>& in, Key* key) const {
     bool cacheable = true;
-    std::vector<const void*> key;
     for (int i = 1; i < kNumInputs; ++i) {
-      key.push_back(in[i].present ? in[i].data : nullptr);
+      (*key)[i - 1] = in[i].present ? in[i].data : nullptr;
       if (in[i].present && !constant_[i]) cacheable = false;
     }
-    if (cacheable) {
-      std::lock_guard<std::mutex> lock(cache_mutex_);
-      if (cache_ && cache_key_ == key) {
-        *out = cache_;
-        return std::string();
-      }
-    }
-    Status st = bml::PackWeights(args, out);
+    return cacheable;
+  }
+
+  // The cached packed weights for these inputs, or null.
+  bml::PackedPtr CachedPacked(const std::vector<bml::TensorView>& in) {
+    Key key;
+    if (!Cacheable(in, &key)) return nullptr;
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    return cache_ && cache_key_ == key ? cache_ : nullptr;
+  }
+
+  // The packed weights: cached when every present weight input is a constant initializer
+  // (keyed on their data pointers, which stay put for the session's life), else built now.
+  // Constant inputs are read only here, so once packed their pages are handed back to the
+  // OS (bml::PackWeights' release_source: a hint; see docs/kernels.md).
+  std::string Packed(const std::vector<bml::TensorView>& in, const bml::Args& args,
+                     bml::PackedPtr* out) {
+    Key key;
+    const bool cacheable = Cacheable(in, &key);
+    Status st = bml::PackWeights(args, out, /*release_source=*/cacheable);
     if (!st) return st.message;
     if (cacheable) {
       std::lock_guard<std::mutex> lock(cache_mutex_);
@@ -97,7 +111,7 @@ struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
   std::vector<bool> constant_;  // per input: a constant initializer
   std::mutex cache_mutex_;
   bml::PackedPtr cache_;
-  std::vector<const void*> cache_key_;
+  Key cache_key_{};
 };
 
 // Per input: whether it is a constant initializer (X, input 0, never counts).

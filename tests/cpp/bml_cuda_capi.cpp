@@ -63,8 +63,29 @@ __attribute__((visibility("default"))) int qx_cuda_device_count(char* err, int64
   return count;
 }
 
+// Compute capability of device 0 as major * 10 + minor, or -1 (no device / error).
+__attribute__((visibility("default"))) int qx_cuda_compute_capability() {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return major * 10 + minor;
+}
+
+// The kernel Path::kAuto picks for these sizes on the current device ("gemv", "gemm_tc",
+// "gemm"). act: 0 fp32, 1 fp16.
+__attribute__((visibility("default"))) const char* qx_bml_cuda_auto_path(
+    int64_t m, int64_t k, int64_t n, int64_t s, int64_t group_size, int act) {
+  cu::CudaArgs a;
+  a.m = m; a.k = k; a.n = n; a.s = s; a.group_size = group_size;
+  a.act = act == 1 ? cu::Act::kFloat16 : cu::Act::kFloat32;
+  return cu::AutoPathName(a);
+}
+
 // Runs LaunchPrepare (with validation flags) and Launch on the given host arrays; writes y and
-// *flags. path: 0 auto, 1 gemv, 2 gemm. act: 0 fp32, 1 fp16. repeat > 1 times the launch
+// *flags. path: 0 auto, 1 gemv, 2 gemm (SIMT), 3 gemm_tc (tensor cores). act: 0 fp32, 1 fp16. repeat > 1 times the launch
 // (returns the mean milliseconds per launch in *ms). Returns 0 on success, else -1 with err.
 __attribute__((visibility("default"))) int qx_bml_cuda_run(
     int64_t m, int64_t k, int64_t n, int64_t s, int64_t group_size, int act, int path,
@@ -114,7 +135,10 @@ __attribute__((visibility("default"))) int qx_bml_cuda_run(
   qexport::Status st = cu::LaunchPrepare(a.salient_idx, a.salient_zero, k, s, n, groups,
                                          const_cast<int32_t*>(a.binary_channel),
                                          static_cast<int32_t*>(const_cast<void*>(dflags)), stream);
-  const cu::Path p = path == 1 ? cu::Path::kGemv : (path == 2 ? cu::Path::kGemm : cu::Path::kAuto);
+  const cu::Path p = path == 1   ? cu::Path::kGemv
+                     : path == 2 ? cu::Path::kGemm
+                     : path == 3 ? cu::Path::kGemmTc
+                                 : cu::Path::kAuto;
   if (st) st = cu::Launch(a, p, stream);
   if (!st) {
     SetError(err, err_len, st.message);
