@@ -13,7 +13,7 @@ Inputs:
     python benchmarks/bench_model.py --w161 OUT/model.onnx --fp32 fp32/model.onnx
 The fp32 ONNX is written by this script when --fp32 names a missing file:
 torch.onnx.export(dynamo=True) of qexport.models.load_model("smollm2-135m").module through
-qexport.export's trace/export_onnx helpers, example batch 2, dynamic batch and sequence.
+qexport.onnx_export's trace/export_onnx helpers, example batch 2, dynamic batch and sequence.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import time
 def export_fp32(path: pathlib.Path) -> None:
     import torch
 
-    from qexport import export, models
+    from qexport import models, onnx_export as export
 
     loaded = models.load_model("smollm2-135m")
     example = (torch.randint(0, 1000, (2, 16)),)

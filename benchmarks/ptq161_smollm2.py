@@ -24,7 +24,7 @@ from qexport.evaluate import perplexity, torch_logits_fn
 from qexport.models import load_model
 from qexport.ptq161 import (LearnConfig, find_blocks, learn_mixed_weights, linear_input_rms,
                             substituted_weights)
-from qexport.quantize import quantize_mixed, select_salient
+from qexport.quantizers import quantize_mixed, select_salient
 
 
 def main(argv=None) -> int:

@@ -13,9 +13,9 @@ import passes
 from passes import OutlierStats
 
 from .calibrate import collect_linear_input_stats
-from .export import export_onnx, metadata, trace
+from .onnx_export import export_onnx, metadata, trace
 from .packing import MixedLinearWeights
-from .quantize import quantize_mixed, select_salient
+from .quantizers import quantize_mixed, select_salient
 from .errors import QexportError
 from .ptq161 import LearnConfig, find_blocks, learn_mixed_weights
 from .schemes import Scheme
@@ -171,14 +171,14 @@ def _runs_check(example_inputs):
     return check
 
 
-def export(qmodel: QuantizedModel, path: Path, extra_metadata: dict[str, str] | None = None,
+def export(qmodel: QuantizedModel, path: str | Path, extra_metadata: dict[str, str] | None = None,
            input_names: list[str] | None = None,
            output_names: list[str] | None = None) -> list[Path]:
     """Write the quantized graph as ONNX; returns the files written."""
     meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
     meta.update(extra_metadata or {})
     t0 = time.perf_counter()
-    files = export_onnx(qmodel.graph_module, qmodel.example_inputs, path, meta,
+    files = export_onnx(qmodel.graph_module, qmodel.example_inputs, Path(path), meta,
                         input_names=input_names, output_names=output_names)
     qmodel.timings["export"] = time.perf_counter() - t0
     return files

@@ -6,7 +6,7 @@ frozen) and the binary columns B = the other channels, the binary part is
     Wq[n, c] = r2[c] · r1[n] · (α[n] · sign(W[n, c] − μ[n]) + μ[n])        (c ∈ B)
 
 with μ[n] the row mean of W[n, B] (frozen), the signs frozen, and α (init mean |W − μ| per
-row, the closed form of `quantize.quantize_mixed`), r1 (per row, init 1) and r2 (per binary
+row, the closed form of `quantizers.quantize_mixed`), r1 (per row, init 1) and r2 (per binary
 input channel, init 1) learned per block with AdamW on (paper Eq. 5-6, 9)
 
     L = MSE(F(W, X), F(Wq, Xq)) + MSE(F(W, Xq), F(Wq, Xq))
@@ -39,7 +39,7 @@ from torch.func import functional_call
 
 from .errors import QexportError
 from .packing import MixedLinearWeights, binary_channels, unpack_signs
-from .quantize import quantize_mixed
+from .quantizers import quantize_mixed
 
 # Paths (relative to the searched module) of the block lists of known architectures, tried first.
 KNOWN_BLOCK_PATHS = ("model.model.layers", "model.layers", "layers",  # Llama family

@@ -258,7 +258,7 @@ def test_same_session_many_runs(lib, isa):
 
 
 def test_external_data_weights(lib, isa, tmp_path):
-    """Weights in a page-aligned external data file (qexport.export.save_external_aligned, as
+    """Weights in a page-aligned external data file (qexport.onnx_export.save_external_aligned, as
     large exports are written): ONNX Runtime maps them, the kernel packs them once and hands
     the mapped pages back (MADV_PAGEOUT); later runs, which skip the content checks of cached
     weights, and a page-in of the released pages (the plain kernel reads layout 1 again for a
@@ -267,7 +267,7 @@ def test_external_data_weights(lib, isa, tmp_path):
     import onnxruntime as ort
 
     from qexport import native
-    from qexport.export import EXTERNAL_DATA_ALIGN, save_external_aligned
+    from qexport.onnx_export import EXTERNAL_DATA_ALIGN, save_external_aligned
 
     w = _weights(300, 576, 0.2, 64, True, True, seed=11)
     path = tmp_path / "model.onnx"

@@ -6,7 +6,7 @@ from qexport import ops
 from qexport.errors import QexportError
 from qexport.packing import (MixedLinearWeights, pack_nibbles, pack_signs, unpack_nibbles,
                              unpack_signs)
-from qexport.quantize import expected_bits_per_weight, quantize_mixed, rtn4, select_salient
+from qexport.quantizers import expected_bits_per_weight, quantize_mixed, rtn4, select_salient
 from qexport.schemes import parse_scheme
 from qexport.testing import random_mixed_linear
 

@@ -7,8 +7,8 @@ import torch
 import passes
 from qexport import api
 from qexport.calibrate import collect_linear_input_stats
-from qexport.export import trace
-from qexport.quantize import quantize_mixed, select_salient
+from qexport.onnx_export import trace
+from qexport.quantizers import quantize_mixed, select_salient
 from qexport.schemes import parse_scheme
 from tiny_models import LogitsOnly, tiny_llama, tiny_opt
 

@@ -10,7 +10,7 @@ from qexport.ops import apply
 from qexport.packing import MixedLinearWeights
 from qexport.ptq161 import (LearnConfig, LearnedLinear, find_blocks, learn_mixed_weights,
                             linear_input_rms, substituted_weights)
-from qexport.quantize import quantize_mixed, select_salient
+from qexport.quantizers import quantize_mixed, select_salient
 from tests.tiny_models import LogitsOnly, tiny_llama, tiny_opt
 
 MODELS = {"llama": tiny_llama, "opt": tiny_opt}

@@ -1,0 +1,38 @@
+"""The public API: quantize, export, then run the file with ONNX Runtime and the op library."""
+import sys
+
+import numpy as np
+import torch
+
+import qexport
+from qexport import native
+from qexport.check import compare
+from qexport.ptq161 import LearnConfig
+from tiny_models import LogitsOnly, tiny_opt
+
+
+def test_import_is_light():
+    import subprocess
+    code = "import sys, qexport; qexport.parse_scheme('w1a16'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_quantize_export_run(tmp_path):
+    module = LogitsOnly(tiny_opt())
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    calib = [(torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)),)
+             for i in range(2)]
+    config = qexport.QuantizeConfig(qexport.parse_scheme("w1.61a16"), method="ptq161",
+                                    learn=LearnConfig.preset("fast"))
+    qm = qexport.quantize(module, (ids,), calib, config)
+    assert "learn_scales" in qm.timings and len(qm.packed) == 12
+    files = qexport.export(qm, tmp_path / "model.onnx")
+    session = native.make_session(files[0])
+    test_ids = torch.randint(0, 128, (3, 5))
+    got = session.run(None, {session.get_inputs()[0].name: test_ids.numpy()})[0]
+    with torch.no_grad():
+        ref = qm.graph_module(test_ids).numpy()
+    m = compare(got, ref, top1=True)
+    assert m["cosine"] > 0.99999 and m["top1_agreement"] == 1.0
+    assert np.isfinite(got).all()
