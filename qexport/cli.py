@@ -3,7 +3,8 @@
 User mistakes end with one line `qexport: error: ...` and exit code 2; a failed parity check
 (a bug, not a user mistake) writes the report and exits with code 3; `--target trt` where
 TensorRT or a GPU is missing writes the ONNX outputs, says what is missing, and exits with 4.
-`qexport build-engine out/model.onnx` builds (and checks) the engine of an earlier export.
+`qexport build-engine out/model.onnx` builds (and checks) the engine of an earlier export;
+`qexport eval out/` reports fp, PyTorch-quantized and ONNX Runtime perplexity of an export.
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if sub == "build-engine":
             return build_engine_main(build_engine_parser().parse_args(argv[1:]))
+        if sub == "eval":
+            return eval_main(build_eval_parser().parse_args(argv[1:]))
         return run(build_parser().parse_args(argv))
     except QexportError as e:
         print(f"qexport: error: {e}", file=sys.stderr)
@@ -194,7 +197,7 @@ def run(args) -> int:
 def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
     import torch
 
-    from . import __version__, api, check, data, evaluate, models, native, report
+    from . import __version__, api, check, data, models, native, report
     from .errors import QexportError
     from .ptq161 import LearnConfig
 
@@ -250,7 +253,10 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
 
     say("exporting to ONNX")
     onnx_path = tmp / "model.onnx"
-    extra = {"qexport.vocab_size": str(lm.vocab_size)} if lm.vocab_size else {}
+    from .contract import META_SOURCE
+    extra = {META_SOURCE: str(args.model)}
+    if lm.vocab_size:
+        extra["qexport.vocab_size"] = str(lm.vocab_size)
     files = api.export(qm, onnx_path, extra, input_names=["input_ids"], output_names=["logits"])
     timings["export"] = qm.timings["export"]
     lib = native.library_path()
@@ -292,13 +298,8 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
     ppl = None
     if eval_ids is not None:
         t0 = time.perf_counter()
-        window = min(args.eval_window, eval_ids.numel())
-        ppl = {"text": eval_source, "tokens": int(eval_ids.numel()), "window": window}
-        for key, fn in (("fp", evaluate.torch_logits_fn(lm.module)),
-                        ("quantized_torch", evaluate.torch_logits_fn(qm.graph_module)),
-                        ("quantized_ort", evaluate.ort_logits_fn(session))):
-            say(f"perplexity ({key}) on {eval_ids.numel()} tokens")
-            ppl[key] = evaluate.perplexity(fn, eval_ids, window=window)
+        ppl = _perplexities(eval_ids, args.eval_window, eval_source, say, fp=lm.module,
+                            quantized_torch=qm.graph_module, quantized_ort=session)
         timings["perplexity"] = time.perf_counter() - t0
 
     parity_ok = check.parity_ok(e2e["parity"]) and all(
@@ -325,6 +326,101 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         + (f"; perplexity fp {ppl['fp']:.2f} -> quantized {ppl['quantized_ort']:.2f}"
            if ppl else ""))
     return 0 if parity_ok else EXIT_PARITY
+
+
+def _perplexities(eval_ids, window: int, source: str, say, **models) -> dict:
+    """Perplexity of each named model (a torch module or an ORT session) on the same tokens."""
+    from . import evaluate
+    window = min(window, eval_ids.numel())
+    out = {"text": source, "tokens": int(eval_ids.numel()), "window": window}
+    for key, m in models.items():
+        fn = evaluate.ort_logits_fn(m) if hasattr(m, "get_inputs") else evaluate.torch_logits_fn(m)
+        say(f"perplexity ({key}) on {eval_ids.numel()} tokens")
+        out[key] = evaluate.perplexity(fn, eval_ids, window=window)
+    return out
+
+
+# ------------------------------------------------------------------------------------- eval
+EVAL_AGREEMENT = 0.005  # PyTorch quantized vs ORT perplexity: a larger gap is a bug
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qexport eval",
+        description="Perplexity of an export: the fp model, the PyTorch quantized model rebuilt "
+                    "from the export's packed weights, and the ONNX file through ONNX Runtime.")
+    p.add_argument("output", help="a folder written by qexport (with model.onnx)")
+    p.add_argument("--model", help="the fp model [default: the one the export was made from]")
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--eval", dest="eval_text", metavar="PATH",
+                   help="held-out text [default: Brown from char 3,000,000]")
+    p.add_argument("--eval-tokens", type=int, default=20000, help="[default: %(default)s]")
+    p.add_argument("--eval-window", type=int, default=512, help="[default: %(default)s]")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def eval_main(args) -> int:
+    import torch
+
+    import passes
+    from . import data, models, native
+    from .artifact import export_config, read_export
+    from .contract import META_SOURCE
+    from .errors import QexportError
+    from .onnx_export import trace
+
+    say = (lambda msg: None) if args.quiet else _log
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    onnx_path = Path(args.output) / "model.onnx"
+    packed, meta = read_export(onnx_path)
+    config = export_config(meta)
+    source = args.model or meta.get(META_SOURCE)
+    if not source:
+        raise QexportError(f"{onnx_path} does not record its model: pass --model")
+    lm = models.load_model(source, trust_pickle=args.trust_pickle)
+    if lm.tokenizer is None:
+        raise QexportError(f"{source} has no tokenizer: perplexity needs one")
+    if args.eval_text:
+        text, text_source = data.load_text(args.eval_text), args.eval_text
+    else:
+        text, text_source = data.brown_splits()[1], "Brown corpus from character 3,000,000"
+    eval_ids = data.eval_tokens(lm.tokenizer, text, args.eval_tokens)
+
+    candidates = {"fp": lm.module}
+    if config.get("outlier_suppression"):
+        say("the export folded OS+ into its norms: the PyTorch quantized model can't be rebuilt "
+            "from the packed weights alone, so only fp and ONNX Runtime are evaluated")
+    else:
+        say(f"rebuilding the PyTorch quantized model from {len(packed)} packed layers")
+        gm = trace(lm.module, lm.example_inputs(batch=2, seq=8))
+        used = {}
+        gm = passes.replace_linear(gm, lambda name, w, b: packed.get(name), used).graph_module
+        if config.get("embeddings_fp16"):
+            gm = passes.embeddings_fp16(gm).graph_module
+        gm.recompile()
+        if len(used) != len(packed):
+            raise QexportError(f"{source} has {len(used)} of the export's {len(packed)} "
+                               "quantized layers: is it the model the export was made from?")
+        candidates["quantized_torch"] = gm
+    candidates["quantized_ort"] = native.make_session(onnx_path, threads=args.threads)
+    ppl = _perplexities(eval_ids, args.eval_window, text_source, say, **candidates)
+    print(f"perplexity on {ppl['tokens']} tokens of {text_source} ({ppl['window']}-token "
+          f"windows):")
+    for key in ("fp", "quantized_torch", "quantized_ort"):
+        if key in ppl:
+            print(f"  {key:16s} {ppl[key]:.3f}")
+    if "quantized_torch" in ppl:
+        gap = abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1)
+        print(f"  ORT vs PyTorch quantized: {100 * gap:.3f}% apart "
+              f"(bound {100 * EVAL_AGREEMENT:.1f}%)")
+        if gap > EVAL_AGREEMENT:
+            print("qexport: error: ONNX Runtime and PyTorch quantized perplexities disagree",
+                  file=sys.stderr)
+            return EXIT_PARITY
+    return 0
 
 
 if __name__ == "__main__":

@@ -51,3 +51,4 @@ META_VERSION = "qexport.version"
 META_SCHEME = "qexport.scheme"
 META_CONFIG = "qexport.config"
 META_CONTRACT = "qexport.contract_version"
+META_SOURCE = "qexport.source"  # the MODEL argument the export was made from

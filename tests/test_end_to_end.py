@@ -121,3 +121,57 @@ def test_trusted_pickle_end_to_end(tmp_path):
                           env=dict(os.environ, PYTHONPATH=env_path))
     assert proc.returncode == 0, proc.stderr
     _check_folder(out, "w1.61a16")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_tokenizer_model_perplexity_and_eval(tmp_path, family):
+    """A tiny model with a tokenizer: calibration from --calib text, perplexity in the report,
+    then `qexport eval` rebuilds the PyTorch quantized model from the export's packed weights
+    and agrees with ONNX Runtime."""
+    from tiny_models import save_with_tokenizer, tiny_llama, tiny_opt
+    src = save_with_tokenizer((tiny_llama if family == "llama" else tiny_opt)(), tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text {i}." for i in range(3000)))
+    out = tmp_path / "out"
+    proc = run_cli(src, "-o", out, "--calib", text, "--eval", text, "--calib-samples", "4",
+                   "--calib-seqlen", "64", "--eval-tokens", "512", "--eval-window", "128",
+                   "--embeddings-fp16")
+    assert proc.returncode == 0, proc.stderr
+    report = _check_folder(out, "w1.61a16")
+    ppl = report["perplexity"]
+    assert abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1) < 0.005
+    proc = run_cli("eval", out, "--eval", text, "--eval-tokens", "512", "--eval-window", "128")
+    assert proc.returncode == 0, proc.stderr
+    values = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()
+              if line.startswith("  ") and line.split()[0] in ("fp", "quantized_torch",
+                                                                "quantized_ort")}
+    assert values["quantized_torch"] == pytest.approx(ppl["quantized_torch"], abs=1e-3)
+    assert values["quantized_ort"] == pytest.approx(ppl["quantized_ort"], abs=1e-3)
+    assert values["fp"] == pytest.approx(ppl["fp"], abs=1e-3)
+
+
+def test_read_export_round_trip(tmp_path):
+    import torch
+
+    import qexport
+    from qexport.artifact import read_export
+    from tiny_models import LogitsOnly, tiny_llama
+    ids = torch.randint(0, 128, (2, 8))
+    qm = qexport.quantize(LogitsOnly(tiny_llama()), (ids,), [(ids[:1],)],
+                          qexport.QuantizeConfig(qexport.parse_scheme("w1.61a16-g8")))
+    qexport.export(qm, tmp_path / "model.onnx")
+    packed, meta = read_export(tmp_path / "model.onnx")
+    assert sorted(packed) == sorted(qm.packed)
+    for name, w in qm.packed.items():
+        for a, b in zip(packed[name].tensors(), w.tensors()):
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert packed[name].attributes() == w.attributes()
+    assert meta[C.META_SCHEME] == "w1.61a16-g8"
+
+
+def test_eval_errors_are_one_line(tmp_path):
+    from test_cli import assert_one_line_error
+    assert_one_line_error(run_cli("eval", tmp_path), "no such file")
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not onnx")
+    assert_one_line_error(run_cli("eval", tmp_path), "model.onnx")

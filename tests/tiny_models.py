@@ -48,3 +48,17 @@ class LogitsOnly(torch.nn.Module):
 
     def forward(self, input_ids):
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def save_with_tokenizer(model, folder):
+    """Save `model` with a byte-level tokenizer of its 128-token vocabulary (ASCII characters),
+    so the folder loads like a real LM: calibration text and perplexity work offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0)).save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder

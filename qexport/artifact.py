@@ -1,0 +1,50 @@
+"""Reading an export back: the packed weights of every qexport node, by layer name."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import contract as C
+from .errors import QexportError
+from .packing import MixedLinearWeights
+
+
+def read_export(onnx_path: str | Path) -> tuple[dict[str, MixedLinearWeights], dict[str, str]]:
+    """(layer name -> packed weights, metadata_props) of a qexport model.onnx."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise QexportError(f"no such file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise QexportError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    meta = {p.key: p.value for p in model.metadata_props}
+    if C.META_CONTRACT not in meta:
+        raise QexportError(f"{path} was not written by qexport (no {C.META_CONTRACT} metadata)")
+    if meta[C.META_CONTRACT] != str(C.CONTRACT_VERSION):
+        raise QexportError(f"{path} uses op contract {meta[C.META_CONTRACT]}, this qexport reads "
+                           f"{C.CONTRACT_VERSION}")
+    inits = {t.name: t for t in model.graph.initializer}
+    packed = {}
+    for node in model.graph.node:
+        if node.domain != C.DOMAIN:
+            continue
+        tensors = [torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
+                   if name else None for name in node.input[1:]]
+        tensors += [None] * (C.NUM_INPUTS - 1 - len(tensors))
+        attrs = {a.name: a.i for a in node.attribute}
+        w = MixedLinearWeights(attrs[C.ATTR_IN_FEATURES], attrs[C.ATTR_OUT_FEATURES],
+                               attrs[C.ATTR_SALIENT_GROUP_SIZE], *tensors,
+                               layout=attrs[C.ATTR_LAYOUT])
+        w.validate()
+        packed[node.name] = w
+    return packed, meta
+
+
+def export_config(meta: dict[str, str]) -> dict:
+    return json.loads(meta.get(C.META_CONFIG, "{}"))
