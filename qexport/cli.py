@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qexport",
         description="Quantize a PyTorch transformer to ~1.61 bits/weight and export it to ONNX "
-                    "with qexport custom ops, a compiled op library and a parity report.")
+                    "with qexport custom ops, a compiled op library and a parity report.",
+        epilog="Other commands: `qexport eval OUT_DIR` (perplexity of an export: fp, PyTorch "
+               "quantized, ONNX Runtime); `qexport build-engine OUT_DIR/model.onnx` (TensorRT "
+               "engine). Each takes --help.")
     p.add_argument("model", help="Hugging Face model folder, torch.export .pt2, pickled nn.Module "
                    "(.pt, with --trust-pickle), or the built-in example 'smollm2-135m'")
     p.add_argument("--scheme", default="w1.61a16",
