@@ -213,7 +213,7 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
     timings["load"] = time.perf_counter() - t0
 
     # Calibration / evaluation tokens.
-    eval_ids, eval_source, ppl_skipped = None, None, None
+    eval_ids, eval_source, ppl_skipped, held_out = None, None, None, None
     if lm.tokenizer is not None:
         if args.calib:
             calib_text, calib_source = data.load_text(args.calib), args.calib
@@ -228,7 +228,8 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
                                             args.eval_tokens)
                 eval_source = args.eval_text
             else:
-                held_out = data.brown_splits()[1]
+                if held_out is None:  # read once: calibration may have split Brown already
+                    held_out = data.brown_splits()[1]
                 eval_ids = data.eval_tokens(lm.tokenizer, held_out, args.eval_tokens)
                 eval_source = "Brown corpus from character 3,000,000 (held out)"
         else:
