@@ -96,3 +96,18 @@ def norm_affine(gm: torch.fx.GraphModule, node: torch.fx.Node):
             if is_param(gamma) and get_tensor(gm, gamma).dim() == 1:
                 return "rms_norm", gamma, None
     return None
+
+
+def producer_through_passthrough(node: torch.fx.Node) -> torch.fx.Node:
+    """The node computing `node`'s value, looking back through dtype casts."""
+    while (node.op == "call_function" and node.target in _PASSTHROUGH and node.args
+           and isinstance(node.args[0], torch.fx.Node)):
+        node = node.args[0]
+    return node
+
+
+def norm_fed(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> bool:
+    """Whether a Linear's input comes straight from a norm (where OS+ can fold)."""
+    x = linear.args[0]
+    return isinstance(x, torch.fx.Node) and \
+        norm_affine(gm, producer_through_passthrough(x)) is not None

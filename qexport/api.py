@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import passes
 from passes import OutlierStats
 
 from .calibrate import collect_linear_input_stats
+from .contract import META_OS_FOLDED
 from .onnx_export import export_onnx, metadata, trace
 from .packing import MixedLinearWeights
 from .quantizers import quantize_mixed, select_salient
@@ -30,12 +32,17 @@ DEFAULT_SKIP = r"(^|\.)(lm_head|embed_out|output|classifier|score|embed_tokens)$
 class QuantizeConfig:
     scheme: Scheme
     outlier_suppression: bool = False
-    os_quantile: float = 0.99
+    os_quantile: float | None = None  # None: search t (OS+); else t = this half-range quantile
+    os_grid: int = 20  # candidates of t in the search
+    os_sample_tokens: int = 512  # calibration tokens kept per norm output for the search
     skip: str = DEFAULT_SKIP
     head_scheme: Scheme | None = None  # quantize the skipped Linears (output head) with this
     embeddings_fp16: bool = False
     method: str = "closed-form"  # or "ptq161": learned block-wise scales (qexport/ptq161.py)
     learn: "LearnConfig | None" = None  # PTQ1.61 settings (None: the default preset)
+    # Quantization preprocessing (PTQ1.61's restorative LoRA is one): preprocess(module,
+    # calib_batches) -> the module to quantize, run before tracing; see docs/design.md
+    preprocess: Callable[[torch.nn.Module, list[tuple]], torch.nn.Module] | None = None
 
     def is_head(self, layer_name: str) -> bool:
         """Whether a Linear is one the --skip pattern keeps out of the main scheme."""
@@ -45,10 +52,14 @@ class QuantizeConfig:
         return {"scheme": self.scheme.label, "salient_ratio": self.scheme.salient_ratio,
                 "salient_group_size": self.scheme.salient_group_size,
                 "outlier_suppression": self.outlier_suppression,
-                "os_quantile": self.os_quantile, "skip": self.skip,
+                "os_quantile": self.os_quantile,
+                "os_grid": self.os_grid if self.os_quantile is None else None,
+                "skip": self.skip,
                 "head_scheme": self.head_scheme.label if self.head_scheme else None,
                 "embeddings_fp16": self.embeddings_fp16, "method": self.method,
-                "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None}
+                "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None,
+                "preprocess": getattr(self.preprocess, "__name__", repr(self.preprocess))
+                if self.preprocess else None}
 
 
 @dataclasses.dataclass
@@ -61,6 +72,9 @@ class QuantizedModel:
     stats: dict[str, OutlierStats]
     timings: dict[str, float]
     notes: dict[str, list[str]]
+    # OS+: original name -> graph attribute (= ONNX initializer) of the folded tensors that
+    # are not inside packed weights (norm γ/β, fp Linears); `qexport eval` reapplies them
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iterable[tuple],
@@ -69,22 +83,60 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     """Trace `module`, calibrate, fold OS+ (optional) and replace Linears by qexport ops."""
     say = progress or (lambda msg: None)
     timings: dict[str, float] = {}
+    batches = list(calib_batches)
+    if config.preprocess is not None:
+        t0 = time.perf_counter()
+        say(f"preprocessing: {getattr(config.preprocess, '__name__', 'preprocess')}")
+        module = config.preprocess(module, batches)
+        timings["preprocess"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say("tracing with torch.export")
     gm = trace(module, example_inputs)
     timings["trace"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    batches = list(calib_batches)
     say(f"calibrating on {len(batches)} batches")
+    searching = config.outlier_suppression and config.os_quantile is None
     stats = collect_linear_input_stats(
-        gm, batches, progress=lambda i: say(f"calibration batch {i}/{len(batches)}"))
+        gm, batches, progress=lambda i: say(f"calibration batch {i}/{len(batches)}"),
+        sample_tokens=config.os_sample_tokens if searching else 0)
     timings["calibrate"] = time.perf_counter() - t0
 
+    check = _runs_check(example_inputs)
+    check("trace", gm)
+    notes: dict[str, list[str]] = {}
+
+    def run_passes(pipeline):
+        manager = passes.PassManager(pipeline, check=check)
+        say("rewriting the graph: " + ", ".join(p.__name__ for p in pipeline))
+        result = manager(gm).graph_module
+        timings.update({f"pass:{k}": v for k, v in manager.timings.items()})
+        notes.update(manager.notes)
+        return result
+
+    # 1. OS+ on the graph; `folded` lets the eager model used for learning follow it
+    folded: dict[str, str] = {}  # original tensor name -> its attribute in gm
+    if config.outlier_suppression:
+        choose = _os_search(config) if searching else (
+            lambda st, shift, weights: passes.choose_shift_scale(st, shift,
+                                                                 quantile=config.os_quantile))
+
+        def fold_outlier_shift_scale(g):
+            return passes.fold_outlier_shift_scale(g, stats, choose=choose, folded=folded)
+        gm = run_passes([fold_outlier_shift_scale])
+        for st in stats.values():
+            st.sample = None  # only the search needed them
+
+    # 2. PTQ1.61 learning on the eager module (with the folded tensors)
+    notes_learn: list[str] = []
+    with folded_into(module, {k: getattr(gm, a) for k, a in folded.items()}):
+        learned = _learn(module, batches, stats, config, say, timings, notes_learn)
+    if notes_learn:
+        notes["learn_scales"] = notes_learn
+
+    # 3. Linears -> qexport ops
     fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     scheme = config.scheme
-    notes_learn: list[str] = []
-    learned = _learn(module, batches, stats, config, say, timings, notes_learn)
 
     def quantizer(name, weight, bias):
         chosen = config.head_scheme if config.is_head(name) else scheme
@@ -98,45 +150,76 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         return quantize_mixed(weight, bias, salient, chosen.salient_group_size)
 
     packed: dict[str, MixedLinearWeights] = {}
-    pipeline = []
-    if config.outlier_suppression:
-        def fold_outlier_shift_scale(g):
-            return passes.fold_outlier_shift_scale(
-                g, stats, choose=lambda st, shift: passes.choose_shift_scale(
-                    st, shift, quantile=config.os_quantile))
-        pipeline.append(fold_outlier_shift_scale)
 
     def replace_linear(g):
         return passes.replace_linear(g, quantizer, packed)
-    pipeline.append(replace_linear)
-    if config.embeddings_fp16:
-        pipeline.append(passes.embeddings_fp16)
-
-    check = _runs_check(example_inputs)
-    check("trace", gm)
-    manager = passes.PassManager(pipeline, check=check)
-    say("rewriting the graph: " + ", ".join(p.__name__ for p in pipeline))
-    gm = manager(gm).graph_module
-    timings.update({f"pass:{k}": v for k, v in manager.timings.items()})
+    gm = run_passes([replace_linear] + ([passes.embeddings_fp16] if config.embeddings_fp16
+                                        else []))
     if not packed:
         raise QexportError("the model has no Linear layers to quantize "
                            f"(none outside the skip pattern {config.skip!r})")
-    notes = dict(manager.notes)
-    if notes_learn:
-        notes["learn_scales"] = notes_learn
-    return QuantizedModel(gm, example_inputs, config, packed, fp_weights, stats, timings, notes)
+    kept = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    return QuantizedModel(gm, example_inputs, config, packed, fp_weights, stats, timings, notes,
+                          {k: a for k, a in folded.items() if a in kept})
+
+
+def _os_search(config: QuantizeConfig):
+    """OS+ `choose` that grid-searches t on the closed-form quantization error of the Linears
+    each norm feeds (their scheme, salient channels re-selected on the scaled activation)."""
+    def error(name, weight, moved) -> float:
+        chosen = config.head_scheme if config.is_head(name) else config.scheme
+        if chosen is None:
+            return 0.0  # stays fp: scaling it is exact
+        salient = select_salient(moved.rms, chosen.salient_ratio)
+        dq = quantize_mixed(weight, None, salient, chosen.salient_group_size).dequantize()
+        return float((moved.sample @ (dq - weight).T).square().sum())
+
+    return lambda st, shift, weights: passes.search_shift_scale(st, shift, weights, error,
+                                                                grid=config.os_grid)
+
+
+class folded_into:
+    """Context manager: `module`'s tensors replaced by the OS+-folded ones (keyed by their
+    names in the traced module, which are the module's own), restored on exit. A folded bias
+    the module lacks is added for the duration."""
+
+    def __init__(self, module: torch.nn.Module, folded: dict[str, torch.Tensor]):
+        self.module, self.folded, self.saved = module, folded, []
+
+    def __enter__(self):
+        for name, value in self.folded.items():
+            owner_name, _, attr = name.rpartition(".")
+            try:
+                owner = self.module.get_submodule(owner_name)
+            except AttributeError:
+                owner = None
+            if owner is None or not hasattr(owner, attr):
+                self.__exit__()
+                raise QexportError(f"OS+ folded {name}, which the eager model does not have: "
+                                   "OS+ and PTQ1.61 learning cannot be combined for this model")
+            old = getattr(owner, attr)
+            self.saved.append((owner, attr, old))
+            new = value.detach().clone()
+            if isinstance(old, torch.nn.Parameter) or old is None:
+                new = torch.nn.Parameter(new, requires_grad=False)
+            setattr(owner, attr, new)
+        return self.module
+
+    def __exit__(self, *exc):
+        for owner, attr, old in reversed(self.saved):
+            setattr(owner, attr, old)
+        self.saved = []
+        return False
 
 
 def _learn(module, batches, stats, config: QuantizeConfig, say, timings, notes) -> dict:
     """PTQ1.61 learned scales for the Linears of the main scheme (empty for closed form, and
-    for models whose transformer blocks can't be found, e.g. a flat .pt2 graph: noted)."""
+    for models whose transformer blocks can't be found, e.g. a flat .pt2 graph: noted).
+    Salient channels come from `stats`, i.e. after OS+ when it was folded."""
     if config.method not in METHODS:
         raise QexportError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     if config.method != "ptq161" or config.scheme.salient_ratio >= 1.0:
         return {}  # nothing binary to learn scales for
-    if config.outlier_suppression:
-        raise QexportError("--outlier-suppression with --method ptq161 is not supported yet: "
-                           "use one of them")
     try:
         find_blocks(module)
     except QexportError as e:
@@ -176,6 +259,8 @@ def export(qmodel: QuantizedModel, path: str | Path, extra_metadata: dict[str, s
            output_names: list[str] | None = None) -> list[Path]:
     """Write the quantized graph as ONNX; returns the files written."""
     meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
+    if qmodel.folded:
+        meta[META_OS_FOLDED] = json.dumps(qmodel.folded, sort_keys=True)
     meta.update(extra_metadata or {})
     t0 = time.perf_counter()
     files = export_onnx(qmodel.graph_module, qmodel.example_inputs, Path(path), meta,

@@ -6,33 +6,49 @@ from typing import Callable, Iterable
 import torch
 import torch.fx
 
-from passes import OutlierStats, layer_name, linear_nodes
+from passes import OutlierStats, layer_name, linear_nodes, norm_fed
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm, watched: set[torch.fx.Node], stats: dict[str, OutlierStats]):
+    """Updates one OutlierStats per distinct Linear input (q/k/v share theirs)."""
+
+    def __init__(self, gm, inputs: dict[torch.fx.Node, tuple[OutlierStats | None, int]]):
         super().__init__(gm)
-        self.watched, self.stats = watched, stats
+        self.inputs = inputs  # input node -> ([stats], rows sampled per batch)
 
     def run_node(self, n):
-        if n in self.watched:
-            x = self.env[n.args[0]]
-            name = layer_name(n)
-            if name not in self.stats:
-                self.stats[name] = OutlierStats.empty(x.shape[-1])
-            self.stats[name].update(x)
-        return super().run_node(n)
+        out = super().run_node(n)
+        if n in self.inputs:
+            holder, rows = self.inputs[n]
+            if holder[0] is None:
+                holder[0] = OutlierStats.empty(out.shape[-1])
+            holder[0].update(out, rows)
+        return out
 
 
 @torch.no_grad()
 def collect_linear_input_stats(gm: torch.fx.GraphModule, batches: Iterable[tuple],
-                               progress: Callable[[int], None] | None = None
-                               ) -> dict[str, OutlierStats]:
-    """Run `gm` on each batch (a tuple of inputs) and return layer_name -> OutlierStats."""
-    stats: dict[str, OutlierStats] = {}
-    recorder = _Recorder(gm, set(linear_nodes(gm)), stats)
+                               progress: Callable[[int], None] | None = None,
+                               sample_tokens: int = 0) -> dict[str, OutlierStats]:
+    """Run `gm` on each batch (a tuple of inputs) and return layer_name -> OutlierStats.
+
+    Linears fed by the same value share one statistics object. `sample_tokens`: keep about
+    that many input tokens (evenly spread over the batches) of every Linear fed by a norm, for
+    the OS+ search (memory: sample_tokens x K fp32 per norm)."""
+    batches = list(batches)
+    per_batch = -(-sample_tokens // max(len(batches), 1)) if sample_tokens > 0 else 0
+    inputs: dict[torch.fx.Node, tuple[list, int]] = {}
+    names: dict[torch.fx.Node, list[str]] = {}
+    for lin in linear_nodes(gm):
+        x = lin.args[0]
+        if x not in inputs:
+            inputs[x] = ([None], per_batch if norm_fed(gm, lin) else 0)
+            names[x] = []
+        names[x].append(layer_name(lin))
+    recorder = _Recorder(gm, inputs)
     for i, batch in enumerate(batches):
         recorder.run(*batch)
         if progress:
             progress(i + 1)
-    return stats
+    return {name: inputs[x][0][0] for x, ns in names.items() for name in ns
+            if inputs[x][0][0] is not None}

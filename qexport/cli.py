@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PTQ1.61 learning budget: default (every calibration sample, 2 epochs, "
                         "as in the paper) or fast (16 samples, 1 epoch) [default: %(default)s]")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction, default=False,
-                   help="fold OS+ shift/scale into norms and Linears before quantizing")
+                   help="fold OS+ shift/scale into norms and Linears before quantizing (and "
+                        "before PTQ1.61 learning); t is searched to minimise the quantization "
+                        "error of each norm's Linears [default: off]")
+    q.add_argument("--os-grid", type=int, default=20,
+                   help="candidates of t in the OS+ search [default: %(default)s]")
+    q.add_argument("--os-quantile", type=float, default=None,
+                   help="no OS+ search: t = this quantile of the channels' half-ranges")
     q.add_argument("--skip", help="regex of Linear names kept out of --scheme "
                    "[default: the output head]")
     q.add_argument("--head-scheme", help="quantize the --skip Linears (the output head) with "
@@ -169,9 +175,11 @@ def run(args) -> int:
     say = (lambda msg: None) if args.quiet else _log
     scheme = parse_scheme(args.scheme).with_overrides(args.salient_ratio)
     args.head = parse_scheme(args.head_scheme) if args.head_scheme else None
-    for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window"):
+    for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window", "os_grid"):
         if getattr(args, name) < 1:
             raise QexportError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.os_quantile is not None and not 0.0 < args.os_quantile <= 1.0:
+        raise QexportError(f"--os-quantile must be within (0, 1], got {args.os_quantile}")
     out = Path(args.output)
     tmp = _prepare_output(out, args.force)
     try:
@@ -247,6 +255,7 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
     example = lm.example_inputs(batch=2, seq=8)
     config = api.QuantizeConfig(
         scheme=scheme, outlier_suppression=args.outlier_suppression,
+        os_quantile=args.os_quantile, os_grid=args.os_grid,
         head_scheme=args.head, embeddings_fp16=args.embeddings_fp16, method=args.method,
         learn=LearnConfig.preset(args.preset))
     if args.skip is not None:
@@ -370,7 +379,8 @@ def eval_main(args) -> int:
 
     import passes
     from . import data, models, native
-    from .artifact import export_config, read_export
+    from .api import folded_into
+    from .artifact import export_config, read_export, read_os_folded
     from .contract import META_SOURCE
     from .errors import QexportError
     from .onnx_export import trace
@@ -394,36 +404,33 @@ def eval_main(args) -> int:
     eval_ids = data.eval_tokens(lm.tokenizer, text, args.eval_tokens)
 
     candidates = {"fp": lm.module}
-    if config.get("outlier_suppression"):
-        say("the export folded OS+ into its norms: the PyTorch quantized model can't be rebuilt "
-            "from the packed weights alone, so only fp and ONNX Runtime are evaluated")
-    else:
-        say(f"rebuilding the PyTorch quantized model from {len(packed)} packed layers")
+    folded = read_os_folded(onnx_path, meta)
+    say(f"rebuilding the PyTorch quantized model from {len(packed)} packed layers"
+        + (f" and {len(folded)} OS+-folded tensors" if folded else ""))
+    with folded_into(lm.module, folded):  # the graph keeps the folded tensors
         gm = trace(lm.module, lm.example_inputs(batch=2, seq=8))
-        used = {}
-        gm = passes.replace_linear(gm, lambda name, w, b: packed.get(name), used).graph_module
-        if config.get("embeddings_fp16"):
-            gm = passes.embeddings_fp16(gm).graph_module
-        gm.recompile()
-        if len(used) != len(packed):
-            raise QexportError(f"{source} has {len(used)} of the export's {len(packed)} "
-                               "quantized layers: is it the model the export was made from?")
-        candidates["quantized_torch"] = gm
+    used = {}
+    gm = passes.replace_linear(gm, lambda name, w, b: packed.get(name), used).graph_module
+    if config.get("embeddings_fp16"):
+        gm = passes.embeddings_fp16(gm).graph_module
+    gm.recompile()
+    if len(used) != len(packed):
+        raise QexportError(f"{source} has {len(used)} of the export's {len(packed)} "
+                           "quantized layers: is it the model the export was made from?")
+    candidates["quantized_torch"] = gm
     candidates["quantized_ort"] = native.make_session(onnx_path, threads=args.threads)
     ppl = _perplexities(eval_ids, args.eval_window, text_source, say, **candidates)
     print(f"perplexity on {ppl['tokens']} tokens of {text_source} ({ppl['window']}-token "
           f"windows):")
     for key in ("fp", "quantized_torch", "quantized_ort"):
-        if key in ppl:
-            print(f"  {key:16s} {ppl[key]:.3f}")
-    if "quantized_torch" in ppl:
-        gap = abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1)
-        print(f"  ORT vs PyTorch quantized: {100 * gap:.3f}% apart "
-              f"(bound {100 * EVAL_AGREEMENT:.1f}%)")
-        if gap > EVAL_AGREEMENT:
-            print("qexport: error: ONNX Runtime and PyTorch quantized perplexities disagree",
-                  file=sys.stderr)
-            return EXIT_PARITY
+        print(f"  {key:16s} {ppl[key]:.3f}")
+    gap = abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1)
+    print(f"  ORT vs PyTorch quantized: {100 * gap:.3f}% apart "
+          f"(bound {100 * EVAL_AGREEMENT:.1f}%)")
+    if gap > EVAL_AGREEMENT:
+        print("qexport: error: ONNX Runtime and PyTorch quantized perplexities disagree",
+              file=sys.stderr)
+        return EXIT_PARITY
     return 0
 
 

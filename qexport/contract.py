@@ -52,3 +52,5 @@ META_SCHEME = "qexport.scheme"
 META_CONFIG = "qexport.config"
 META_CONTRACT = "qexport.contract_version"
 META_SOURCE = "qexport.source"  # the MODEL argument the export was made from
+# OS+ exports: JSON {original tensor name: initializer name} of the folded norm/fp tensors
+META_OS_FOLDED = "qexport.os_folded"

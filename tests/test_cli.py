@@ -69,6 +69,15 @@ def test_bad_scheme(tiny_llama_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args,needle", [(["--os-quantile", "1.5"], "--os-quantile"),
+                                          (["--os-grid", "0"], "--os-grid")])
+def test_bad_outlier_suppression_settings(tiny_llama_dir, tmp_path, args, needle):
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli(tiny_llama_dir, "--outlier-suppression", *args, "-o", out),
+                          needle)
+    assert not out.exists()
+
+
 def test_unwritable_output(tiny_llama_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

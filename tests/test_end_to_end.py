@@ -36,8 +36,9 @@ def _check_folder(out, scheme):
     pytest.param("w1a16", [], id="w1a16"),
     pytest.param("w4a16", [], id="w4a16"),
     pytest.param("w1.61a16", ["--method", "closed-form"], id="w1.61a16-closed-form"),
-    pytest.param("w1.61a16", ["--outlier-suppression", "--method", "closed-form"],
-                 id="w1.61a16-os"),
+    pytest.param("w1.61a16", ["--outlier-suppression", "--method", "closed-form",
+                              "--os-quantile", "0.9"], id="w1.61a16-os-quantile"),
+    pytest.param("w1.61a16", ["--outlier-suppression"], id="w1.61a16-os-ptq161"),
     pytest.param("w1.61a16", ["--head-scheme", "w4a16", "--embeddings-fp16"], id="w1.61a16-head4"),
 ])
 def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
@@ -123,11 +124,12 @@ def test_trusted_pickle_end_to_end(tmp_path):
     _check_folder(out, "w1.61a16")
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_tokenizer_model_perplexity_and_eval(tmp_path, family):
+@pytest.mark.parametrize("family,extra", [("llama", []), ("opt", []),
+                                          ("opt", ["--outlier-suppression"])])
+def test_tokenizer_model_perplexity_and_eval(tmp_path, family, extra):
     """A tiny model with a tokenizer: calibration from --calib text, perplexity in the report,
     then `qexport eval` rebuilds the PyTorch quantized model from the export's packed weights
-    and agrees with ONNX Runtime."""
+    (and, after OS+, its folded norms) and agrees with ONNX Runtime."""
     from tiny_models import save_with_tokenizer, tiny_llama, tiny_opt
     src = save_with_tokenizer((tiny_llama if family == "llama" else tiny_opt)(), tmp_path / "m")
     text = tmp_path / "text.txt"
@@ -135,7 +137,7 @@ def test_tokenizer_model_perplexity_and_eval(tmp_path, family):
     out = tmp_path / "out"
     proc = run_cli(src, "-o", out, "--calib", text, "--eval", text, "--calib-samples", "4",
                    "--calib-seqlen", "64", "--eval-tokens", "512", "--eval-window", "128",
-                   "--embeddings-fp16")
+                   "--embeddings-fp16", *extra)
     assert proc.returncode == 0, proc.stderr
     report = _check_folder(out, "w1.61a16")
     ppl = report["perplexity"]

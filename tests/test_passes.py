@@ -15,13 +15,20 @@ from tiny_models import LogitsOnly, tiny_llama, tiny_opt
 FAMILIES = {"llama": tiny_llama, "opt": tiny_opt}
 
 
-def _traced(family):
+def _calib(n=3):
+    return [(torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)),)
+            for i in range(n)]
+
+
+def _traced(family, sample_tokens=0):
     module = LogitsOnly(FAMILIES[family]())
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     gm = trace(module, (ids,))
-    calib = [(torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(i)),)
-             for i in range(3)]
-    return module, gm, ids, collect_linear_input_stats(gm, calib)
+    return module, gm, ids, collect_linear_input_stats(gm, _calib(), sample_tokens=sample_tokens)
+
+
+def _quantile(q):
+    return lambda st, shift, weights: passes.choose_shift_scale(st, shift, quantile=q)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -30,8 +37,8 @@ def test_fold_outlier_shift_scale_is_exact(family):
     before = {k: (v.min.clone(), v.max.clone()) for k, v in stats.items()}
     with torch.no_grad():
         ref = module(ids)
-    result = passes.fold_outlier_shift_scale(
-        gm, stats, choose=lambda st, shift: passes.choose_shift_scale(st, shift, quantile=0.5))
+    folded = {}
+    result = passes.fold_outlier_shift_scale(gm, stats, choose=_quantile(0.5), folded=folded)
     assert result.modified
     gm = result.graph_module
     gm.recompile()
@@ -47,6 +54,58 @@ def test_fold_outlier_shift_scale_is_exact(family):
         half = torch.maximum(stats[k].max.abs(), stats[k].min.abs())
         half_before = torch.maximum(before[k][1].abs(), before[k][0].abs())
         assert float(half.max()) < float(half_before.max())
+    # `folded` lets the eager module follow: with those tensors it computes what gm computes.
+    assert any("norm" in k for k in folded) and all(hasattr(gm, a) for a in folded.values())
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with api.folded_into(module, {k: getattr(gm, a) for k, a in folded.items()}), \
+            torch.no_grad():
+        torch.testing.assert_close(module(ids), out, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(module.state_dict()[next(iter(folded))], state[next(iter(folded))])
+    after = module.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibration_shares_stats_and_samples_only_norm_outputs(family):
+    _, gm, _, stats = _traced(family, sample_tokens=30)
+    qkv = [v for k, v in stats.items() if k.endswith(("q_proj", "k_proj", "v_proj"))
+           and ".layers.0." in k]
+    assert len(qkv) == 3 and qkv[0] is qkv[1] is qkv[2]  # one input, recorded once
+    assert qkv[0].count == 3 * 32 and qkv[0].sample.shape == (30, 64)  # 10 per batch of 3
+    down = [v for k, v in stats.items() if k.endswith(("down_proj", "fc2"))]
+    assert down and all(v.sample is None for v in down)  # fed by an activation, not a norm
+
+
+def _group_error(stats, weights, z, s, ratio=0.2):
+    """Summed quantization error of `weights` on the transformed sample (closed-form w1.61)."""
+    moved = stats.transformed(z, s)
+    total = 0.0
+    for w in weights.values():
+        ws = w * s[None, :]
+        dq = quantize_mixed(ws, None, select_salient(moved.rms, ratio), 0).dequantize()
+        total += float((moved.sample @ (dq - ws).T).square().sum())
+    return total
+
+
+def test_os_search_minimises_quantization_error_over_its_grid():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 48, generator=g) * (1 + 20 * (torch.arange(48) % 13 == 0)) + 2
+    st = passes.OutlierStats.empty(48)
+    st.update(x, sample_rows=400)
+    weights = {"a": torch.randn(32, 48, generator=g), "b": torch.randn(16, 48, generator=g)}
+
+    def error(name, w, moved):
+        dq = quantize_mixed(w, None, select_salient(moved.rms, 0.2), 0).dequantize()
+        return float((moved.sample @ (dq - w).T).square().sum())
+    z, s = passes.search_shift_scale(st, True, weights, error, grid=12)
+    assert torch.allclose(z.double(), (st.max + st.min) / 2)
+    best = _group_error(st, weights, z, s)
+    assert best <= _group_error(st, weights, z, torch.ones(48)) + 1e-6  # never worse than s = 1
+    for q in (0.5, 0.9, 0.99):  # a quantile's t is off the grid: compare with some slack
+        zq, sq = passes.choose_shift_scale(st, True, quantile=q)
+        assert best <= _group_error(st, weights, zq, sq) * 1.05, q
+    with pytest.raises(ValueError, match="sample"):
+        passes.search_shift_scale(passes.OutlierStats.empty(48), True, weights, error)
 
 
 def test_os_stats_transform_matches_recomputed():
@@ -88,14 +147,71 @@ def test_replace_linear_matches_dequantized_weights(family):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_quantize_api_with_outlier_suppression_runs_and_changes_error():
+@pytest.mark.parametrize("os_quantile", [0.5, None], ids=["quantile", "search"])
+def test_quantize_api_with_outlier_suppression_runs(os_quantile):
     module = LogitsOnly(tiny_llama())
     ids = torch.randint(0, 128, (2, 12))
-    calib = [(torch.randint(0, 128, (1, 32)),) for _ in range(2)]
-    cfg = api.QuantizeConfig(parse_scheme("w1.61a16"), outlier_suppression=True, os_quantile=0.5)
-    qm = api.quantize(module, (ids,), calib, cfg)
+    cfg = api.QuantizeConfig(parse_scheme("w1.61a16"), outlier_suppression=True,
+                             os_quantile=os_quantile)
+    qm = api.quantize(module, (ids,), _calib(2), cfg)
     assert "fold_outlier_shift_scale" in qm.notes and qm.notes["fold_outlier_shift_scale"]
     assert len(qm.packed) == 14
+    assert all(st.sample is None for st in qm.stats.values())  # dropped after the search
+    assert qm.folded and all("norm" in k for k in qm.folded)  # Linears' folds live in packed
     with torch.no_grad():
         out = qm.graph_module(ids)
     assert out.shape == (2, 12, 128) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_os_then_ptq161_learns_on_the_folded_model(family):
+    """OS+ composed with PTQ1.61: the eager model learned on carries the folded tensors, so
+    the exported graph equals that eager model with the learned weights substituted, and the
+    user's module is left as it was."""
+    from qexport.ptq161 import LearnConfig, substituted_weights
+    module = LogitsOnly(FAMILIES[family]())
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    cfg = api.QuantizeConfig(parse_scheme("w1.61a16"), outlier_suppression=True,
+                             method="ptq161", learn=LearnConfig.preset("fast", n_samples=2))
+    qm = api.quantize(module, (ids,), _calib(2), cfg)
+    assert "learn_scales" not in qm.notes  # learned, not the closed-form fallback
+    assert any(pk.r2 is not None for pk in qm.packed.values())
+    after = module.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    tensors = {k: getattr(qm.graph_module, a) for k, a in qm.folded.items()}
+    if family == "opt":  # shifts went into the q/k/v and fc1 biases, kept in the packed bias
+        assert any(pk.bias is not None and not torch.equal(
+            pk.bias, module.get_submodule(n).bias) for n, pk in qm.packed.items())
+    with api.folded_into(module, tensors), substituted_weights(module, qm.packed), \
+            torch.no_grad():
+        biases = {n: module.get_submodule(n).bias for n in qm.packed}
+        for n, pk in qm.packed.items():
+            if pk.bias is not None:
+                module.get_submodule(n).bias = torch.nn.Parameter(pk.bias.clone())
+        expected = module(ids)
+        for n, b in biases.items():
+            module.get_submodule(n).bias = b
+        torch.testing.assert_close(qm.graph_module(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_preprocess_hook_replaces_the_module_quantized():
+    """The quantization-preprocessing extension point: its module is what gets quantized."""
+    import copy
+    module = LogitsOnly(tiny_llama())
+    ids = torch.randint(0, 128, (2, 12))
+    seen = {}
+
+    def double_mlp(m, batches):
+        seen["batches"] = len(batches)
+        m = copy.deepcopy(m)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "down_proj" in name:
+                    p.mul_(2)
+        return m
+    cfg = api.QuantizeConfig(parse_scheme("w4a16"), preprocess=double_mlp)
+    qm = api.quantize(module, (ids,), _calib(2), cfg)
+    assert seen["batches"] == 2 and cfg.as_dict()["preprocess"] == "double_mlp"
+    name = "model.model.layers.0.mlp.down_proj"
+    torch.testing.assert_close(qm.fp_weights[name][0], 2 * module.get_submodule(name).weight)
