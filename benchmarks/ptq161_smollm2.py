@@ -6,8 +6,19 @@ transformer blocks by calibration activation RMS (the same set for both w1.61 ro
 the first `--eval-tokens` tokens of `brown_splits()[1]` in 512-token windows; fp32, CPU.
 The output head and embeddings stay fp (as the default skip pattern of qexport.api).
 
+Baseline rows (not run by default; `qexport.baselines`, same Linears, same calibration tokens,
+bits = every stored byte of each method's documented layout):
+    w1       per-row binarization α·sign(W − μ) + μ (our format with no salient channel)
+    rtn2     asymmetric RTN, 2 bits, groups of 64
+    pbllm    PB-LLM (GPTQ-PB), 5% unstructured salient weights at 4 bits (≤ 2.1 real bits)
+    pbllm10  PB-LLM, the paper's setting: 10% salient at 8 bits (~2.8 real bits)
+    billm    BiLLM: residual-binarized salient columns + break-point split, OBC (~2.5 real bits)
+The Hessian rows (pbllm, pbllm10, billm) share one pass of H = 2·XᵀX/n over the calibration
+tokens on the fp model (`baselines.linear_input_hessians`); its time is in each of their times.
+
     python benchmarks/ptq161_smollm2.py                       # default preset, 64x512, 20k eval
     python benchmarks/ptq161_smollm2.py --preset fast --eval-tokens 4096
+    python benchmarks/ptq161_smollm2.py --rows fp,w1,rtn2,pbllm,pbllm10,billm --threads 1
 """
 from __future__ import annotations
 
@@ -19,6 +30,7 @@ import time
 
 import torch
 
+from qexport.baselines import BASELINES, NEEDS_HESSIAN, linear_input_hessians
 from qexport.data import brown_splits, calibration_batches, eval_tokens
 from qexport.evaluate import perplexity, torch_logits_fn
 from qexport.models import load_model
@@ -43,13 +55,17 @@ def main(argv=None) -> int:
     ap.add_argument("--salient-ratio", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="fp,closed,learned",
-                    help="comma-separated subset of fp,closed,learned")
+                    help="comma-separated subset of fp,closed,learned,"
+                    + ",".join(BASELINES))
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.short_eval % 512 or args.short_eval > args.eval_tokens:
         ap.error("--short-eval must be a multiple of 512 and at most --eval-tokens")
     torch.set_num_threads(args.threads)
     rows = set(args.rows.split(","))
+    unknown = rows - {"fp", "closed", "learned", *BASELINES}
+    if unknown:
+        ap.error(f"unknown rows: {sorted(unknown)}")
 
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -93,14 +109,15 @@ def main(argv=None) -> int:
     if "fp" in rows:
         results["rows"]["fp"] = {"bits": 32.0, **ppl("fp"), "time_s": 0.0}
 
-    t0 = time.perf_counter()
     backbone = loaded.hf_model.model  # the stats need no output head
-    rms = linear_input_rms(module, calib, include=in_blocks,
-                           forward=lambda ids: backbone(input_ids=ids, use_cache=False))
-    t_stats = time.perf_counter() - t0
-    salient = {k: select_salient(v, args.salient_ratio) for k, v in rms.items()}
-    log(f"activation RMS of {len(rms)} Linears: {t_stats:.0f}s")
+    stats_forward = lambda ids: backbone(input_ids=ids, use_cache=False)  # noqa: E731
     mods = dict(module.named_modules())
+    if rows & {"closed", "learned"}:
+        t0 = time.perf_counter()
+        rms = linear_input_rms(module, calib, include=in_blocks, forward=stats_forward)
+        t_stats = time.perf_counter() - t0
+        salient = {k: select_salient(v, args.salient_ratio) for k, v in rms.items()}
+        log(f"activation RMS of {len(rms)} Linears: {t_stats:.0f}s")
 
     def bits(packed):
         return 8 * sum(p.weight_nbytes() for p in packed.values()) / sum(
@@ -123,6 +140,26 @@ def main(argv=None) -> int:
         with substituted_weights(module, learned):
             results["rows"]["learned"] = {"bits": bits(learned), **ppl("learned"),
                                         "time_s": t}
+
+    baseline_rows = [r for r in BASELINES if r in rows]
+    hessians, t_hess = None, 0.0
+    if NEEDS_HESSIAN & set(baseline_rows):
+        t0 = time.perf_counter()
+        hessians = linear_input_hessians(module, calib, include=in_blocks, forward=stats_forward)
+        t_hess = time.perf_counter() - t0
+        log(f"Hessians of {len(hessians)} Linears: {t_hess:.0f}s")
+    linears = [k for k, m in mods.items() if isinstance(m, torch.nn.Linear) and in_blocks(k)]
+    for row in baseline_rows:
+        t0 = time.perf_counter()
+        fq = {k: BASELINES[row](mods[k].weight, mods[k].bias,
+                                hessians[k] if row in NEEDS_HESSIAN else None) for k in linears}
+        t = time.perf_counter() - t0
+        log(f"{row}: quantized in {t:.0f}s")
+        extra = {"hessian_s": t_hess} if row in NEEDS_HESSIAN else {}
+        t += t_hess if extra else 0.0
+        with substituted_weights(module, fq):
+            results["rows"][row] = {"bits": bits(fq), **ppl(row), "time_s": t, **extra}
+        del fq
 
     text = json.dumps(results, indent=1)
     print(text)
