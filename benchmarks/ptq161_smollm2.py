@@ -13,6 +13,10 @@ bits = every stored byte of each method's documented layout):
     pbllm    PB-LLM (GPTQ-PB), 5% unstructured salient weights at 4 bits (≤ 2.1 real bits)
     pbllm10  PB-LLM, the paper's setting: 10% salient at 8 bits (~2.8 real bits)
     billm    BiLLM: residual-binarized salient columns + break-point split, OBC (~2.5 real bits)
+OS+ rows (`qexport.api.quantize` with `outlier_suppression=True`: the searched OS+ folded into
+the graph first, salient channels re-selected on the scaled activations, then as `closed` /
+`learned`; the quantized graph is evaluated):
+    closed_os, learned_os
 The Hessian rows (pbllm, pbllm10, billm) share one pass of H = 2·XᵀX/n over the calibration
 tokens on the fp model (`baselines.linear_input_hessians`); its time is in each of their times.
 
@@ -25,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 
 import torch
 
+from qexport.api import QuantizeConfig, quantize
 from qexport.baselines import BASELINES, NEEDS_HESSIAN, linear_input_hessians
 from qexport.data import brown_splits, calibration_batches, eval_tokens
 from qexport.evaluate import perplexity, torch_logits_fn
@@ -37,6 +43,10 @@ from qexport.models import load_model
 from qexport.ptq161 import (LearnConfig, find_blocks, learn_mixed_weights, linear_input_rms,
                             substituted_weights)
 from qexport.quantizers import quantize_mixed, select_salient
+from qexport.schemes import parse_scheme
+
+
+OURS = ("fp", "closed", "learned", "closed_os", "learned_os")
 
 
 def main(argv=None) -> int:
@@ -55,15 +65,14 @@ def main(argv=None) -> int:
     ap.add_argument("--salient-ratio", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="fp,closed,learned",
-                    help="comma-separated subset of fp,closed,learned,"
-                    + ",".join(BASELINES))
+                    help="comma-separated subset of " + ",".join(OURS + tuple(BASELINES)))
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.short_eval % 512 or args.short_eval > args.eval_tokens:
         ap.error("--short-eval must be a multiple of 512 and at most --eval-tokens")
     torch.set_num_threads(args.threads)
     rows = set(args.rows.split(","))
-    unknown = rows - {"fp", "closed", "learned", *BASELINES}
+    unknown = rows - {*OURS, *BASELINES}
     if unknown:
         ap.error(f"unknown rows: {sorted(unknown)}")
 
@@ -91,10 +100,10 @@ def main(argv=None) -> int:
 
     full_rows = set(args.full_eval_rows.split(","))
 
-    def ppl(row):
+    def ppl(row, model=module):
         """{"ppl_short": on the first --short-eval tokens, "ppl": on all (full rows only)}."""
         t0 = time.perf_counter()
-        fn = torch_logits_fn(module)
+        fn = torch_logits_fn(model)
         short = perplexity(fn, tokens[:args.short_eval], window=512)
         out = {"ppl_short": short, "short_eval_tokens": args.short_eval}
         rest = tokens[args.short_eval:]
@@ -140,6 +149,22 @@ def main(argv=None) -> int:
         with substituted_weights(module, learned):
             results["rows"]["learned"] = {"bits": bits(learned), **ppl("learned"),
                                         "time_s": t}
+
+    for row in ("closed_os", "learned_os"):
+        if row not in rows:
+            continue
+        t0 = time.perf_counter()
+        qcfg = QuantizeConfig(parse_scheme("w1.61a16").with_overrides(args.salient_ratio),
+                              outlier_suppression=True, learn=config,
+                              skip=rf"^(?!{re.escape(path)}\.)",  # the block Linears only
+                              method="ptq161" if row == "learned_os" else "closed-form")
+        qm = quantize(module, (calib[:1, :8],), [(b.unsqueeze(0),) for b in calib], qcfg,
+                      progress=log)
+        t = time.perf_counter() - t0
+        log(f"{row}: quantized in {t:.0f}s")
+        results["rows"][row] = {"bits": bits(qm.packed), **ppl(row, qm.graph_module),
+                                "time_s": t}
+        del qm
 
     baseline_rows = [r for r in BASELINES if r in rows]
     hessians, t_hess = None, 0.0
