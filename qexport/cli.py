@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", choices=("fast", "default"), default="default",
                    help="PTQ1.61 learning budget: default (every calibration sample, 2 epochs, "
                         "as in the paper) or fast (16 samples, 1 epoch) [default: %(default)s]")
+    q.add_argument("--epochs", type=int, help="PTQ1.61 epochs per block [default: the preset's]")
+    q.add_argument("--lr", type=float, help="PTQ1.61 learning rate of α, r1 and r2 "
+                   "[default: the preset's]")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction, default=False,
                    help="fold OS+ shift/scale into norms and Linears before quantizing (and "
                         "before PTQ1.61 learning); t is searched to minimise the quantization "
@@ -178,6 +181,10 @@ def run(args) -> int:
     for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window", "os_grid"):
         if getattr(args, name) < 1:
             raise QexportError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise QexportError("--epochs must be at least 1")
+    if args.lr is not None and not args.lr > 0:
+        raise QexportError(f"--lr must be positive, got {args.lr}")
     if args.os_quantile is not None and not 0.0 < args.os_quantile <= 1.0:
         raise QexportError(f"--os-quantile must be within (0, 1], got {args.os_quantile}")
     out = Path(args.output)
@@ -253,11 +260,13 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         ppl_skipped = "the model has no tokenizer"
 
     example = lm.example_inputs(batch=2, seq=8)
+    learn_overrides = {k: v for k, v in (("epochs", args.epochs), ("lr_alpha", args.lr),
+                                         ("lr_r1", args.lr), ("lr_r2", args.lr)) if v is not None}
     config = api.QuantizeConfig(
         scheme=scheme, outlier_suppression=args.outlier_suppression,
         os_quantile=args.os_quantile, os_grid=args.os_grid,
         head_scheme=args.head, embeddings_fp16=args.embeddings_fp16, method=args.method,
-        learn=LearnConfig.preset(args.preset))
+        learn=LearnConfig.preset(args.preset, **learn_overrides))
     if args.skip is not None:
         config.skip = args.skip
     qm = api.quantize(lm.module, example, [(b.unsqueeze(0),) for b in calib], config,

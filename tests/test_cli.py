@@ -70,12 +70,25 @@ def test_bad_scheme(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [(["--os-quantile", "1.5"], "--os-quantile"),
-                                          (["--os-grid", "0"], "--os-grid")])
-def test_bad_outlier_suppression_settings(tiny_llama_dir, tmp_path, args, needle):
+                                          (["--os-grid", "0"], "--os-grid"),
+                                          (["--epochs", "0"], "--epochs"),
+                                          (["--lr", "-1"], "--lr")])
+def test_bad_quantization_settings(tiny_llama_dir, tmp_path, args, needle):
     out = tmp_path / "out"
     assert_one_line_error(run_cli(tiny_llama_dir, "--outlier-suppression", *args, "-o", out),
                           needle)
     assert not out.exists()
+
+
+def test_learning_settings_reach_the_report(tiny_llama_dir, tmp_path):
+    import json
+    out = tmp_path / "out"
+    proc = run_cli(tiny_llama_dir, "-o", out, "--calib-samples", "2", "--calib-seqlen", "16",
+                   "--preset", "fast", "--epochs", "3", "--lr", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    learn = json.loads((out / "report.json").read_text())["config"]["learn"]
+    assert learn["epochs"] == 3 and learn["lr_alpha"] == learn["lr_r1"] == learn["lr_r2"] == 0.05
+    assert learn["n_samples"] == 16  # the rest of the preset stays
 
 
 def test_unwritable_output(tiny_llama_dir, tmp_path):
