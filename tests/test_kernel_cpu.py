@@ -1,7 +1,9 @@
 """The CPU kernel of qexport::BinaryMixedLinear in ONNX Runtime vs the PyTorch reference.
 
 Every result test runs on each CPU path the machine has (QEXPORT_CPU_ISA=portable, avx2,
-avx512; a path the CPU lacks is skipped with the reason), single- and multi-threaded.
+avx512; a path the CPU lacks is skipped with the reason), single- and multi-threaded. The
+large-M tests also force each algorithm (QEXPORT_CPU_ALGO=tables, gemm), since the automatic
+choice between the lookup tables and the dequantize + GEMM path depends on M, N and the path.
 
 Tolerances (max abs error over the output, relative to the output scale max|ref|):
 - fp32 activations: 1e-4 * max|ref| (both sides accumulate in fp32, in different orders);
@@ -63,6 +65,18 @@ def isa(request, monkeypatch):
     if missing:
         pytest.skip(f"CPU lacks {', '.join(missing)} for the {request.param} path")
     monkeypatch.setenv("QEXPORT_CPU_ISA", request.param)
+    return request.param
+
+
+ALGOS = ("tables", "gemm")
+
+
+@pytest.fixture(params=ALGOS)
+def algo(request, isa, monkeypatch):
+    """Forces the lookup tables or the dequantize + GEMM path (the portable path has no GEMM)."""
+    if request.param == "gemm" and isa == "portable":
+        pytest.skip("the portable path has no GEMM (its tables serve every M)")
+    monkeypatch.setenv("QEXPORT_CPU_ALGO", request.param)
     return request.param
 
 
@@ -246,6 +260,66 @@ def test_large_m(lib, isa, m, k, n, threads):
     _assert_close(y, _reference(w, x), FP32_RTOL)
 
 
+# Random shapes for both algorithms: odd N (panel tails of the GEMM), K, salient counts and
+# groups (padded code slots), r2, bias, fp16, 1 and 2 threads, M from 1 to several row tiles.
+_ALGO_SEEDS = list(range(10))
+
+
+def _algo_case(seed):
+    r = np.random.default_rng(2000 + seed)
+    m = int(r.choice([1, 3, 8, 12, 17, 33, 64, 100, 257]))
+    k = int(r.integers(1, 1300))
+    n = int(r.integers(1, 300)) | 1 if r.random() < 0.6 else int(r.choice([16, 32, 64, 192]))
+    s = int(r.integers(0, k + 1)) if r.random() < 0.3 else int(round(k * r.uniform(0, 0.4)))
+    g = int(r.choice([0, 1, 3, 8, 32, 64]))
+    return m, k, n, s, g, bool(r.random() < 0.5), bool(r.random() < 0.5), \
+        (np.float32, np.float16)[int(r.random() < 0.3)], 1 + seed % 2
+
+
+@pytest.mark.parametrize("seed", _ALGO_SEEDS)
+def test_algorithms_random_shapes(lib, isa, algo, seed):
+    m, k, n, s, g, r2, bias, dtype, threads = _algo_case(seed)
+    w = random_mixed_linear(n, k, s, g, with_r2=r2, with_bias=bias, seed=seed)
+    sess = _session(bml_model(w, ["M", k], dtype), lib, threads=threads)
+    x = np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
+    (y,) = sess.run(None, {"X": x})
+    _assert_close(y, _reference(w, x), FP32_RTOL if dtype == np.float32 else FP16_RTOL)
+
+
+@pytest.mark.parametrize("frac,g", [(0.0, 0), (1.0, 0), (1.0, 24)], ids=["w1", "w4", "w4-G24"])
+def test_algorithms_one_kind(lib, isa, algo, frac, g):
+    """No salient column (w1) or only salient ones (w4): one part of the packed weights empty."""
+    w = _weights(77, 301, frac, g, True, True, seed=4)
+    sess = _session(bml_model(w, ["M", 301]), lib, threads=2)
+    x = np.random.default_rng(5).standard_normal((37, 301)).astype(np.float32)
+    (y,) = sess.run(None, {"X": x})
+    _assert_close(y, _reference(w, x), FP32_RTOL)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_gemm_passes_and_strips(lib, isa, algo, dtype):
+    """K = 4096 and M = 300: fp16 X is converted in two passes of rows, fp16 Y written in
+    strips of 64 rows; N = 40 leaves a partial panel."""
+    w = _weights(40, 4096, 0.2, 128, True, True, seed=8)
+    sess = _session(bml_model(w, ["M", 4096], dtype), lib, threads=2)
+    x = np.random.default_rng(9).standard_normal((300, 4096)).astype(dtype)
+    (y,) = sess.run(None, {"X": x})
+    _assert_close(y, _reference(w, x), FP32_RTOL if dtype == np.float32 else FP16_RTOL)
+
+
+@pytest.mark.parametrize("m,n", [(3, 16), (4, 16), (8, 64), (16, 100), (16, 140), (64, 190),
+                                 (64, 230), (256, 240), (256, 300), (20, 576)],
+                         ids=lambda v: str(v))
+def test_auto_crossover(lib, isa, m, n):
+    """Shapes on both sides of the automatic choice between tables and GEMM (a cost model per
+    CPU path: the boundary moves with M, N, K and the salient share)."""
+    w = _weights(n, 576, 0.2, 64, True, True, seed=m + n)
+    sess = _session(bml_model(w, ["M", 576]), lib)
+    x = np.random.default_rng(n).standard_normal((m, 576)).astype(np.float32)
+    (y,) = sess.run(None, {"X": x})
+    _assert_close(y, _reference(w, x), FP32_RTOL)
+
+
 def test_same_session_many_runs(lib, isa):
     """Packed weights are cached per kernel: later runs (other M, other X) stay right."""
     w = _weights(33, 100, 0.2, 8, True, True, seed=9)
@@ -341,6 +415,15 @@ def test_isa_env_rejects_unknown(lib, monkeypatch):
         ort_session(bml_model(w, ["M", 16]), lib)
     msg = str(info.value)
     assert "QEXPORT_CPU_ISA" in msg and "sse9" in msg and "portable" in msg, msg
+
+
+def test_algo_env_rejects_unknown(lib, monkeypatch):
+    monkeypatch.setenv("QEXPORT_CPU_ALGO", "fastest")
+    w = _weights(4, 16, 0.0, 0, False, False)
+    with pytest.raises(ort_errors()) as info:
+        ort_session(bml_model(w, ["M", 16]), lib)
+    msg = str(info.value)
+    assert "QEXPORT_CPU_ALGO" in msg and "fastest" in msg and "gemm" in msg, msg
 
 
 @pytest.mark.parametrize("name", ["avx2", "avx512"])

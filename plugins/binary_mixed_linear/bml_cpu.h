@@ -57,6 +57,25 @@ Status ResolveIsa(const char* name, Isa* out);
 // ResolveIsa(getenv(kIsaEnv)).
 Status IsaFromEnvironment(Isa* out);
 
+// Which algorithm serves a call (docs/kernels.md): auto: lookup tables, or for large M
+// dequantized panels + GEMM where that was measured faster on the ISA path; tables: the
+// tables at every M; gemm: the GEMM at every M (on a path that has one; portable has not).
+// For tests and benchmarks.
+enum class Algo { kAuto, kTables, kGemm };
+
+// Environment variable that forces one: auto | tables | gemm (unset: auto).
+constexpr const char* kAlgoEnv = "QEXPORT_CPU_ALGO";
+
+// The CPU kernel's choices, fixed per kernel (at session creation).
+struct CpuPath {
+  Isa isa = Isa::kAuto;
+  Algo algo = Algo::kAuto;
+};
+
+// The ISA (kIsaEnv) and algorithm (kAlgoEnv) the environment asks for; an error names the
+// variable, its value and what is allowed.
+Status CpuPathFromEnvironment(CpuPath* out);
+
 // A generic parallel-for: calls task(data, i) once for every i in [0, total), possibly from
 // several threads at once, and returns when all are done. Null run: serial.
 struct ParallelFor {
@@ -79,14 +98,15 @@ using PackedPtr = std::shared_ptr<const PackedWeights>;
 Status PackWeights(const Args& args, PackedPtr* out, bool release_source = false) noexcept;
 
 // Runs the kernel on weights packed by PackWeights from the same weight inputs, on the given
-// ISA path (kAuto: best), spreading the work with `parallel`. Never throws.
-Status RunCpuPacked(const Args& args, const PackedWeights& packed, Isa isa,
+// path (kAuto: best ISA, measured crossover), spreading the work with `parallel`. Never
+// throws.
+Status RunCpuPacked(const Args& args, const PackedWeights& packed, const CpuPath& path,
                     const ParallelFor& parallel) noexcept;
 
-// Runs the kernel: packs the weights, then RunCpuPacked on the best ISA path (or the one
-// QEXPORT_CPU_ISA forces), serially. Re-checks what memory safety depends on (sizes,
-// salient_idx order and range) and returns an error instead of reading out of bounds; full
-// input validation against the contract is bml_validate.h. Never throws.
+// Runs the kernel: packs the weights, then RunCpuPacked on the path the environment asks
+// for (CpuPathFromEnvironment; by default the best), serially. Re-checks what memory safety
+// depends on (sizes, salient_idx order and range) and returns an error instead of reading
+// out of bounds; full input validation against the contract is bml_validate.h. Never throws.
 Status RunCpu(const Args& args) noexcept;
 
 // The plain reference-order kernel (no tables, no threads): used for activations or weight

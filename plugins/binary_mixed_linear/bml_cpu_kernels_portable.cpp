@@ -1,35 +1,42 @@
-// Portable inner loops of the BinaryMixedLinear table kernel (no intrinsics): the path for
-// CPUs without AVX2 and the one QEXPORT_CPU_ISA=portable forces. See bml_cpu_kernels.h.
+// Portable inner loops of the BinaryMixedLinear kernel (no intrinsics): the path for CPUs
+// without AVX2 and the one QEXPORT_CPU_ISA=portable forces. See bml_cpu_kernels.h. Tables
+// only: a plain-C++ GEMM (the compiler's vectorization of it) measured 3-5x slower than the
+// scalar lookups at every M here, so this path has no large-M GEMM.
 #include "binary_mixed_linear/bml_cpu_kernels.h"
+
+#include <cstring>
 
 namespace qexport {
 namespace bml {
 namespace detail {
 namespace {
 
-#include "binary_mixed_linear/bml_cpu_kernels_common.inc"
+constexpr int kLutMaxBlocks = kGroupBlocks;
 
 template <int NB>
-inline void LutDotN(const uint8_t* w, int64_t blk_stride, const float* lut, int64_t nbytes,
+inline void LutDotN(const uint8_t* w, int64_t /*grp_stride*/, const float* lut, int64_t ndw,
                     float* out, const float* scale) {
   for (int i = 0; i < NB; ++i) {
-    const uint8_t* wi = w + i * blk_stride;
     float acc[kRowBlock] = {};
-    for (int64_t b = 0; b < nbytes; ++b) {
-      const float* lo = lut + 32 * b;
-      const float* hi = lo + 16;
-      const uint8_t* wb = wi + 16 * b;
-      for (int r = 0; r < kRowBlock; ++r) acc[r] += lo[wb[r] & 15] + hi[wb[r] >> 4];
+    for (int64_t q = 0; q < ndw; ++q) {
+      const uint8_t* line = w + q * kGroupLine + i * kBlockLine;
+      const float* t = lut + 16 * kNibbles * q;
+      // Byte e of a dword holds nibbles 2e (low) and 2e + 1 (high).
+      for (int e = 0; e < 4; ++e) {
+        const float* lo = t + 32 * e;
+        const float* hi = lo + 16;
+        for (int r = 0; r < kRowBlock; ++r) {
+          const uint8_t b = line[4 * r + e];
+          acc[r] += lo[b & 15] + hi[b >> 4];
+        }
+      }
     }
     float* o = out + kRowBlock * i;
-    if (scale) {
-      const float* sc = scale + kRowBlock * i;
-      for (int r = 0; r < kRowBlock; ++r) o[r] += sc[r] * acc[r];
-    } else {
-      for (int r = 0; r < kRowBlock; ++r) o[r] += acc[r];
-    }
+    for (int r = 0; r < kRowBlock; ++r) o[r] += (scale ? scale[kRowBlock * i + r] : 1.0f) * acc[r];
   }
 }
+
+#include "binary_mixed_linear/bml_cpu_kernels_common.inc"
 
 }  // namespace
 

@@ -1,25 +1,30 @@
-// qexport::BinaryMixedLinear CPU kernel: lookup tables over the packed weights, fp32
-// accumulation (docs/kernels.md has the design and the measurements).
+// qexport::BinaryMixedLinear CPU kernel: lookup tables over the packed weights, or for
+// large M dequantized panels + GEMM; fp32 accumulation (docs/kernels.md has the design and
+// the measurements).
 //
 // Weights, packed once from layout 1 (PackWeights; the ORT glue caches them for constant
 // initializers):
-// - output rows in blocks of 16 (N padded with zero rows);
-// - binary part: for block nb, sign byte b (binary columns 8b..8b+7), row r: the layout-1
-//   byte sign_packed[16 nb + r, b] at wb[(nb * kb_bytes + b) * 16 + r]: one 16-byte load
-//   gives the byte of 16 rows;
-// - salient part: the same [block][byte][16 rows] order over the 4-bit codes, each group's
-//   columns padded to an even count so that no byte straddles two groups;
+// - output rows in blocks of 16, blocks in groups of 4 (N padded with zero rows);
+// - binary part: per group, per dword q of the sign rows (binary columns 32q..32q+31), the
+//   4 blocks' 64-byte lines of 16 rows x the layout-1 bytes 4q..4q+3 (bml_cpu_kernels.h):
+//   one 64-byte load gives 16 rows x 32 signs, and a group is read as one stream;
+// - salient part: the same order over the 4-bit codes, each group's columns padded to a
+//   multiple of 8 so that no dword straddles two groups;
 // - fp16 parameters as fp32, per-group scales as [group][N] rows.
-// Per row of X (the activation side, built every call):
+// Tables (RunLut), per row of X (the activation side, built every call):
 // - binary: x_b = X[binary channels] * r2 in groups of 4; a 16-entry table per group holds
 //   the 16 sums +-x0 +-x1 +-x2 +-x3, and a sign nibble of a row is the index of its term, so
 //   sum_c sign[n, c] x_b[c] is one table lookup and one add per 4 weights;
 // - salient: a 16-entry table per salient column holds q * x[j] for q = 0..15, so a 4-bit
 //   code is one lookup; per group, y += scale * sum_j q x[j] - scale * zero * sum_j x[j].
 // The per-ISA loops (bml_cpu_kernels_*.cpp) do 16 lookups per instruction (vpermps).
-// Work is split over tiles of (rows of X) x (output rows); the table of a row of X is built
-// once and reused by every output row. Inputs or parameters that are not finite go to the
-// plain kernel (RunCpuPlain), where no reordering can turn an infinity into NaN.
+// Dequantize + GEMM (RunGemm): per panel of output rows, W^T dequantized to fp32 in a
+// per-thread buffer (the packed form stays the only copy of the weights), then a
+// register-blocked FMA micro-kernel over the rows of X. It wins for large M where N is
+// small (the tables' build per row of X is O(K) whatever N) or salient codes dominate (one
+// lookup per code against one per 4 signs); a cost model per ISA path picks (UseGemm).
+// Inputs or parameters that are not finite go to the plain kernel (RunCpuPlain), where no
+// reordering can turn an infinity into NaN.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -27,6 +32,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -40,18 +46,77 @@
 namespace qexport {
 namespace bml {
 
+// Zero-filled bytes for the packed weights. On Linux an anonymous mapping, 2 MiB aligned
+// and marked MADV_HUGEPAGE when it spans a huge page, so that transparent huge pages back
+// its whole 2 MiB extents (the tail stays in 4 KiB pages: no memory is added). The M = 1
+// path streams the weights once per call, and with 4 KiB pages the TLB misses cost more
+// than the lookups (measured in a KVM guest, 4096x4096: 0.31 -> 0.17 ms with the weights in
+// DRAM, 0.13 -> 0.10 ms in L3). Elsewhere: plain heap memory.
+class WeightBytes {
+ public:
+  WeightBytes() = default;
+  WeightBytes(const WeightBytes&) = delete;
+  WeightBytes& operator=(const WeightBytes&) = delete;
+  ~WeightBytes() { Free(); }
+
+  uint8_t* Allocate(size_t bytes) {
+    Free();
+#if defined(__linux__)
+    static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    constexpr size_t kHuge = size_t{2} << 20;
+    size_ = (std::max<size_t>(bytes, 1) + page - 1) / page * page;
+    const size_t align = size_ >= kHuge ? kHuge : page;
+    const size_t span = size_ + align - page;
+    void* m = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(m);
+    const uintptr_t start = (begin + align - 1) / align * align;
+    if (start > begin) munmap(m, start - begin);  // trim to the aligned span
+    const uintptr_t end = start + size_, span_end = begin + span;
+    if (span_end > end) munmap(reinterpret_cast<void*>(end), span_end - end);
+    data_ = reinterpret_cast<uint8_t*>(start);
+#if defined(MADV_HUGEPAGE)
+    if (align == kHuge) (void)madvise(data_, size_, MADV_HUGEPAGE);  // a hint only
+#endif
+#else
+    heap_.assign(std::max<size_t>(bytes, 1), 0);
+    data_ = heap_.data();
+#endif
+    return data_;
+  }
+
+ private:
+  void Free() {
+#if defined(__linux__)
+    if (data_) munmap(data_, size_);
+#endif
+    data_ = nullptr;
+  }
+  uint8_t* data_ = nullptr;
+#if defined(__linux__)
+  size_t size_ = 0;
+#else
+  std::vector<uint8_t> heap_;
+#endif
+};
+
 struct PackedWeights {
   int64_t k = 0, n = 0, s = 0, kb = 0, group_size = 0, groups = 0;
-  int64_t nblk = 0, npad = 0;
-  int64_t kb_bytes = 0;               // ceil(kb / 8)
-  std::vector<uint8_t> wb;            // [nblk][kb_bytes][16]
+  int64_t nblk = 0, npad = 0, ngrp = 0;  // blocks of 16 rows, npad = 16 nblk, groups of 4
+  int64_t kb_dw = 0;                  // ceil(kb / 32): dwords per sign row
+  WeightBytes bytes;                  // wb and ws
+  uint8_t* wb = nullptr;              // [ngrp][kb_dw][4 blocks][16 rows][4 bytes]
   std::vector<int32_t> bin_chan;      // [kb] input channel of each binary column
+  std::vector<uint16_t> bin_mask;     // [ceil(k / 16)] bit i: channel 16 b + i is binary
   std::vector<float> r2;              // [kb]; empty: all ones
   std::vector<float> rs, ro;          // [npad]
-  int64_t s_bytes = 0;                // bytes per row of packed codes (groups padded to even)
-  std::vector<uint8_t> ws;            // [nblk][s_bytes][16]
-  std::vector<int32_t> slot_chan;     // [2 s_bytes] input channel of each code slot; -1: pad
-  std::vector<int64_t> group_byte;    // [groups + 1] first byte of each group
+  std::vector<float> pos, neg;        // [npad]: ro + rs, ro - rs (a dequantized sign)
+  int64_t s_dw = 0;                   // dwords per row of codes (groups padded to 8 codes)
+  uint8_t* ws = nullptr;              // [ngrp][s_dw][4 blocks][16 rows][4 bytes]
+  std::vector<int32_t> slot_chan;     // [8 s_dw] input channel of each code slot; -1: pad
+  std::vector<int32_t> slot_of;       // [s] code slot of each salient column
+  bool slots_dense = true;            // slot_of[j] == j: no padding before the last group
+  std::vector<int64_t> group_dw;      // [groups + 1] first dword of each group
   std::vector<float> sscale, szero;   // [groups][npad]: scale, scale * zero
   bool has_zero = false;              // some zero point is not 0
   std::vector<float> bias;            // [npad]; empty: none
@@ -61,8 +126,21 @@ struct PackedWeights {
 namespace {
 
 using detail::CpuKernels;
-using detail::kMaxBlocks;
+using detail::kBlockLine;
+using detail::kGroupBlocks;
+using detail::kGroupLine;
+using detail::kLutBlocks;
+using detail::kNibbles;
 using detail::kRowBlock;
+using detail::kSplitSlack;
+
+// Offset of row `row`'s line in a [group][dword][block][row][4 bytes] array with `dw`
+// dwords per row (dword q of the row: + q * kGroupLine).
+int64_t LineOffset(int64_t row, int64_t dw) {
+  const int64_t blk = row / kRowBlock;
+  return (blk / kGroupBlocks) * dw * kGroupLine + (blk % kGroupBlocks) * kBlockLine +
+         4 * (row % kRowBlock);
+}
 
 bool FiniteHalf(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
 
@@ -153,6 +231,7 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
   const int64_t gsz = a.group_size > 0 ? a.group_size : a.s;
   p->nblk = (a.n + kRowBlock - 1) / kRowBlock;
   p->npad = p->nblk * kRowBlock;
+  p->ngrp = (p->nblk + kGroupBlocks - 1) / kGroupBlocks;
   const int64_t n = a.n, npad = p->npad;
 
   std::vector<uint8_t> is_salient(static_cast<size_t>(a.k), 0);
@@ -165,8 +244,12 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
     is_salient[c] = 1;
   }
   p->bin_chan.reserve(static_cast<size_t>(p->kb));
-  for (int64_t c = 0; c < a.k; ++c)
-    if (!is_salient[c]) p->bin_chan.push_back(static_cast<int32_t>(c));
+  p->bin_mask.assign(static_cast<size_t>((a.k + 15) / 16), 0);
+  for (int64_t c = 0; c < a.k; ++c) {
+    if (is_salient[c]) continue;
+    p->bin_chan.push_back(static_cast<int32_t>(c));
+    p->bin_mask[c / 16] |= static_cast<uint16_t>(1u << (c % 16));
+  }
 
   auto half_row = [&](const uint16_t* src, int64_t count, std::vector<float>* dst) {
     dst->assign(static_cast<size_t>(npad), 0.0f);
@@ -177,6 +260,12 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
   };
   half_row(a.row_scale, n, &p->rs);
   half_row(a.row_offset, n, &p->ro);
+  p->pos.resize(static_cast<size_t>(npad));
+  p->neg.resize(static_cast<size_t>(npad));
+  for (int64_t i = 0; i < npad; ++i) {
+    p->pos[i] = p->ro[i] + p->rs[i];
+    p->neg[i] = p->ro[i] - p->rs[i];
+  }
   if (a.r2) {
     p->r2.resize(static_cast<size_t>(p->kb));
     for (int64_t c = 0; c < p->kb; ++c) {
@@ -189,43 +278,48 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
     std::copy(a.bias, a.bias + n, p->bias.begin());
   }
 
-  // Binary signs: [block][byte][16 rows], the bytes of layout 1 unchanged.
-  p->kb_bytes = (p->kb + 7) / 8;
-  const int64_t kbb = p->kb_bytes;
-  p->wb.assign(static_cast<size_t>(p->nblk * kbb * kRowBlock), 0);
+  // Sizes: sign rows in dwords; salient groups padded to a multiple of 8 codes (whole
+  // dwords, so that no dword straddles two groups). Both parts in one block.
+  const int64_t kbb = (p->kb + 7) / 8;
+  p->kb_dw = (p->kb + 31) / 32;
+  const int64_t groups = p->groups;
+  p->group_dw.assign(static_cast<size_t>(groups + 1), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t cnt = std::min(a.s, (g + 1) * gsz) - g * gsz;
+    p->group_dw[g + 1] = p->group_dw[g] + (cnt + kNibbles - 1) / kNibbles;
+  }
+  p->s_dw = p->group_dw[groups];
+  const int64_t wb_bytes = p->ngrp * p->kb_dw * kGroupLine;
+  p->wb = p->bytes.Allocate(static_cast<size_t>(wb_bytes + p->ngrp * p->s_dw * kGroupLine));
+  p->ws = p->wb + wb_bytes;
+
+  // Binary signs: the bytes of layout 1 unchanged, 4 per dword (LineOffset).
   RowReleaser sign_release(release, a.sign_packed, kbb, n);
   for (int64_t row = 0; row < n; ++row) {
     const uint8_t* src = a.sign_packed + row * kbb;
-    uint8_t* dst = p->wb.data() + (row / kRowBlock) * kbb * kRowBlock + row % kRowBlock;
-    for (int64_t b = 0; b < kbb; ++b) dst[b * kRowBlock] = src[b];
+    uint8_t* dst = p->wb + LineOffset(row, p->kb_dw);
+    for (int64_t b = 0; b < kbb; ++b) dst[(b / 4) * kGroupLine + b % 4] = src[b];
     sign_release.Done(row);
   }
 
-  // Salient codes: groups padded to an even number of columns.
-  const int64_t groups = p->groups;
-  p->group_byte.assign(static_cast<size_t>(groups + 1), 0);
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t cnt = std::min(a.s, (g + 1) * gsz) - g * gsz;
-    p->group_byte[g + 1] = p->group_byte[g] + (cnt + 1) / 2;
-  }
-  p->s_bytes = p->group_byte[groups];
-  p->slot_chan.assign(static_cast<size_t>(2 * p->s_bytes), -1);
-  std::vector<int64_t> slot_of(static_cast<size_t>(a.s));
+  // Salient codes: the nibbles of layout 1, moved to their padded slots.
+  p->slot_chan.assign(static_cast<size_t>(kNibbles * p->s_dw), -1);
+  p->slot_of.resize(static_cast<size_t>(a.s));
   for (int64_t j = 0; j < a.s; ++j) {
     const int64_t g = j / gsz;
-    slot_of[j] = 2 * p->group_byte[g] + (j - g * gsz);
-    p->slot_chan[slot_of[j]] = a.salient_idx[j];
+    p->slot_of[j] = static_cast<int32_t>(kNibbles * p->group_dw[g] + (j - g * gsz));
+    p->slot_chan[p->slot_of[j]] = a.salient_idx[j];
+    p->slots_dense = p->slots_dense && p->slot_of[j] == j;
   }
-  const int64_t sb = p->s_bytes, sal_bytes = (a.s + 1) / 2;
-  p->ws.assign(static_cast<size_t>(p->nblk * sb * kRowBlock), 0);
+  const int64_t sal_bytes = (a.s + 1) / 2;
   RowReleaser code_release(release, a.salient_packed, sal_bytes, n);
   for (int64_t row = 0; row < n; ++row) {
     const uint8_t* src = a.salient_packed + row * sal_bytes;
-    uint8_t* dst = p->ws.data() + (row / kRowBlock) * sb * kRowBlock + row % kRowBlock;
+    uint8_t* dst = p->ws + LineOffset(row, p->s_dw);
     for (int64_t j = 0; j < a.s; ++j) {
       const int q = (src[j >> 1] >> ((j & 1) * 4)) & 0xf;
-      const int64_t slot = slot_of[j];
-      dst[(slot >> 1) * kRowBlock] |= static_cast<uint8_t>(q << ((slot & 1) * 4));
+      const int64_t slot = p->slot_of[j], nib = slot % kNibbles;
+      dst[(slot / kNibbles) * kGroupLine + nib / 2] |= static_cast<uint8_t>(q << ((nib & 1) * 4));
     }
     code_release.Done(row);
   }
@@ -288,42 +382,30 @@ Status ParallelRun(const ParallelFor& par, size_t total, Fn fn) {
   return Status::Ok();
 }
 
-template <typename T>
-bool AllFinite(const T* x, int64_t count);
-template <>
-bool AllFinite(const float* x, int64_t count) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    uint32_t b;
-    std::memcpy(&b, x + i, 4);
-    bad |= static_cast<uint32_t>((b & 0x7f800000u) == 0x7f800000u);
-  }
-  return bad == 0;
-}
-template <>
-bool AllFinite(const uint16_t* x, int64_t count) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < count; ++i) bad |= static_cast<uint32_t>((x[i] & 0x7c00u) == 0x7c00u);
-  return bad == 0;
-}
-
 inline float LoadF(const float* p, int64_t i) { return p[i]; }
 inline float LoadF(const uint16_t* p, int64_t i) { return HalfToFloat(p[i]); }
 inline void StoreF(float* p, int64_t i, float v) { p[i] = v; }
 inline void StoreF(uint16_t* p, int64_t i, float v) { p[i] = FloatToHalf(v); }
 
-constexpr int64_t kChunkBytes = 64;         // K chunk: 512 binary / 128 salient columns
-constexpr int64_t kTableBudget = 8 << 20;   // bytes of tables per pass over rows of X
+constexpr int64_t kChunkDw = 16;           // K chunk: 512 binary / 128 salient columns
+constexpr int64_t kTileRows = 8;           // rows of X per tile (large M)
+// Bytes of tables per pass over rows of X (small M: at most kTileRows * 2 - 1 rows, 1.6 MB
+// at K = 4096); about an L2, so that a pass's tables are still cached when its tiles read
+// them.
+constexpr int64_t kTableBudget = 2 << 20;
+constexpr int64_t kGemmPassBytes = 4 << 20;  // fp32 copy of fp16 X rows per GEMM pass
 
 // Scratch buffers kept per thread across calls (a small model makes hundreds of short calls
 // per forward; allocating these on each one showed up in profiles). CallScratch belongs to
 // the thread that runs Run; TaskScratch to the thread running a task (the calling thread
 // may run tasks too, hence two separate objects). Grow-only.
 struct CallScratch {
-  std::vector<float> tables;
+  std::vector<float> tables;  // RunLut, small M: tables of a pass of rows of X
+  std::vector<float> xf;      // RunGemm: fp16 X rows of a pass as fp32
 };
 struct TaskScratch {
-  std::vector<float> buf, acc_b, acc_s;
+  std::vector<float> buf, acc, tables;   // RunLut (tables: large M)
+  std::vector<float> panel, ctile;       // RunGemm: dequantized panel, fp32 rows for fp16 Y
 };
 CallScratch& ThreadCallScratch() {
   thread_local CallScratch s;
@@ -334,122 +416,279 @@ TaskScratch& ThreadTaskScratch() {
   return s;
 }
 
+// Sum of v[0, n), n a multiple of 8, in 8 interleaved partial sums (vectorizes; a single
+// running sum would be a chain of dependent adds).
+float Sum(const float* v, int64_t n) {
+  float part[8] = {};
+  for (int64_t i = 0; i < n; i += 8)
+    for (int l = 0; l < 8; ++l) part[l] += v[i + l];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Sizes of a row's tables: [lutb | luts | sum_b | xsum per group], in floats.
+struct TableLayout {
+  int64_t lutb, luts, row;
+  explicit TableLayout(const PackedWeights& p)
+      : lutb(16 * kNibbles * p.kb_dw), luts(16 * kNibbles * p.s_dw),
+        row(lutb + luts + 1 + p.groups) {}
+};
+
+// Builds the tables of one row of X at t (TableLayout).
 template <typename T>
-Status Run(const Args& a, const PackedWeights& p, const CpuKernels& kern,
-           const ParallelFor& par) {
-  const int64_t m = a.m, k = a.k, npad = p.npad, groups = p.groups;
-  const int64_t kbb = p.kb_bytes, sb = p.s_bytes;
-  const int64_t lutb_size = 2 * kbb * 16, luts_size = 2 * sb * 16;
-  const int64_t row_table = lutb_size + luts_size + 1 + groups;  // floats per row of X
-  const int64_t mp = std::max<int64_t>(
-      1, std::min<int64_t>(m, kTableBudget / static_cast<int64_t>(4 * row_table)));
-  // Every float of a row's tables is written before it is read: no clearing needed.
-  std::vector<float>& tables = ThreadCallScratch().tables;
-  if (tables.size() < static_cast<size_t>(mp * row_table))
-    tables.resize(static_cast<size_t>(mp * row_table));
+void BuildTables(const PackedWeights& p, const CpuKernels& kern, const TableLayout& tl,
+                 const T* xr, float* t) {
+  // x_b (zero padded to whole dwords) and the salient slots (0 in padding slots).
+  const int64_t k = p.k, kdw = p.kb_dw, sdw = p.s_dw;
+  std::vector<float>& buf = ThreadTaskScratch().buf;
+  const int64_t nb_slots = 32 * kdw, ns_slots = kNibbles * sdw;
+  const int64_t xf_size = std::is_same<T, float>::value ? 0 : k;
+  const size_t need = static_cast<size_t>(nb_slots + ns_slots + p.s + xf_size + 2 * kSplitSlack);
+  if (buf.size() < need) buf.resize(need);
+  float* xb = buf.data();                       // nb_slots (+ slack)
+  float* xs = xb + nb_slots + kSplitSlack;      // ns_slots
+  float* xsal = xs + ns_slots;                  // s (+ slack): salient columns in order
+  const float* xf;
+  if constexpr (std::is_same<T, float>::value) {
+    xf = xr;
+  } else {  // fp16 X: the row as fp32 first
+    float* conv = xsal + p.s + kSplitSlack;
+    for (int64_t c = 0; c < k; ++c) conv[c] = LoadF(xr, c);
+    xf = conv;
+  }
+  if (p.slots_dense) xsal = xs;
+  kern.split_row(xf, k, p.bin_mask.data(), p.r2.empty() ? nullptr : p.r2.data(), xb, xsal);
+  std::fill(xb + p.kb, xb + nb_slots, 0.0f);
+  if (p.slots_dense) {
+    std::fill(xs + p.s, xs + ns_slots, 0.0f);
+  } else {
+    std::fill(xs, xs + ns_slots, 0.0f);
+    for (int64_t j = 0; j < p.s; ++j) xs[p.slot_of[j]] = xsal[j];
+  }
+  kern.sign_lut(xb, kNibbles * kdw, t);
+  kern.code_lut(xs, ns_slots, t + tl.lutb);
+  float* tail = t + tl.lutb + tl.luts;
+  tail[0] = Sum(xb, nb_slots);
+  for (int64_t g = 0; g < p.groups; ++g)
+    tail[1 + g] =
+        Sum(xs + kNibbles * p.group_dw[g], kNibbles * (p.group_dw[g + 1] - p.group_dw[g]));
+}
+
+// One tile: rows [r0, r1) of X, whose tables are at `tables` (row r0 first), x blocks
+// [nb0, nb1) of 16 output rows (whole groups, but for the last). `chunk`: dwords of K per
+// lut_dot call.
+template <typename T>
+void RunTile(const PackedWeights& p, const CpuKernels& kern, const TableLayout& tl,
+             const float* tables, int64_t r0, int64_t r1, int64_t nb0, int64_t nb1,
+             int64_t chunk, T* y) {
+  const int64_t npad = p.npad, kdw = p.kb_dw, sdw = p.s_dw;
+  const int64_t width = (nb1 - nb0) * kRowBlock;
+  // One accumulator per output: the binary dots scaled by row_scale, the salient ones by
+  // their group's scale.
+  std::vector<float>& acc = ThreadTaskScratch().acc;
+  acc.assign(static_cast<size_t>((r1 - r0) * width), 0.0f);
+  // lut_dot over dwords [d0, d0 + len) of the rows' tables at `table`, every group of the
+  // tile, of a [group][dw][4 blocks] array.
+  auto dot = [&](const uint8_t* w, int64_t dw, int64_t d0, int64_t len, int64_t table,
+                 const float* scale) {
+    for (int64_t r = 0; r < r1 - r0; ++r) {
+      const float* lut = tables + r * tl.row + table + 16 * kNibbles * d0;
+      float* out = acc.data() + r * width;
+      for (int64_t nb = nb0; nb < nb1; nb += kLutBlocks) {
+        const int cnt = static_cast<int>(std::min<int64_t>(kLutBlocks, nb1 - nb));
+        kern.lut_dot(w + ((nb / kGroupBlocks) * dw + d0) * kGroupLine, dw * kGroupLine, cnt,
+                     lut, len, out + (nb - nb0) * kRowBlock, scale + nb * kRowBlock);
+      }
+    }
+  };
+  for (int64_t c0 = 0; c0 < kdw; c0 += chunk)
+    dot(p.wb, kdw, c0, std::min(chunk, kdw - c0), 0, p.rs.data());
+  for (int64_t g = 0; g < p.groups; ++g)
+    for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk)
+      dot(p.ws, sdw, c0, std::min(chunk, p.group_dw[g + 1] - c0), tl.lutb,
+          p.sscale.data() + g * npad);
+  // Epilogue: y = acc + row_offset * sum_b - sum_g scale * zero * xsum_g + bias.
+  const int64_t n0 = nb0 * kRowBlock, n1 = std::min(p.n, nb1 * kRowBlock);
+  for (int64_t r = 0; r < r1 - r0; ++r) {
+    const float* tail = tables + r * tl.row + tl.lutb + tl.luts;
+    float* ab = acc.data() + r * width;
+    const float sum_b = tail[0];
+    const float* ro = p.ro.data() + n0;
+    for (int64_t j = 0; j < width; ++j) ab[j] += ro[j] * sum_b;
+    if (p.has_zero) {
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const float xs = tail[1 + g];
+        const float* sz = p.szero.data() + g * npad + n0;
+        for (int64_t j = 0; j < width; ++j) ab[j] -= sz[j] * xs;
+      }
+    }
+    if (!p.bias.empty())
+      for (int64_t j = 0; j < width; ++j) ab[j] += p.bias[n0 + j];
+    const int64_t row = r0 + r;
+    for (int64_t o = n0; o < n1; ++o) StoreF(y, row * p.n + o, ab[o - n0]);
+  }
+}
+
+// Lookup tables per row of X.
+template <typename T>
+Status RunLut(const Args& a, const PackedWeights& p, const CpuKernels& kern,
+              const ParallelFor& par) {
+  const int64_t m = a.m, k = a.k;
+  const TableLayout tl(p);
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
-
+  // Large M: one task per kTileRows rows of X. It builds their tables (~100 KB a row at
+  // K = 4096: they stay in L2) and runs them over every output row, 1024 at a time, K in
+  // chunks of kChunkDw so that a chunk's tables stay in L1 across those rows. One parallel
+  // loop per call: with the tables built apart, in passes (two waits on the pool each), 2
+  // threads on a loaded machine were up to 1.7x slower at M = 256.
+  if (m >= kTileRows * 2) {
+    const int64_t nrb = 16 * kGroupBlocks;
+    return ParallelRun(par, static_cast<size_t>((m + kTileRows - 1) / kTileRows), [&](size_t i) {
+      const int64_t r0 = static_cast<int64_t>(i) * kTileRows, r1 = std::min(m, r0 + kTileRows);
+      std::vector<float>& tables = ThreadTaskScratch().tables;
+      if (tables.size() < static_cast<size_t>(kTileRows * tl.row))
+        tables.resize(static_cast<size_t>(kTileRows * tl.row));
+      for (int64_t r = r0; r < r1; ++r)
+        BuildTables(p, kern, tl, x + r * k, tables.data() + (r - r0) * tl.row);
+      for (int64_t nb0 = 0; nb0 < p.nblk; nb0 += nrb)
+        RunTile(p, kern, tl, tables.data(), r0, r1, nb0, std::min(p.nblk, nb0 + nrb), kChunkDw,
+                y);
+    });
+  }
+  // Small M: the tables of all rows (in passes within kTableBudget), built in parallel over
+  // rows; then tiles over N, two groups (128 output rows) each, so that the weights stream
+  // once and the work spreads over N. A table is read once per tile: K in one chunk.
+  const int64_t mp = std::max<int64_t>(
+      1, std::min<int64_t>(m, kTableBudget / static_cast<int64_t>(4 * tl.row)));
+  // Every float of a row's tables is written before it is read: no clearing needed.
+  std::vector<float>& tables = ThreadCallScratch().tables;
+  if (tables.size() < static_cast<size_t>(mp * tl.row))
+    tables.resize(static_cast<size_t>(mp * tl.row));
+  const int64_t chunk = std::max<int64_t>(p.kb_dw, p.s_dw);
+  const int64_t n_tiles = (p.nblk + kLutBlocks - 1) / kLutBlocks;
   for (int64_t pm0 = 0; pm0 < m; pm0 += mp) {
     const int64_t pm = std::min(mp, m - pm0);
-    // Tables of each row of X: [lutb | luts | sum_b | xsum per group].
     Status st = ParallelRun(par, static_cast<size_t>(pm), [&](size_t i) {
       const int64_t r = pm0 + static_cast<int64_t>(i);
-      const T* xr = x + r * k;
-      float* t = tables.data() + static_cast<int64_t>(i) * row_table;
-      std::vector<float>& buf = ThreadTaskScratch().buf;
-      buf.assign(static_cast<size_t>(std::max(8 * kbb, 2 * sb)), 0.0f);
-      float sum_b = 0.0f;
-      for (int64_t c = 0; c < p.kb; ++c) {
-        const float v = LoadF(xr, p.bin_chan[c]) * (p.r2.empty() ? 1.0f : p.r2[c]);
-        buf[c] = v;
-        sum_b += v;
-      }
-      kern.sign_lut(buf.data(), 2 * kbb, t);
-      std::fill(buf.begin(), buf.end(), 0.0f);
-      for (int64_t slot = 0; slot < 2 * sb; ++slot)
-        if (p.slot_chan[slot] >= 0) buf[slot] = LoadF(xr, p.slot_chan[slot]);
-      kern.code_lut(buf.data(), 2 * sb, t + lutb_size);
-      float* tail = t + lutb_size + luts_size;
-      tail[0] = sum_b;
-      for (int64_t g = 0; g < groups; ++g) {
-        float xs = 0.0f;
-        for (int64_t slot = 2 * p.group_byte[g]; slot < 2 * p.group_byte[g + 1]; ++slot)
-          xs += buf[slot];
-        tail[1 + g] = xs;
-      }
+      BuildTables(p, kern, tl, x + r * k, tables.data() + static_cast<int64_t>(i) * tl.row);
     });
     if (!st) return st;
+    st = ParallelRun(par, static_cast<size_t>(n_tiles), [&](size_t i) {
+      const int64_t nb0 = static_cast<int64_t>(i) * kLutBlocks;
+      RunTile(p, kern, tl, tables.data(), pm0, pm0 + pm, nb0, std::min(p.nblk, nb0 + kLutBlocks),
+              chunk, y);
+    });
+    if (!st) return st;
+  }
+  return Status::Ok();
+}
 
-    // Tiles: mb rows of X x nrb blocks of 16 output rows. Small M: short tiles over N, the
-    // weights stream once. Large M: 8 rows of X (their tables, ~100 KB a row at K = 4096,
-    // stay in L2) x 1024 output rows, so each table is read N / 1024 times in all.
-    const int64_t mb = std::min<int64_t>(pm, 8);
-    const int64_t nrb = pm <= 4 ? kMaxBlocks : 16 * kMaxBlocks;
-    const int64_t m_tiles = (pm + mb - 1) / mb, n_tiles = (p.nblk + nrb - 1) / nrb;
-    st = ParallelRun(par, static_cast<size_t>(m_tiles * n_tiles), [&](size_t item) {
-      const int64_t mt = static_cast<int64_t>(item) / n_tiles;
-      const int64_t nt = static_cast<int64_t>(item) % n_tiles;
-      const int64_t m0 = mt * mb, m1 = std::min(pm, m0 + mb);
-      const int64_t nb0 = nt * nrb, nb1 = std::min(p.nblk, nb0 + nrb);
-      const int64_t width = (nb1 - nb0) * kRowBlock;
+// Dequantizes output rows [n0, n0 + nr) of W^T into panel[c * nr + o] (nr = gemm_nr;
+// rows past the padded N read as zero).
+void DequantPanel(const PackedWeights& p, const CpuKernels& kern, int64_t n0, float* panel) {
+  const int64_t nr = kern.gemm_nr;
+  for (int64_t o = 0; o < nr; o += kRowBlock) {
+    const int64_t row = n0 + o;
+    float* dst = panel + o;
+    if (row >= p.npad) {
+      for (int64_t c = 0; c < p.k; ++c) std::fill(dst + c * nr, dst + c * nr + kRowBlock, 0.0f);
+      continue;
+    }
+    if (p.kb > 0)
+      kern.dequant_signs(p.wb + LineOffset(row, p.kb_dw), p.kb, p.bin_chan.data(),
+                         p.r2.empty() ? nullptr : p.r2.data(), p.pos.data() + row,
+                         p.neg.data() + row, dst, nr);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t d0 = p.group_dw[g];
+      kern.dequant_codes(p.ws + LineOffset(row, p.s_dw) + d0 * kGroupLine,
+                         p.group_dw[g + 1] - d0, p.slot_chan.data() + kNibbles * d0,
+                         p.sscale.data() + g * p.npad + row, p.szero.data() + g * p.npad + row,
+                         dst, nr);
+    }
+  }
+}
+
+// Large M: per panel of gemm_nr output rows (one task each), W^T dequantized to fp32 in a
+// per-thread buffer (K x gemm_nr floats), then the GEMM micro-kernel over all rows of X of
+// the pass. fp32 X is read in place; fp16 X is converted in passes of rows.
+template <typename T>
+Status RunGemm(const Args& a, const PackedWeights& p, const CpuKernels& kern,
+               const ParallelFor& par) {
+  const int64_t m = a.m, k = a.k, n = a.n, nr = kern.gemm_nr;
+  const int64_t npanels = (n + nr - 1) / nr;
+  constexpr bool half = std::is_same<T, uint16_t>::value;
+  const int64_t mp =
+      half ? std::clamp<int64_t>(kGemmPassBytes / std::max<int64_t>(1, 4 * k), 1, m) : m;
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const float* bias = p.bias.empty() ? nullptr : p.bias.data();
+  for (int64_t pm0 = 0; pm0 < m; pm0 += mp) {
+    const int64_t pm = std::min(mp, m - pm0);
+    const float* xa;
+    if constexpr (half) {
+      std::vector<float>& xf = ThreadCallScratch().xf;
+      if (xf.size() < static_cast<size_t>(pm * k)) xf.resize(static_cast<size_t>(pm * k));
+      Status st = ParallelRun(par, static_cast<size_t>(pm), [&](size_t i) {
+        const T* src = x + (pm0 + static_cast<int64_t>(i)) * k;
+        float* dst = xf.data() + static_cast<int64_t>(i) * k;
+        for (int64_t c = 0; c < k; ++c) dst[c] = LoadF(src, c);
+      });
+      if (!st) return st;
+      xa = xf.data();
+    } else {
+      xa = x + pm0 * k;
+    }
+    Status st = ParallelRun(par, static_cast<size_t>(npanels), [&](size_t item) {
+      const int64_t n0 = static_cast<int64_t>(item) * nr;
+      const int cols = static_cast<int>(std::min(nr, n - n0));
       TaskScratch& scratch = ThreadTaskScratch();
-      std::vector<float>& acc_b = scratch.acc_b;
-      std::vector<float>& acc_s = scratch.acc_s;
-      acc_b.assign(static_cast<size_t>((m1 - m0) * width), 0.0f);
-      acc_s.assign(static_cast<size_t>((m1 - m0) * width), 0.0f);
-      for (int64_t c0 = 0; c0 < kbb; c0 += kChunkBytes) {
-        const int64_t len = std::min(kChunkBytes, kbb - c0);
-        for (int64_t r = m0; r < m1; ++r) {
-          const float* lut = tables.data() + r * row_table + 32 * c0;
-          float* out = acc_b.data() + (r - m0) * width;
-          for (int64_t nb = nb0; nb < nb1; nb += kMaxBlocks) {
-            const int cnt = static_cast<int>(std::min<int64_t>(kMaxBlocks, nb1 - nb));
-            kern.lut_dot(p.wb.data() + (nb * kbb + c0) * kRowBlock, kbb * kRowBlock, cnt, lut,
-                         len, out + (nb - nb0) * kRowBlock, nullptr);
-          }
+      std::vector<float>& panel = scratch.panel;
+      if (panel.size() < static_cast<size_t>(k * nr)) panel.resize(static_cast<size_t>(k * nr));
+      DequantPanel(p, kern, n0, panel.data());
+      const float* b = bias ? bias + n0 : nullptr;
+      if constexpr (!half) {
+        kern.gemm(xa, k, pm, panel.data(), k, b, y + pm0 * n + n0, n, cols);
+      } else {  // fp32 tiles of kStrip rows, then converted
+        constexpr int64_t kStrip = 64;
+        std::vector<float>& ctile = scratch.ctile;
+        if (ctile.size() < static_cast<size_t>(kStrip * nr))
+          ctile.resize(static_cast<size_t>(kStrip * nr));
+        for (int64_t r0 = 0; r0 < pm; r0 += kStrip) {
+          const int64_t rows = std::min(kStrip, pm - r0);
+          kern.gemm(xa + r0 * k, k, rows, panel.data(), k, b, ctile.data(), nr, cols);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t o = 0; o < cols; ++o)
+              StoreF(y, (pm0 + r0 + r) * n + n0 + o, ctile[r * nr + o]);
         }
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        const float* scale = p.sscale.data() + g * npad;
-        for (int64_t c0 = p.group_byte[g]; c0 < p.group_byte[g + 1]; c0 += kChunkBytes) {
-          const int64_t len = std::min(kChunkBytes, p.group_byte[g + 1] - c0);
-          for (int64_t r = m0; r < m1; ++r) {
-            const float* lut = tables.data() + r * row_table + lutb_size + 32 * c0;
-            float* out = acc_s.data() + (r - m0) * width;
-            for (int64_t nb = nb0; nb < nb1; nb += kMaxBlocks) {
-              const int cnt = static_cast<int>(std::min<int64_t>(kMaxBlocks, nb1 - nb));
-              kern.lut_dot(p.ws.data() + (nb * sb + c0) * kRowBlock, sb * kRowBlock, cnt, lut,
-                           len, out + (nb - nb0) * kRowBlock, scale + nb * kRowBlock);
-            }
-          }
-        }
-      }
-      // Epilogue: y = row_scale * dot + row_offset * sum_b + salient - zero terms + bias.
-      const int64_t n0 = nb0 * kRowBlock, n1 = std::min(p.n, nb1 * kRowBlock);
-      for (int64_t r = m0; r < m1; ++r) {
-        const float* tail = tables.data() + r * row_table + lutb_size + luts_size;
-        float* ab = acc_b.data() + (r - m0) * width;
-        const float* as = acc_s.data() + (r - m0) * width;
-        const float sum_b = tail[0];
-        for (int64_t j = 0; j < width; ++j)
-          ab[j] = p.rs[n0 + j] * ab[j] + p.ro[n0 + j] * sum_b + as[j];
-        if (p.has_zero) {
-          for (int64_t g = 0; g < groups; ++g) {
-            const float xs = tail[1 + g];
-            const float* sz = p.szero.data() + g * npad + n0;
-            for (int64_t j = 0; j < width; ++j) ab[j] -= sz[j] * xs;
-          }
-        }
-        if (!p.bias.empty())
-          for (int64_t j = 0; j < width; ++j) ab[j] += p.bias[n0 + j];
-        const int64_t row = pm0 + r;
-        for (int64_t o = n0; o < n1; ++o) StoreF(y, row * p.n + o, ab[o - n0]);
       }
     });
     if (!st) return st;
   }
   return Status::Ok();
+}
+
+// Whether the dequantize + GEMM path serves this call: by the path's cost model
+// (detail::GemmCosts) unless QEXPORT_CPU_ALGO forces a choice.
+bool UseGemm(const CpuKernels& kern, Algo algo, const PackedWeights& p, int64_t m) {
+  if (!kern.gemm || algo == Algo::kTables) return false;
+  if (algo == Algo::kGemm) return true;
+  const detail::GemmCosts& c = kern.gemm_costs;
+  if (m < c.min_rows) return false;
+  const double rows = static_cast<double>(m), blocks = static_cast<double>(p.nblk);
+  const double k = static_cast<double>(p.k), kb = static_cast<double>(p.kb);
+  const double s = static_cast<double>(p.s);
+  const double fields = static_cast<double>(kNibbles * (p.kb_dw + p.s_dw));
+  const double gemm = (rows + c.dequant) * blocks * k;
+  const double tables = rows * (c.build_binary * kb + c.build_salient * s +
+                                blocks * (c.lookup * fields + c.epilogue));
+  return gemm < tables;
+}
+
+template <typename T>
+Status Run(const Args& a, const PackedWeights& p, const CpuKernels& kern, Algo algo,
+           const ParallelFor& par) {
+  return UseGemm(kern, algo, p, a.m) ? RunGemm<T>(a, p, kern, par)
+                                     : RunLut<T>(a, p, kern, par);
 }
 
 }  // namespace
@@ -502,6 +741,23 @@ Status ResolveIsa(const char* name, Isa* out) {
 
 Status IsaFromEnvironment(Isa* out) { return ResolveIsa(std::getenv(kIsaEnv), out); }
 
+Status CpuPathFromEnvironment(CpuPath* out) {
+  Status st = IsaFromEnvironment(&out->isa);
+  if (!st) return st;
+  const char* env = std::getenv(kAlgoEnv);
+  const std::string v = env ? env : "";
+  if (v.empty() || v == "auto") {
+    out->algo = Algo::kAuto;
+  } else if (v == "tables") {
+    out->algo = Algo::kTables;
+  } else if (v == "gemm") {
+    out->algo = Algo::kGemm;
+  } else {
+    return Status::Error(std::string(kAlgoEnv) + "='" + v + "' is not one of auto, tables, gemm");
+  }
+  return Status::Ok();
+}
+
 Status PackWeights(const Args& a, PackedPtr* out, bool release_source) noexcept {
   try {
     auto p = std::make_shared<PackedWeights>();
@@ -514,7 +770,7 @@ Status PackWeights(const Args& a, PackedPtr* out, bool release_source) noexcept 
   }
 }
 
-Status RunCpuPacked(const Args& a, const PackedWeights& p, Isa isa,
+Status RunCpuPacked(const Args& a, const PackedWeights& p, const CpuPath& path,
                     const ParallelFor& par) noexcept {
   try {
     Status st = CheckSizes(a);
@@ -523,16 +779,14 @@ Status RunCpuPacked(const Args& a, const PackedWeights& p, Isa isa,
       return Status::Error("packed weights were built for other sizes");
     if (a.m == 0 || a.n == 0) return Status::Ok();
     if (!a.x || !a.y) return Status::Error("a required input pointer is null");
-    const bool finite = a.act == ActType::kFloat32
-                            ? AllFinite(static_cast<const float*>(a.x), a.m * a.k)
-                            : AllFinite(static_cast<const uint16_t*>(a.x), a.m * a.k);
-    if (!finite || !p.finite) return RunCpuPlain(a);
-    if (isa == Isa::kAuto) isa = BestIsa();
+    const Isa isa = path.isa == Isa::kAuto ? BestIsa() : path.isa;
     if (!IsaSupported(isa))
       return Status::Error(std::string("CPU path ") + IsaName(isa) + " is not available here");
     const CpuKernels& kern = *Kernels(isa);
-    return a.act == ActType::kFloat32 ? Run<float>(a, p, kern, par)
-                                      : Run<uint16_t>(a, p, kern, par);
+    if (!p.finite || !kern.all_finite(a.x, a.m * a.k, a.act == ActType::kFloat16))
+      return RunCpuPlain(a);
+    return a.act == ActType::kFloat32 ? Run<float>(a, p, kern, path.algo, par)
+                                      : Run<uint16_t>(a, p, kern, path.algo, par);
   } catch (...) {
     return Status::Error(ExceptionMessage());
   }
@@ -542,13 +796,13 @@ Status RunCpu(const Args& a) noexcept {
   Status st = CheckSizes(a);
   if (!st) return st;
   if (a.m == 0 || a.n == 0) return Status::Ok();
-  Isa isa;
-  st = IsaFromEnvironment(&isa);
+  CpuPath path;
+  st = CpuPathFromEnvironment(&path);
   if (!st) return st;
   PackedPtr packed;
   st = PackWeights(a, &packed);
   if (!st) return st;
-  return RunCpuPacked(a, *packed, isa, ParallelFor{});
+  return RunCpuPacked(a, *packed, path, ParallelFor{});
 }
 
 }  // namespace bml

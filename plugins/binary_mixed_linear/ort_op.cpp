@@ -7,7 +7,8 @@
 // product). All entry points are noexcept and report failures as OrtStatus.
 //
 // CPU speed (docs/kernels.md): the ISA path is chosen at kernel creation (QEXPORT_CPU_ISA
-// forces one; a path the CPU lacks fails the session with a message); the weights are
+// forces one; a path the CPU lacks fails the session with a message; QEXPORT_CPU_ALGO forces
+// the tables or the large-M GEMM); the weights are
 // packed for the table kernel once and cached when every weight input is a constant
 // initializer (else packed on every call); the work is spread with ORT's intra-op thread pool
 // (KernelContext_ParallelFor), so the session's intra_op_num_threads governs it.
@@ -45,8 +46,8 @@ void OrtParallelFor(void* pool, void (*task)(void*, size_t), size_t total, void*
 }
 
 struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
-  BmlKernel(const OrtApi& api, bml_ort::Node node, bml::Isa isa, std::vector<bool> constant)
-      : KernelBase(api, std::move(node)), isa_(isa), constant_(std::move(constant)) {}
+  BmlKernel(const OrtApi& api, bml_ort::Node node, bml::CpuPath path, std::vector<bool> constant)
+      : KernelBase(api, std::move(node)), path_(path), constant_(std::move(constant)) {}
 
   // Returns an error message, empty on success.
   std::string Compute(OrtKernelContext* ctx, const std::vector<bml::TensorView>& in) {
@@ -65,7 +66,7 @@ struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
     bml::ParallelFor par;
     par.run = &OrtParallelFor;
     par.pool = &pool;
-    Status st = bml::RunCpuPacked(args, *packed, isa_, par);
+    Status st = bml::RunCpuPacked(args, *packed, path_, par);
     return st ? std::string() : st.message;
   }
 
@@ -107,7 +108,7 @@ struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
     return std::string();
   }
 
-  bml::Isa isa_;
+  bml::CpuPath path_;
   std::vector<bool> constant_;  // per input: a constant initializer
   std::mutex cache_mutex_;
   bml::PackedPtr cache_;
@@ -133,13 +134,13 @@ std::vector<bool> ConstantInputs(const OrtApi& api, const OrtKernelInfo* info) {
 struct BmlOp : bml_ort::OpBase<BmlOp, BmlKernel> {
   explicit BmlOp(ONNXTensorElementDataType act) : OpBase(act, "CPUExecutionProvider", "") {}
 
-  // The ISA path is fixed here, for the kernel's life.
+  // The ISA path and algorithm choice are fixed here, for the kernel's life.
   static std::string MakeKernel(const OrtApi& api, const OrtKernelInfo* info,
                                 const bml_ort::Node& node, BmlKernel** kernel) {
-    bml::Isa isa;
-    Status st = bml::IsaFromEnvironment(&isa);
+    bml::CpuPath path;
+    Status st = bml::CpuPathFromEnvironment(&path);
     if (!st) return st.message;
-    *kernel = new BmlKernel(api, node, isa, ConstantInputs(api, info));
+    *kernel = new BmlKernel(api, node, path, ConstantInputs(api, info));
     return std::string();
   }
 };
