@@ -12,12 +12,7 @@ from qexport.ptq161 import substituted_weights
 from qexport.quantizers import quantize_mixed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _problem(n=64, k=256, seed=0):

@@ -408,22 +408,15 @@ def test_non_finite_activations(lib, isa):
     _assert_close(np.where(finite, y, 0), np.where(finite, ref, 0), FP32_RTOL)
 
 
-def test_isa_env_rejects_unknown(lib, monkeypatch):
-    monkeypatch.setenv("QEXPORT_CPU_ISA", "sse9")
+@pytest.mark.parametrize("env,value,choice", [("QEXPORT_CPU_ISA", "sse9", "portable"),
+                                               ("QEXPORT_CPU_ALGO", "fastest", "gemm")])
+def test_path_env_rejects_unknown(lib, monkeypatch, env, value, choice):
+    monkeypatch.setenv(env, value)
     w = _weights(4, 16, 0.0, 0, False, False)
     with pytest.raises(ort_errors()) as info:
         ort_session(bml_model(w, ["M", 16]), lib)
     msg = str(info.value)
-    assert "QEXPORT_CPU_ISA" in msg and "sse9" in msg and "portable" in msg, msg
-
-
-def test_algo_env_rejects_unknown(lib, monkeypatch):
-    monkeypatch.setenv("QEXPORT_CPU_ALGO", "fastest")
-    w = _weights(4, 16, 0.0, 0, False, False)
-    with pytest.raises(ort_errors()) as info:
-        ort_session(bml_model(w, ["M", 16]), lib)
-    msg = str(info.value)
-    assert "QEXPORT_CPU_ALGO" in msg and "fastest" in msg and "gemm" in msg, msg
+    assert env in msg and value in msg and choice in msg, msg
 
 
 @pytest.mark.parametrize("name", ["avx2", "avx512"])

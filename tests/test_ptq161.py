@@ -16,13 +16,7 @@ from tests.tiny_models import LogitsOnly, tiny_llama, tiny_opt
 MODELS = {"llama": tiny_llama, "opt": tiny_opt}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread is fastest, and robust on a busy machine (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup(kind, group_size=0):
