@@ -11,8 +11,10 @@ from .errors import QexportError
 from .packing import MixedLinearWeights
 
 
-def read_export(onnx_path: str | Path) -> tuple[dict[str, MixedLinearWeights], dict[str, str]]:
-    """(layer name -> packed weights, metadata_props) of a qexport model.onnx."""
+def read_export(onnx_path: str | Path) -> tuple[dict[str, MixedLinearWeights], dict[str, str],
+                                               dict[str, torch.Tensor]]:
+    """(layer name -> packed weights, metadata_props, OS+-folded tensors: original tensor name
+    -> value, {} without OS+) of a qexport model.onnx."""
     import onnx
     from onnx import numpy_helper
 
@@ -43,23 +45,15 @@ def read_export(onnx_path: str | Path) -> tuple[dict[str, MixedLinearWeights], d
                                layout=attrs[C.ATTR_LAYOUT])
         w.validate()
         packed[node.name] = w
-    return packed, meta
+    names = json.loads(meta.get(C.META_OS_FOLDED, "{}"))
+    missing = [i for i in names.values() if i not in inits]
+    if missing:
+        raise QexportError(f"{path}: OS+ metadata names initializers it lacks: {missing[0]}")
+    folded = {k: torch.from_numpy(numpy_helper.to_array(inits[i]).copy())
+              for k, i in names.items()}
+    return packed, meta, folded
 
 
 def export_config(meta: dict[str, str]) -> dict:
     return json.loads(meta.get(C.META_CONFIG, "{}"))
 
-
-def read_os_folded(onnx_path: str | Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The OS+-folded tensors of an export (original tensor name -> value); {} without OS+."""
-    import onnx
-    from onnx import numpy_helper
-
-    names = json.loads(meta.get(C.META_OS_FOLDED, "{}"))
-    if not names:
-        return {}
-    inits = {t.name: t for t in onnx.load(str(onnx_path)).graph.initializer}
-    missing = [i for i in names.values() if i not in inits]
-    if missing:
-        raise QexportError(f"{onnx_path}: OS+ metadata names initializers it lacks: {missing[0]}")
-    return {k: torch.from_numpy(numpy_helper.to_array(inits[i]).copy()) for k, i in names.items()}

@@ -12,9 +12,9 @@ from passes import OutlierStats, layer_name, linear_nodes, norm_fed
 class _Recorder(torch.fx.Interpreter):
     """Updates one OutlierStats per distinct Linear input (q/k/v share theirs)."""
 
-    def __init__(self, gm, inputs: dict[torch.fx.Node, tuple[OutlierStats | None, int]]):
+    def __init__(self, gm, inputs: dict[torch.fx.Node, tuple[list, int]]):
         super().__init__(gm)
-        self.inputs = inputs  # input node -> ([stats], rows sampled per batch)
+        self.inputs = inputs  # input node -> ([stats, created on first use], rows per batch)
 
     def run_node(self, n):
         out = super().run_node(n)

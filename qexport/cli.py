@@ -389,7 +389,7 @@ def eval_main(args) -> int:
     import passes
     from . import data, models, native
     from .api import folded_into
-    from .artifact import export_config, read_export, read_os_folded
+    from .artifact import export_config, read_export
     from .contract import META_SOURCE
     from .errors import QexportError
     from .onnx_export import trace
@@ -398,7 +398,7 @@ def eval_main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     onnx_path = Path(args.output) / "model.onnx"
-    packed, meta = read_export(onnx_path)
+    packed, meta, folded = read_export(onnx_path)
     config = export_config(meta)
     source = args.model or meta.get(META_SOURCE)
     if not source:
@@ -413,7 +413,6 @@ def eval_main(args) -> int:
     eval_ids = data.eval_tokens(lm.tokenizer, text, args.eval_tokens)
 
     candidates = {"fp": lm.module}
-    folded = read_os_folded(onnx_path, meta)
     say(f"rebuilding the PyTorch quantized model from {len(packed)} packed layers"
         + (f" and {len(folded)} OS+-folded tensors" if folded else ""))
     with folded_into(lm.module, folded):  # the graph keeps the folded tensors

@@ -162,13 +162,13 @@ def test_read_export_round_trip(tmp_path):
     qm = qexport.quantize(LogitsOnly(tiny_llama()), (ids,), [(ids[:1],)],
                           qexport.QuantizeConfig(qexport.parse_scheme("w1.61a16-g8")))
     qexport.export(qm, tmp_path / "model.onnx")
-    packed, meta = read_export(tmp_path / "model.onnx")
+    packed, meta, folded = read_export(tmp_path / "model.onnx")
     assert sorted(packed) == sorted(qm.packed)
     for name, w in qm.packed.items():
         for a, b in zip(packed[name].tensors(), w.tensors()):
             assert (a is None and b is None) or torch.equal(a, b)
         assert packed[name].attributes() == w.attributes()
-    assert meta[C.META_SCHEME] == "w1.61a16-g8"
+    assert meta[C.META_SCHEME] == "w1.61a16-g8" and folded == {}  # no OS+
 
 
 def test_eval_errors_are_one_line(tmp_path):

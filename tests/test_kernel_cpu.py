@@ -240,7 +240,10 @@ def _random_case(seed):
 
 @pytest.mark.parametrize("seed", _RANDOM_SEEDS)
 def test_random_shapes(lib, isa, seed):
-    m, k, n, s, g, r2, bias, dtype, threads = _random_case(seed)
+    _check_case(lib, seed, *_random_case(seed))
+
+
+def _check_case(lib, seed, m, k, n, s, g, r2, bias, dtype, threads):
     w = random_mixed_linear(n, k, s, g, with_r2=r2, with_bias=bias, seed=seed)
     sess = _session(bml_model(w, ["M", k], dtype), lib, threads=threads)
     x = np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
@@ -278,12 +281,7 @@ def _algo_case(seed):
 
 @pytest.mark.parametrize("seed", _ALGO_SEEDS)
 def test_algorithms_random_shapes(lib, isa, algo, seed):
-    m, k, n, s, g, r2, bias, dtype, threads = _algo_case(seed)
-    w = random_mixed_linear(n, k, s, g, with_r2=r2, with_bias=bias, seed=seed)
-    sess = _session(bml_model(w, ["M", k], dtype), lib, threads=threads)
-    x = np.random.default_rng(seed).standard_normal((m, k)).astype(dtype)
-    (y,) = sess.run(None, {"X": x})
-    _assert_close(y, _reference(w, x), FP32_RTOL if dtype == np.float32 else FP16_RTOL)
+    _check_case(lib, seed, *_algo_case(seed))
 
 
 @pytest.mark.parametrize("frac,g", [(0.0, 0), (1.0, 0), (1.0, 24)], ids=["w1", "w4", "w4-G24"])
