@@ -318,6 +318,21 @@ def test_auto_crossover(lib, isa, m, n):
     _assert_close(y, _reference(w, x), FP32_RTOL)
 
 
+@pytest.mark.parametrize("k,n,ms", [(1100, 1500, (1, 5, 1, 40, 12, 1)), (16000, 64, (9, 1, 9))],
+                         ids=["tiles", "passes"])
+def test_small_m_threaded(lib, isa, k, n, ms):
+    """Small M above the serial cutoff on 2 threads: each task's thread builds its own tables
+    once per pass (stamped). Consecutive calls with new X, a large-M call in between (it
+    reuses the same scratch), and K so large that the rows of X go in several passes."""
+    w = _weights(n, k, 0.2, 64, True, True, seed=k)
+    sess = _session(bml_model(w, ["M", k]), lib, threads=2)
+    rng = np.random.default_rng(k)
+    for m in ms:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        (y,) = sess.run(None, {"X": x})
+        _assert_close(y, _reference(w, x), FP32_RTOL)
+
+
 def test_same_session_many_runs(lib, isa):
     """Packed weights are cached per kernel: later runs (other M, other X) stay right."""
     w = _weights(33, 100, 0.2, 8, True, True, seed=9)

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -394,19 +395,34 @@ constexpr int64_t kTileRows = 8;           // rows of X per tile (large M)
 // them.
 constexpr int64_t kTableBudget = 2 << 20;
 constexpr int64_t kGemmPassBytes = 4 << 20;  // fp32 copy of fp16 X rows per GEMM pass
+// Small M: below this many weight reads (rows x padded N x K) a call runs on its calling
+// thread. Waking ONNX Runtime's pool costs ~3-5 us; with 2 threads on Zen 5 a second thread
+// lost below ~1M weights (576x576: 7.0 us against 4.1) and won from ~2.4M (1536x1536: 13.8
+// against 15.5 us; 4096x4096: 54 against 109).
+constexpr int64_t kMinParallelWork = 1500000;
 
 // Scratch buffers kept per thread across calls (a small model makes hundreds of short calls
 // per forward; allocating these on each one showed up in profiles). CallScratch belongs to
 // the thread that runs Run; TaskScratch to the thread running a task (the calling thread
 // may run tasks too, hence two separate objects). Grow-only.
 struct CallScratch {
-  std::vector<float> tables;  // RunLut, small M: tables of a pass of rows of X
   std::vector<float> xf;      // RunGemm: fp16 X rows of a pass as fp32
 };
 struct TaskScratch {
-  std::vector<float> buf, acc, tables;   // RunLut (tables: large M)
+  std::vector<float> buf, acc, tables;   // RunLut: tables of a pass (small M) or a task's rows
+  uint64_t stamp = 0;                    // the small-M pass whose tables `tables` holds; 0: none
   std::vector<float> panel, ctile;       // RunGemm: dequantized panel, fp32 rows for fp16 Y
 };
+// A number no earlier pass got (never 0).
+uint64_t NewStamp() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+// CPUs that tasks can spread over (at least 1).
+int64_t Cpus() {
+  static const int64_t n = std::max<unsigned>(1, std::thread::hardware_concurrency());
+  return n;
+}
 CallScratch& ThreadCallScratch() {
   thread_local CallScratch s;
   return s;
@@ -545,7 +561,9 @@ Status RunLut(const Args& a, const PackedWeights& p, const CpuKernels& kern,
     const int64_t nrb = 16 * kGroupBlocks;
     return ParallelRun(par, static_cast<size_t>((m + kTileRows - 1) / kTileRows), [&](size_t i) {
       const int64_t r0 = static_cast<int64_t>(i) * kTileRows, r1 = std::min(m, r0 + kTileRows);
-      std::vector<float>& tables = ThreadTaskScratch().tables;
+      TaskScratch& scratch = ThreadTaskScratch();
+      scratch.stamp = 0;  // the tables below are this task's rows only
+      std::vector<float>& tables = scratch.tables;
       if (tables.size() < static_cast<size_t>(kTileRows * tl.row))
         tables.resize(static_cast<size_t>(kTileRows * tl.row));
       for (int64_t r = r0; r < r1; ++r)
@@ -555,28 +573,40 @@ Status RunLut(const Args& a, const PackedWeights& p, const CpuKernels& kern,
                 y);
     });
   }
-  // Small M: the tables of all rows (in passes within kTableBudget), built in parallel over
-  // rows; then tiles over N, two groups (128 output rows) each, so that the weights stream
-  // once and the work spreads over N. A table is read once per tile: K in one chunk.
+  // Small M (decoding): tiles over N, two groups (128 output rows) each, so that the weights
+  // stream once; K in one chunk (a table is read once per tile). The tiles are cut into one
+  // contiguous range per CPU, and each task's thread builds the tables of all rows of the
+  // pass itself (once per pass and thread, TaskScratch::stamp): tables built by one thread
+  // and read by another crossed cores on every call (4096x4096 at 2 threads: 71 -> 54 us).
   const int64_t mp = std::max<int64_t>(
       1, std::min<int64_t>(m, kTableBudget / static_cast<int64_t>(4 * tl.row)));
-  // Every float of a row's tables is written before it is read: no clearing needed.
-  std::vector<float>& tables = ThreadCallScratch().tables;
-  if (tables.size() < static_cast<size_t>(mp * tl.row))
-    tables.resize(static_cast<size_t>(mp * tl.row));
-  const int64_t chunk = std::max<int64_t>(p.kb_dw, p.s_dw);
   const int64_t n_tiles = (p.nblk + kLutBlocks - 1) / kLutBlocks;
+  const int64_t ranges = std::min<int64_t>(n_tiles, Cpus());
+  const int64_t chunk = std::max<int64_t>(p.kb_dw, p.s_dw);
   for (int64_t pm0 = 0; pm0 < m; pm0 += mp) {
     const int64_t pm = std::min(mp, m - pm0);
-    Status st = ParallelRun(par, static_cast<size_t>(pm), [&](size_t i) {
-      const int64_t r = pm0 + static_cast<int64_t>(i);
-      BuildTables(p, kern, tl, x + r * k, tables.data() + static_cast<int64_t>(i) * tl.row);
-    });
-    if (!st) return st;
-    st = ParallelRun(par, static_cast<size_t>(n_tiles), [&](size_t i) {
-      const int64_t nb0 = static_cast<int64_t>(i) * kLutBlocks;
-      RunTile(p, kern, tl, tables.data(), pm0, pm0 + pm, nb0, std::min(p.nblk, nb0 + kLutBlocks),
-              chunk, y);
+    const uint64_t stamp = NewStamp();
+    // Small jobs run on the calling thread alone: waking the pool costs more than it saves.
+    const bool alone = pm * p.npad * p.k < kMinParallelWork;
+    Status st = ParallelRun(alone ? ParallelFor{} : par, static_cast<size_t>(alone ? 1 : ranges),
+                            [&](size_t i) {
+      TaskScratch& scratch = ThreadTaskScratch();
+      std::vector<float>& tables = scratch.tables;
+      if (scratch.stamp != stamp) {
+        // Every float of a row's tables is written before it is read: no clearing needed.
+        if (tables.size() < static_cast<size_t>(pm * tl.row))
+          tables.resize(static_cast<size_t>(pm * tl.row));
+        for (int64_t r = 0; r < pm; ++r)
+          BuildTables(p, kern, tl, x + (pm0 + r) * k, tables.data() + r * tl.row);
+        scratch.stamp = stamp;
+      }
+      const int64_t parts = alone ? 1 : ranges, idx = static_cast<int64_t>(i);
+      const int64_t t0 = n_tiles * idx / parts, t1 = n_tiles * (idx + 1) / parts;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t nb0 = t * kLutBlocks;
+        RunTile(p, kern, tl, tables.data(), pm0, pm0 + pm, nb0,
+                std::min(p.nblk, nb0 + kLutBlocks), chunk, y);
+      }
     });
     if (!st) return st;
   }
