@@ -15,7 +15,7 @@ threads), which is less sensitive than wall time to other processes on a busy ma
 
     python benchmarks/bench_linear.py                      # everything (several minutes)
     python benchmarks/bench_linear.py --shapes 4096x4096 --m 1 256 --threads 1
-    python benchmarks/bench_linear.py --bandwidth          # also a numpy copy bandwidth
+    python benchmarks/bench_linear.py --bandwidth          # also memory bandwidth (numpy)
 """
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ import statistics
 import sys
 import time
 
-import numpy as np
+# The bandwidth probe is one thread: numpy's BLAS (the dot product) must not spread out.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008"]
 
@@ -122,15 +126,29 @@ def _session(model, threads, custom):
                                 providers=["CPUExecutionProvider"])
 
 
+def _bind(session, x):
+    """An IO binding of X and a preallocated Y: a run then costs the op plus ORT's dispatch,
+    without the Python binding's per-run conversion and allocation (~10 us, the same for
+    every contender, which would flatten the ratios of the fast M = 1 cases)."""
+    import onnxruntime as ort
+
+    n = session.get_outputs()[0].shape[-1]
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("X", ort.OrtValue.ortvalue_from_numpy(x))
+    binding.bind_ortvalue_output("Y", ort.OrtValue.ortvalue_from_numpy(
+        np.empty((x.shape[0], n), x.dtype)))
+    return binding
+
+
 def _time_all(sessions, x, min_time, min_reps=7):
     """Median wall latency and mean process CPU time per run of each session. The sessions
     run in turn (round robin) so that load from other processes hits them alike."""
     import resource
 
-    feed = {"X": x}
-    for s in sessions.values():
+    bindings = {name: _bind(s, x) for name, s in sessions.items()}
+    for name, s in sessions.items():
         for _ in range(2):
-            s.run(None, feed)
+            s.run_with_iobinding(bindings[name])
     wall = {name: [] for name in sessions}
     cpu = {name: 0.0 for name in sessions}
     t_end = time.perf_counter() + min_time * len(sessions)
@@ -139,7 +157,7 @@ def _time_all(sessions, x, min_time, min_reps=7):
         for name, s in sessions.items():
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
-            s.run(None, feed)
+            s.run_with_iobinding(bindings[name])
             wall[name].append(time.perf_counter() - t0)
             r1 = resource.getrusage(resource.RUSAGE_SELF)
             cpu[name] += (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -148,16 +166,23 @@ def _time_all(sessions, x, min_time, min_reps=7):
             {n: c / reps for n, c in cpu.items()})
 
 
-def copy_bandwidth(mb=512, reps=5):
-    """Read+write GB/s of a numpy copy of a large fp32 array (best of reps)."""
+def memory_bandwidth(mb=512, reps=5):
+    """GB/s of one thread, best of reps over `mb` MiB fp32 arrays (far above any cache):
+    (read+write of a numpy copy, bytes copied, read by a dot product of two arrays)."""
     a = np.ones(mb * 1024 * 1024 // 4, np.float32)
     b = np.empty_like(a)
-    best = float("inf")
+    best_copy = best_dot = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         np.copyto(b, a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.nbytes / best / 1e9, a.nbytes / best / 1e9
+        best_copy = min(best_copy, time.perf_counter() - t0)
+    half = a.size // 2
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.dot(a[:half], b[half:])
+        best_dot = min(best_dot, time.perf_counter() - t0)
+    return (2 * a.nbytes / best_copy / 1e9, a.nbytes / best_copy / 1e9,
+            a.nbytes / best_dot / 1e9)
 
 
 def main(argv=None):
@@ -167,7 +192,7 @@ def main(argv=None):
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     p.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=False,
-                   help="also measure numpy copy bandwidth")
+                   help="also measure one thread's memory bandwidth (numpy copy, dot product)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare our output with the PyTorch reference once per shape")
     args = p.parse_args(argv)
@@ -176,8 +201,9 @@ def main(argv=None):
     print(f"# qexport bench_linear; CPU path: {os.environ.get('QEXPORT_CPU_ISA', 'auto')}; "
           f"shapes are N x K (out x in)")
     if args.bandwidth:
-        rw, r = copy_bandwidth()
-        print(f"# numpy copy: {rw:.1f} GB/s read+write ({r:.1f} GB/s copied)")
+        rw, r, read = memory_bandwidth()
+        print(f"# memory, 1 thread: numpy copy {rw:.1f} GB/s read+write ({r:.1f} GB/s copied); "
+              f"dot product {read:.1f} GB/s read")
     hdr = (f"{'shape NxK':>11} {'M':>4} {'thr':>3} | {'ours ms':>8} {'fp32 ms':>8} {'nbits ms':>8}"
            f" | {'ours GB/s':>9} {'fp32 GB/s':>9} {'nbits GB/s':>10} | {'fp32/ours':>9}"
            f" {'nbits/ours':>10} | cpu ms ours/fp32/nbits")

@@ -153,8 +153,8 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
 
     def replace_linear(g):
         return passes.replace_linear(g, quantizer, packed)
-    gm = run_passes([replace_linear] + ([passes.embeddings_fp16] if config.embeddings_fp16
-                                        else []))
+    gm = run_passes([replace_linear, passes.fuse_shared_input]
+                    + ([passes.embeddings_fp16] if config.embeddings_fp16 else []))
     if not packed:
         raise QexportError("the model has no Linear layers to quantize "
                            f"(none outside the skip pattern {config.skip!r})")

@@ -44,7 +44,17 @@ def read_export(onnx_path: str | Path) -> tuple[dict[str, MixedLinearWeights], d
                                attrs[C.ATTR_SALIENT_GROUP_SIZE], *tensors,
                                layout=attrs[C.ATTR_LAYOUT])
         w.validate()
-        packed[node.name] = w
+        node_meta = {p.key: p.value for p in node.metadata_props}
+        if C.META_NODE_LAYERS not in node_meta:
+            packed[node.name] = w
+            continue
+        start = 0  # a stacked node (passes.fuse_shared_input): one entry per layer
+        for layer, rows in json.loads(node_meta[C.META_NODE_LAYERS]):
+            packed[layer] = w.rows(start, start + rows)
+            start += rows
+        if start != w.out_features:
+            raise QexportError(f"{path}: node {node.name} stacks {start} rows in its "
+                               f"{C.META_NODE_LAYERS} metadata but has {w.out_features}")
     names = json.loads(meta.get(C.META_OS_FOLDED, "{}"))
     missing = [i for i in names.values() if i not in inits]
     if missing:

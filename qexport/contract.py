@@ -52,5 +52,8 @@ META_SCHEME = "qexport.scheme"
 META_CONFIG = "qexport.config"
 META_CONTRACT = "qexport.contract_version"
 META_SOURCE = "qexport.source"  # the MODEL argument the export was made from
+# On a qexport node that stacks several layers (passes.fuse_shared_input), a node
+# metadata_props entry: JSON [[layer name, output rows], ...] in row order.
+META_NODE_LAYERS = "qexport.layers"
 # OS+ exports: JSON {original tensor name: initializer name} of the folded norm/fp tensors
 META_OS_FOLDED = "qexport.os_folded"

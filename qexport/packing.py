@@ -132,6 +132,40 @@ class MixedLinearWeights:
         if g and int(self.salient_zero.max()) > C.SALIENT_QMAX:
             raise ValueError("salient_zero above 15")
 
+    # Inputs indexed by output row (stacked / sliced along dim 0); the others are per input
+    # channel (salient_idx, r2) and must be equal across stacked weights.
+    _ROW_FIELDS = ("sign_packed", "row_scale", "row_offset", "salient_packed", "salient_scale",
+                   "salient_zero", "bias")
+
+    def stacks_with(self, other: MixedLinearWeights) -> bool:
+        """Whether `other`'s rows can go under this one's in one op: same K, salient channels,
+        group size, layout and r2, and both with or both without a bias."""
+        def same(a, b):
+            return (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        return (self.in_features == other.in_features
+                and self.salient_group_size == other.salient_group_size
+                and self.layout == other.layout
+                and (self.bias is None) == (other.bias is None)
+                and same(self.salient_idx, other.salient_idx) and same(self.r2, other.r2))
+
+    @staticmethod
+    def stack(parts: list[MixedLinearWeights]) -> MixedLinearWeights:
+        """One op computing every part's outputs, in order (rows concatenated); the parts
+        must stack_with the first."""
+        first = parts[0]
+        if not all(first.stacks_with(p) for p in parts[1:]):
+            raise ValueError("these weights do not share K, salient channels, groups and r2")
+        rows = {f: torch.cat([getattr(p, f) for p in parts]) if getattr(first, f) is not None
+                else None for f in MixedLinearWeights._ROW_FIELDS}
+        return dataclasses.replace(first, out_features=sum(p.out_features for p in parts),
+                                   **rows)
+
+    def rows(self, start: int, stop: int) -> MixedLinearWeights:
+        """The op restricted to output rows [start, stop) (the inverse of stack)."""
+        rows = {f: getattr(self, f)[start:stop].clone() if getattr(self, f) is not None
+                else None for f in MixedLinearWeights._ROW_FIELDS}
+        return dataclasses.replace(self, out_features=stop - start, **rows)
+
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [N, K] these bytes stand for."""
         n, k = self.out_features, self.in_features

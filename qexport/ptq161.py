@@ -63,6 +63,10 @@ class LearnConfig:
     cos_weight: float = 1.0  # weight of both −log cos terms
     seed: int = 0
     spill_dir: str | None = None  # keep activations in memory-mapped files there (large runs)
+    # One r2 for the Linears of a block that read the same activation with the same salient
+    # channels (q/k/v, gate/up): r2 scales input channels, a property of that activation, and
+    # sharing it lets the exported ops stack into one (passes.fuse_shared_input).
+    share_r2: bool = True
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LearnConfig":
@@ -316,11 +320,15 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
                                           salient_group_size)
                        for sub, m in block.named_modules()
                        if isinstance(m, torch.nn.Linear) and prefix + sub in names}
+            if config.share_r2:
+                s, e = batches[0]
+                _share_r2(block, learned, x_fp[s:e], *extras[e - s])
             run(block, {}, x_fp, y_fp)  # fp target; also the next block's fp input
             run(block, {}, x_q, y_fpq)
+            r2s = {id(mods.r2): mods.r2 for mods in learned.values() if mods.kb}  # shared: once
             params = [(mods.a, config.lr_alpha) for mods in learned.values()] + \
                 [(mods.r1, config.lr_r1) for mods in learned.values()] + \
-                [(mods.r2, config.lr_r2) for mods in learned.values() if mods.kb]
+                [(r2, config.lr_r2) for r2 in r2s.values()]
             opt = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in params],
                                     weight_decay=config.weight_decay) if learned else None
             first = last = float("nan")  # first step's loss, mean loss of the last epoch
@@ -361,6 +369,31 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- helpers
+
+@torch.no_grad()
+def _share_r2(block: torch.nn.Module, learned: dict[str, LearnedLinear], x: torch.Tensor,
+              args: tuple, kwargs: dict) -> None:
+    """Give the learned Linears of `block` that read the same input tensor (seen in one
+    forward on `x`) and have the same salient channels one shared r2 Parameter."""
+    seen: dict[str, torch.Tensor] = {}  # held, so that no address is reused during the forward
+    hooks = [m.register_forward_pre_hook(lambda mod, a, sub=sub: seen.setdefault(sub, a[0]))
+             for sub, m in block.named_modules() if sub in learned]
+    try:
+        _out(block(x, *args, **kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    leaders: dict[int, list[LearnedLinear]] = {}
+    for sub, ll in learned.items():
+        if sub not in seen or not ll.kb:
+            continue
+        for leader in leaders.setdefault(id(seen[sub]), []):
+            if torch.equal(leader.closed_form.salient_idx, ll.closed_form.salient_idx):
+                ll.r2 = leader.r2
+                break
+        else:
+            leaders[id(seen[sub])].append(ll)
+
 
 @torch.no_grad()
 def linear_input_rms(module: torch.nn.Module, calib_ids: torch.Tensor, batch_size: int = 1,

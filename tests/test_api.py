@@ -36,3 +36,29 @@ def test_quantize_export_run(tmp_path):
     m = compare(got, ref, top1=True)
     assert m["cosine"] > 0.99999 and m["top1_agreement"] == 1.0
     assert np.isfinite(got).all()
+
+
+def test_export_writes_rmsnorm_that_onnxruntime_fuses(tmp_path):
+    """torch.rsqrt exports as Reciprocal(Sqrt); export_onnx writes x / Sqrt(v) instead, the
+    RMSNorm form ONNX Runtime fuses into SimplifiedLayerNormalization (one node per norm)."""
+    import onnx
+    import onnxruntime as ort
+
+    from qexport.onnx_export import export_onnx, trace
+    from tiny_models import tiny_llama
+
+    module = LogitsOnly(tiny_llama())
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = trace(module, (ids,))
+    export_onnx(gm, (ids,), tmp_path / "fp.onnx", metadata={}, input_names=["input_ids"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "fp.onnx").graph.node]
+    assert "Reciprocal" not in ops and ops.count("Div") >= 5  # 2 layers x 2 norms + final
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(tmp_path / "fp.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert fused.count("SimplifiedLayerNormalization") == 5, sorted(set(fused))
+    got = session.run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module(ids).numpy(), rtol=1e-4, atol=1e-4)

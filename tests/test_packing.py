@@ -107,3 +107,32 @@ def test_scheme_grammar():
         parse_scheme("w3a8")
     with pytest.raises(QexportError, match="no 4-bit part"):
         parse_scheme("w1a16-g64")
+
+
+@pytest.mark.parametrize("r2,bias", [(False, False), (True, True)], ids=["plain", "r2-bias"])
+def test_stack_and_rows_round_trip(r2, bias):
+    """stack puts parts' rows under each other (the op on the stack = the parts' outputs
+    concatenated); rows cuts them out again."""
+    base = random_mixed_linear(40, 70, 14, 8, with_r2=r2, with_bias=bias, seed=1)
+    other = random_mixed_linear(24, 70, 14, 8, with_r2=r2, with_bias=bias, seed=2)
+    other.salient_idx, other.r2 = base.salient_idx, base.r2
+    assert base.stacks_with(other)
+    stacked = MixedLinearWeights.stack([base, other])
+    stacked.validate()
+    x = torch.randn(3, 70)
+    torch.testing.assert_close(ops.apply(x, stacked),
+                               torch.cat([ops.apply(x, base), ops.apply(x, other)], -1))
+    for part, (lo, hi) in ((base, (0, 40)), (other, (40, 64))):
+        back = stacked.rows(lo, hi)
+        for a, b in zip(back.tensors(), part.tensors()):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_stack_refuses_other_salient_channels_or_r2():
+    base = random_mixed_linear(16, 50, 10, 0, with_r2=True, seed=3)
+    other = random_mixed_linear(16, 50, 10, 0, with_r2=True, seed=4)
+    assert not base.stacks_with(other)  # other salient channels
+    other.salient_idx = base.salient_idx
+    assert not base.stacks_with(other)  # same channels, other r2
+    with pytest.raises(ValueError, match="do not share"):
+        MixedLinearWeights.stack([base, other])

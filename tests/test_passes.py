@@ -147,6 +147,42 @@ def test_replace_linear_matches_dequantized_weights(family):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_fuse_shared_input_stacks_exactly(family):
+    """q/k/v (one input, one salient mask from its stats) stack into one op + split, and so do
+    gate/up (Llama); o and down, alone on their inputs, stay. The outputs do not change.
+    A Linear whose salient channels differ from its siblings' is left alone."""
+    module, gm, ids, stats = _traced(family)
+    odd = next(n for n in stats if n.endswith("k_proj"))  # k_proj of layer 0 gets its own mask
+
+    def quantizer(name, w, b):
+        if "lm_head" in name:
+            return None
+        ratio = 0.3 if name == odd else 0.2
+        return quantize_mixed(w, b, select_salient(stats[name].rms, ratio), 0)
+    gm = passes.replace_linear(gm, quantizer).graph_module
+    gm.recompile()
+    with torch.no_grad():
+        before = gm(ids)
+    result = passes.fuse_shared_input(gm)
+    gm = result.graph_module
+    gm.graph.lint()
+    gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), before, rtol=0, atol=0)
+    qnodes = [n for n in gm.graph.nodes if n.target == torch.ops.qexport.binary_mixed_linear.default]
+    layers = {n.meta["qexport_layer"]: [name for name, _ in passes.layers_of(n)] for n in qnodes}
+    layer0 = odd.rsplit(".", 1)[0]
+    assert layers[f"{layer0}.q_proj+v_proj"] == [f"{layer0}.q_proj", f"{layer0}.v_proj"]
+    assert odd in layers  # alone
+    layer1 = layer0.replace(".0.", ".1.")
+    assert f"{layer1}.q_proj+k_proj+v_proj" in layers
+    if family == "llama":
+        assert f"{layer1.replace('self_attn', 'mlp')}.gate_proj+up_proj" in layers
+    assert sum(len(v) for v in layers.values()) == 2 * (7 if family == "llama" else 6)
+    assert len(result.notes) == (4 if family == "llama" else 2)
+
+
 @pytest.mark.parametrize("os_quantile", [0.5, None], ids=["quantile", "search"])
 def test_quantize_api_with_outlier_suppression_runs(os_quantile):
     module = LogitsOnly(tiny_llama())
