@@ -1,11 +1,12 @@
 """End-to-end benchmark: SmolLM2-135M exported fp32 vs w1.61a16 (qexport ops) in ONNX Runtime.
 
-Not a test. Per model and thread count, each measurement runs in a fresh subprocess (so that
-peak RSS, from resource.getrusage ru_maxrss, belongs to that model alone):
+Not a test. Per thread count:
 - single-token forward latency (input_ids [1, 1]; no KV cache: the exports take the whole
-  sequence), median over repeated runs;
-- 128-token prefill latency (input_ids [1, 128]), median;
-- peak RSS of the process (session creation + the runs);
+  sequence) and 128-token prefill latency (input_ids [1, 128]), medians, with every model's
+  session in one process taking turns run by run (round robin), so that noise from other
+  tenants of the machine hits all models alike and the ratios hold;
+- peak RSS of a fresh subprocess per model (session creation + 1-token runs), from
+  resource.getrusage ru_maxrss, so that it belongs to that model alone;
 plus the model file size.
 
 Inputs:
@@ -40,10 +41,7 @@ def export_fp32(path: pathlib.Path) -> None:
                        output_names=["logits"])
 
 
-def _child(model: str, threads: int, seq: int, reps: int) -> None:
-    import resource
-
-    import numpy as np
+def _session(model, threads: int):
     import onnxruntime as ort
 
     from qexport import native
@@ -51,26 +49,59 @@ def _child(model: str, threads: int, seq: int, reps: int) -> None:
     so = native.session_options()  # the qexport ops registered (harmless for fp32)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _feed(sess, seq: int) -> dict:
+    import numpy as np
+
     ids = np.random.default_rng(0).integers(0, 49152, (1, seq)).astype(np.int64)
-    name = sess.get_inputs()[0].name
-    for _ in range(2):
-        sess.run(None, {name: ids})
-    times = []
+    return {sess.get_inputs()[0].name: ids}
+
+
+def _latencies(models: dict, threads: int, seq: int, reps: int, block: int = 10
+               ) -> dict[str, float]:
+    """Median seconds per run of each model, the sessions taking turns in blocks of `block`
+    runs. Between blocks the process sleeps, so that the previous session's pool threads,
+    which spin for a while after a run, are idle again and take no core from the next."""
+    sessions = {label: _session(path, threads) for label, path in models.items()}
+    feeds = {label: _feed(s, seq) for label, s in sessions.items()}
+    times = {label: [] for label in sessions}
+    for _ in range(max(1, reps // block)):
+        for label, s in sessions.items():
+            time.sleep(0.05)
+            s.run(None, feeds[label])  # warm: caches, and the pool threads awake
+            for _ in range(block):
+                t0 = time.perf_counter()
+                s.run(None, feeds[label])
+                times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(v) for label, v in times.items()}
+
+
+def _child(model: str, threads: int, reps: int) -> None:
+    """Peak RSS of a process that creates one session and runs 1-token forwards: VmHWM of
+    /proc/self/status on Linux (ru_maxrss would include the parent's peak, carried over
+    fork and exec), else ru_maxrss."""
+    import resource
+
+    sess = _session(model, threads)
+    feed = _feed(sess, 1)
     for _ in range(reps):
-        t0 = time.perf_counter()
-        sess.run(None, {name: ids})
-        times.append(time.perf_counter() - t0)
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"median_s": statistics.median(times), "min_s": min(times),
-                      "peak_rss_mib": rss_kib / 1024}))
+        sess.run(None, feed)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    status = pathlib.Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak_kib = int(line.split()[1])
+    print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
 
 
-def _measure(model: pathlib.Path, threads: int, seq: int, reps: int) -> dict:
+def _peak_rss_mib(model: pathlib.Path, threads: int, reps: int) -> float:
     out = subprocess.run([sys.executable, __file__, "--child", str(model), "--threads",
-                          str(threads), "--seq", str(seq), "--reps", str(reps)],
+                          str(threads), "--reps", str(reps)],
                          check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
 def _size(model: pathlib.Path) -> int:
@@ -87,10 +118,9 @@ def main(argv=None) -> int:
                    help="more models to measure the same way (e.g. fp32-ext=fp32x/model.onnx)")
     p.add_argument("--reps", type=int, default=20, help="runs per measurement")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--seq", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        _child(args.child, args.threads[0], args.seq, args.reps)
+        _child(args.child, args.threads[0], args.reps)
         return 0
     if not args.w161 or not args.fp32:
         p.error("--w161 and --fp32 are required")
@@ -103,17 +133,21 @@ def main(argv=None) -> int:
         if not path:
             p.error(f"--also wants LABEL=PATH, got {item!r}")
         models[label] = pathlib.Path(path)
-    print(f"# ORT CPU, QEXPORT_CPU_ISA={os.environ.get('QEXPORT_CPU_ISA', 'auto')}")
+    print(f"# ORT CPU, QEXPORT_CPU_ISA={os.environ.get('QEXPORT_CPU_ISA', 'auto')}; latencies: "
+          f"median of {args.reps} (1 token) / {max(5, args.reps // 4)} (prefill) runs, models "
+          "taking turns in one process; peak RSS: a fresh process per model", flush=True)
     width = max(9, *(len(label) for label in models))
     print(f"{'model':>{width}} {'thr':>3} | {'file MB':>8} | {'1-token ms':>10} {'prefill128 ms':>13} |"
-          f" {'peak RSS MiB (1-tok / prefill)':>30}")
+          f" {'fp32/model 1-tok':>16} {'prefill':>7} | {'peak RSS MiB':>12} {'/ fp32':>6}")
     for threads in args.threads:
+        one = _latencies(models, threads, 1, args.reps)
+        pre = _latencies(models, threads, 128, max(5, args.reps // 4))
+        rss = {label: _peak_rss_mib(path, threads, 10) for label, path in models.items()}
         for label, path in models.items():
-            one = _measure(path, threads, 1, args.reps)
-            pre = _measure(path, threads, 128, max(5, args.reps // 4))
             print(f"{label:>{width}} {threads:>3} | {_size(path) / 1e6:8.1f} | "
-                  f"{one['median_s'] * 1e3:10.2f} {pre['median_s'] * 1e3:13.2f} | "
-                  f"{one['peak_rss_mib']:14.0f} / {pre['peak_rss_mib']:.0f}", flush=True)
+                  f"{one[label] * 1e3:10.2f} {pre[label] * 1e3:13.2f} | "
+                  f"{one['fp32'] / one[label]:16.2f} {pre['fp32'] / pre[label]:7.2f} | "
+                  f"{rss[label]:12.0f} {rss[label] / rss['fp32']:6.2f}", flush=True)
     return 0
 
 

@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="one lr for α, r1, r2")
-    ap.add_argument("--separate-r2", action="store_true",
-                    help="one r2 per Linear (default: shared by the Linears of one input)")
+    ap.add_argument("--share-r2", action="store_true",
+                    help="one r2 per input activation (default: one per Linear)")
     ap.add_argument("--eval-tokens", type=int, default=20_000)
     ap.add_argument("--short-eval", type=int, default=4096,
                     help="every row also reports the perplexity of the first SHORT_EVAL tokens")
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
         overrides["epochs"] = args.epochs
     if args.lr is not None:
         overrides.update(lr_alpha=args.lr, lr_r1=args.lr, lr_r2=args.lr)
-    if args.separate_r2:
-        overrides["share_r2"] = False
+    if args.share_r2:
+        overrides["share_r2"] = True
     config = LearnConfig.preset(args.preset, **overrides)
     n_samples = args.n_samples or config.n_samples or 64
     config = LearnConfig.preset(args.preset, **{**overrides, "n_samples": n_samples})

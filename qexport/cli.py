@@ -70,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, help="PTQ1.61 epochs per block [default: the preset's]")
     q.add_argument("--lr", type=float, help="PTQ1.61 learning rate of α, r1 and r2 "
                    "[default: the preset's]")
-    q.add_argument("--separate-r2", action="store_true",
-                   help="PTQ1.61: learn r2 per Linear instead of one per input activation "
-                        "(q/k/v, gate/up); slightly lower perplexity, but those projections "
-                        "no longer stack into one op, so decoding is slower")
+    q.add_argument("--share-r2", action="store_true",
+                   help="PTQ1.61: learn one r2 per input activation instead of one per Linear, "
+                        "so that q/k/v and gate/up stack into one op each: faster decoding "
+                        "(~13%% on SmolLM2), slightly higher perplexity (~3%%)")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction, default=False,
                    help="fold OS+ shift/scale into norms and Linears before quantizing (and "
                         "before PTQ1.61 learning); t is searched to minimise the quantization "
@@ -266,8 +266,8 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
     example = lm.example_inputs(batch=2, seq=8)
     learn_overrides = {k: v for k, v in (("epochs", args.epochs), ("lr_alpha", args.lr),
                                          ("lr_r1", args.lr), ("lr_r2", args.lr)) if v is not None}
-    if args.separate_r2:
-        learn_overrides["share_r2"] = False
+    if args.share_r2:
+        learn_overrides["share_r2"] = True
     config = api.QuantizeConfig(
         scheme=scheme, outlier_suppression=args.outlier_suppression,
         os_quantile=args.os_quantile, os_grid=args.os_grid,
