@@ -10,12 +10,14 @@ ONNX Runtime sessions on the same random X:
   weights quantized by a plain round-to-nearest with a zero point per block.
 Reported: median wall latency, effective weight GB/s (stored weight bytes / latency), the
 ratios fp32/ours and nbits/ours (> 1: ours is faster), all measured in the same run with the
-three sessions taking turns, and the process CPU time per run (getrusage; summed over
-threads), which is less sensitive than wall time to other processes on a busy machine.
+three sessions taking turns in blocks, every run with its weights evicted from the caches
+first (_time_all), and the process CPU time per run (getrusage; summed over threads), which
+shows threads spinning.
 
     python benchmarks/bench_linear.py                      # everything (several minutes)
     python benchmarks/bench_linear.py --shapes 4096x4096 --m 1 256 --threads 1
     python benchmarks/bench_linear.py --bandwidth          # also memory bandwidth (numpy)
+    python benchmarks/bench_linear.py --no-cold            # weights left in the caches
 """
 from __future__ import annotations
 
@@ -140,30 +142,39 @@ def _bind(session, x):
     return binding
 
 
-def _time_all(sessions, x, min_time, min_reps=7):
-    """Median wall latency and mean process CPU time per run of each session. The sessions
-    run in turn (round robin) so that load from other processes hits them alike."""
+# Read between timed runs, so that each run finds its weights in DRAM, as a layer of a model
+# too large for the cache does when decoding (and the fp32 contender always would).
+_EVICT = np.ones((64 << 20) // 4, np.float32)
+
+
+def _time_all(sessions, x, min_time, cold=True, block=10):
+    """Median wall latency and mean process CPU time per run of each session, each run with
+    its weights evicted from the caches first (_EVICT, untimed) when `cold`. The sessions take
+    turns in blocks of `block` runs, with a pause before each block: ONNX Runtime's pool threads spin
+    for milliseconds after a run, and a spinning pool of one session takes a core from the
+    next session's run (the previous version alternated run by run, which skewed the 2-thread
+    numbers)."""
     import resource
 
     bindings = {name: _bind(s, x) for name, s in sessions.items()}
-    for name, s in sessions.items():
-        for _ in range(2):
-            s.run_with_iobinding(bindings[name])
     wall = {name: [] for name in sessions}
     cpu = {name: 0.0 for name in sessions}
     t_end = time.perf_counter() + min_time * len(sessions)
-    reps = 0
-    while reps < min_reps or time.perf_counter() < t_end:
+    while time.perf_counter() < t_end or len(wall[next(iter(wall))]) < 2 * block:
         for name, s in sessions.items():
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.perf_counter()
+            time.sleep(0.05)
             s.run_with_iobinding(bindings[name])
-            wall[name].append(time.perf_counter() - t0)
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            cpu[name] += (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-        reps += 1
+            for _ in range(block):
+                if cold:
+                    _EVICT.sum()
+                r0 = resource.getrusage(resource.RUSAGE_SELF)
+                t0 = time.perf_counter()
+                s.run_with_iobinding(bindings[name])
+                wall[name].append(time.perf_counter() - t0)
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                cpu[name] += (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return ({n: statistics.median(v) for n, v in wall.items()},
-            {n: c / reps for n, c in cpu.items()})
+            {n: c / len(wall[n]) for n, c in cpu.items()})
 
 
 def memory_bandwidth(mb=512, reps=5):
@@ -193,13 +204,17 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     p.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure one thread's memory bandwidth (numpy copy, dot product)")
+    p.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
+                   help="evict the weights from the caches before every timed run (as decoding "
+                        "a model larger than the cache does); --no-cold: weights stay cached "
+                        "between runs (SmolLM2's 23 MB of w1.61 weights fit this L3)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare our output with the PyTorch reference once per shape")
     args = p.parse_args(argv)
 
     rng = np.random.default_rng(0)
     print(f"# qexport bench_linear; CPU path: {os.environ.get('QEXPORT_CPU_ISA', 'auto')}; "
-          f"shapes are N x K (out x in)")
+          f"shapes are N x K (out x in); weights {'evicted before every run (cold)' if args.cold else 'cached between runs (warm)'}")
     if args.bandwidth:
         rw, r, read = memory_bandwidth()
         print(f"# memory, 1 thread: numpy copy {rw:.1f} GB/s read+write ({r:.1f} GB/s copied); "
@@ -230,7 +245,7 @@ def main(argv=None):
             sessions = {name: _session(m, threads, name == "ours") for name, (m, _) in models.items()}
             for m in args.m:
                 x = rng.standard_normal((m, k), dtype=np.float32)
-                t, cpu = _time_all(sessions, x, args.min_time)
+                t, cpu = _time_all(sessions, x, args.min_time, args.cold)
                 gbs = {name: models[name][1] / t[name] / 1e9 for name in t}
                 print(f"{shape:>11} {m:>4} {threads:>3} | {t['ours'] * 1e3:8.3f} "
                       f"{t['fp32'] * 1e3:8.3f} {t['nbits'] * 1e3:8.3f} | {gbs['ours']:9.1f} "
