@@ -74,17 +74,16 @@ def _fuse(gm, group: list[torch.fx.Node], parts: list[MixedLinearWeights]) -> st
     layers = [entry for n in group for entry in layers_of(n)]
     name = fused_name([layer for layer, _ in layers])
     stacked = MixedLinearWeights.stack(parts)
-    # The op goes after the last part's weight inputs, i.e. before the first part: every
-    # part reads the same input, which is defined before all of them.
+    # Inserted before the first part: the parts read one input, defined before all of them.
     first = group[0]
     inputs = []
-    for i, t in enumerate(stacked.tensors()):
+    for i, t in enumerate(stacked.tensors(), start=1):  # i: the op's input index
         if t is None:
             inputs.append(None)
-        elif i in (3, 7):  # salient_idx, r2: equal across parts, reuse the first's
-            inputs.append(first.args[1 + i])
+        elif i in (C.IN_SALIENT_IDX, C.IN_R2):  # equal across the parts: the first's
+            inputs.append(first.args[i])
         else:
-            inputs.append(G.new_attr(gm, f"qexport_{name}_{i}", t, first))
+            inputs.append(G.new_attr(gm, f"qexport_{name}_{i - 1}", t, first))
     attrs = stacked.attributes()
     with gm.graph.inserting_before(first):
         fused = gm.graph.call_function(OP, (first.args[0], *inputs, attrs[C.ATTR_IN_FEATURES],

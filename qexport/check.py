@@ -50,7 +50,8 @@ class _OpInputs(torch.fx.Interpreter):
 
     def run_node(self, n):
         if n.op == "call_function" and n.target == torch.ops.qexport.binary_mixed_linear.default:
-            x = self.env[n.args[0]].detach().reshape(-1, self.env[n.args[0]].shape[-1])
+            x = self.env[n.args[0]].detach()
+            x = x.reshape(-1, x.shape[-1])
             for layer, _ in layers_of(n):  # a stacked op: each of its layers reads x
                 self.inputs[layer] = x[:self.max_rows].clone()
         return super().run_node(n)
