@@ -118,8 +118,9 @@ def test_pt2_archive_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = run_cli(src, "-o", out, "--calib-samples", "2", "--calib-seqlen", "16")
     assert proc.returncode == 0, proc.stderr
-    report = _check_folder(out, "w1.61a16")
-    # A flat exported graph has no blocks to learn on: closed form, and the report says so.
+    # A flat exported graph has no blocks to learn on: closed form (so q/k/v stack), and the
+    # report says so.
+    report = _check_folder(out, "w1.61a16", stacked=True)
     assert "closed-form scales used" in report["notes"]["learn_scales"][0]
 
 
