@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--share-r2", action="store_true",
                    help="PTQ1.61: learn one r2 per input activation instead of one per Linear, "
                         "so that q/k/v and gate/up stack into one op each: faster decoding "
-                        "(~13%% on SmolLM2), slightly higher perplexity (~3%%)")
+                        "(8-26%% less time per token on SmolLM2), slightly higher perplexity "
+                        "(~3%%)")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction, default=False,
                    help="fold OS+ shift/scale into norms and Linears before quantizing (and "
                         "before PTQ1.61 learning); t is searched to minimise the quantization "

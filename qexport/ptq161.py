@@ -65,8 +65,8 @@ class LearnConfig:
     spill_dir: str | None = None  # keep activations in memory-mapped files there (large runs)
     # One r2 for the Linears of a block that read the same activation with the same salient
     # channels (q/k/v, gate/up), so that the exported ops stack into one
-    # (passes.fuse_shared_input): ~13 % faster decoding, ~3 % higher perplexity on SmolLM2
-    # (docs/results.md), hence off by default.
+    # (passes.fuse_shared_input). On SmolLM2: 8-26 % less time per decoded token, ~3 % higher
+    # perplexity (docs/results.md), hence off by default.
     share_r2: bool = False
 
     @classmethod
