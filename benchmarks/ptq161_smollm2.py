@@ -18,7 +18,7 @@ the graph first, salient channels re-selected on the scaled activations, then as
 `learned`; the quantized graph is evaluated):
     closed_os, learned_os
 The Hessian rows (pbllm, pbllm10, billm) share one pass of H = 2·XᵀX/n over the calibration
-tokens on the fp model (`baselines.linear_input_hessians`); its time is in each of their times.
+tokens on the fp model (`gptq.linear_input_hessians`); its time is in each of their times.
 
     python benchmarks/ptq161_smollm2.py                       # default preset, 64x512, 20k eval
     python benchmarks/ptq161_smollm2.py --preset fast --eval-tokens 4096
@@ -36,7 +36,8 @@ import time
 import torch
 
 from qexport.api import QuantizeConfig, quantize
-from qexport.baselines import BASELINES, NEEDS_HESSIAN, linear_input_hessians
+from qexport.baselines import BASELINES, NEEDS_HESSIAN
+from qexport.gptq import linear_input_hessians
 from qexport.data import brown_splits, calibration_batches, eval_tokens
 from qexport.evaluate import perplexity, torch_logits_fn
 from qexport.models import load_model

@@ -19,6 +19,7 @@ from .onnx_export import export_onnx, metadata, trace
 from .packing import MixedLinearWeights
 from .quantizers import quantize_mixed, select_salient
 from .errors import QexportError
+from .gptq import linear_input_hessians, refine_codes
 from .ptq161 import LearnConfig, find_blocks, learn_mixed_weights
 from .schemes import Scheme
 
@@ -37,6 +38,9 @@ class QuantizeConfig:
     os_sample_tokens: int = 512  # calibration tokens kept per norm output for the search
     skip: str = DEFAULT_SKIP
     head_scheme: Scheme | None = None  # quantize the skipped Linears (output head) with this
+    # An all-4-bit head_scheme (w4a16) gets GPTQ codes on its RTN grid (qexport/gptq.py), from
+    # the head input's Hessian over the calibration batches (one more forward pass)
+    head_gptq: bool = True
     embeddings_fp16: bool = False
     method: str = "closed-form"  # or "ptq161": learned block-wise scales (qexport/ptq161.py)
     learn: "LearnConfig | None" = None  # PTQ1.61 settings (None: the default preset)
@@ -56,6 +60,7 @@ class QuantizeConfig:
                 "os_grid": self.os_grid if self.os_quantile is None else None,
                 "skip": self.skip,
                 "head_scheme": self.head_scheme.label if self.head_scheme else None,
+                "head_gptq": self.head_gptq if self.head_scheme else None,
                 "embeddings_fp16": self.embeddings_fp16, "method": self.method,
                 "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None,
                 "preprocess": getattr(self.preprocess, "__name__", repr(self.preprocess))
@@ -131,6 +136,7 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     notes_learn: list[str] = []
     with folded_into(module, {k: getattr(gm, a) for k, a in folded.items()}):
         learned = _learn(module, batches, stats, config, say, timings, notes_learn)
+        head_hessians = _head_hessians(module, batches, stats, config, say, timings)
     if notes_learn:
         notes["learn_scales"] = notes_learn
 
@@ -147,7 +153,10 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         if name in learned:
             return learned[name]
         salient = select_salient(stats[name].rms, chosen.salient_ratio)
-        return quantize_mixed(weight, bias, salient, chosen.salient_group_size)
+        packed = quantize_mixed(weight, bias, salient, chosen.salient_group_size)
+        if name in head_hessians:
+            packed = refine_codes(packed, weight, head_hessians[name])
+        return packed
 
     packed: dict[str, MixedLinearWeights] = {}
 
@@ -236,6 +245,25 @@ def _learn(module, batches, stats, config: QuantizeConfig, say, timings, notes) 
                                   include=lambda name: name in salient)
     timings["learn_scales"] = time.perf_counter() - t0
     return learned
+
+
+def _head_hessians(module, batches, stats, config: QuantizeConfig, say, timings
+                   ) -> dict[str, torch.Tensor]:
+    """H of the input of each skipped Linear that head_scheme quantizes all-4-bit (the head),
+    for its GPTQ codes; {} when there is none, or no such nn.Linear in `module` (a flat .pt2
+    graph: the head keeps round-to-nearest codes)."""
+    if not config.head_gptq or config.head_scheme is None or \
+            config.head_scheme.salient_ratio < 1.0:
+        return {}
+    heads = {name for name in stats if config.is_head(name)}
+    if not heads:
+        return {}
+    t0 = time.perf_counter()
+    say(f"GPTQ codes for the 4-bit head: its input Hessian over {len(batches)} batches")
+    hessians = linear_input_hessians(module, torch.cat([b[0] for b in batches]),
+                                     include=heads.__contains__)
+    timings["head_hessian"] = time.perf_counter() - t0
+    return hessians
 
 
 def _runs_check(example_inputs):

@@ -13,7 +13,7 @@ baseline is penalized); each bit stream packed to whole bytes per layer; per-lay
 (shapes, which mask encoding) not counted, as for our format; the bias is not a weight.
 
 The Hessian methods (`pbllm`, `billm`) take H = 2·XᵀX/n of the Linear's input over the
-calibration tokens (`linear_input_hessians`) and compensate errors GPTQ-style (`_gptq`); without
+calibration tokens (`gptq.linear_input_hessians`) and compensate errors GPTQ-style (`gptq.gptq`); without
 a Hessian they use H = I (magnitude criteria, no compensation).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from .gptq import gptq, prepare
 from .quantizers import quantize_mixed
 
 
@@ -84,90 +85,6 @@ def _rtn(x, scale, zero, bits: int) -> torch.Tensor:
     return ((torch.round(x / scale) + zero).clamp(0, 2 ** bits - 1) - zero) * scale
 
 
-# --------------------------------------------------------------------------- Hessians, GPTQ
-
-@torch.no_grad()
-def linear_input_hessians(module: torch.nn.Module, calib_ids: torch.Tensor, batch_size: int = 1,
-                          include: Callable[[str], bool] | None = None,
-                          forward: Callable[[torch.Tensor], object] | None = None
-                          ) -> dict[str, torch.Tensor]:
-    """H = 2·XᵀX/n (float64 sums, float32 result) of every Linear's input X [n tokens, K] over
-    `calib_ids`, keyed by module path; forward pre-hooks, arguments as `ptq161.linear_input_rms`.
-
-    Collected on the fp model in one pass: every layer's H comes from fp inputs, whereas GPTQ,
-    PB-LLM and BiLLM collect it layer by layer on the inputs of the already quantized model.
-    Linears fed the same tensor (q/k/v, gate/up) share one XᵀX product per batch."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    seen: dict[int, tuple] = {}  # id(input) -> (input kept alive, XᵀX, n) within one batch
-    handles = []
-    for name, m in module.named_modules():
-        if isinstance(m, torch.nn.Linear) and (include is None or include(name)):
-            def hook(mod, args, name=name):
-                x = args[0]
-                if id(x) not in seen:
-                    x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                    seen[id(x)] = (x, (x2.T @ x2).double(), x2.shape[0])
-                _, xtx, n = seen[id(x)]
-                sums[name] = sums[name].add_(xtx) if name in sums else xtx.clone()
-                counts[name] = counts.get(name, 0) + n
-            handles.append(m.register_forward_pre_hook(hook))
-    try:
-        for s in range(0, calib_ids.shape[0], batch_size):
-            (forward or module)(calib_ids[s:s + batch_size])
-            seen.clear()
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: (2 * v / counts[k]).float() for k, v in sums.items()}
-
-
-def _prepare(weight: torch.Tensor, hessian: torch.Tensor | None, percdamp: float):
-    """-> (W float64 with dead columns zeroed, U): U the upper Cholesky factor of (H + λI)⁻¹,
-    λ = percdamp · mean diag H (raised ×10 until H + λI factors). Dead columns (H_cc = 0: the
-    input is always 0) get H_cc = 1 and W[:, c] = 0, as in GPTQ. hessian=None: H = I."""
-    w = weight.detach().to(torch.float64).clone()
-    k = w.shape[1]
-    h = torch.eye(k, dtype=torch.float64) if hessian is None else hessian.to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    damp = percdamp * torch.diagonal(h).mean()
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + damp * torch.eye(k, dtype=torch.float64))
-        if info == 0:
-            break
-        damp = damp * 10
-    else:
-        raise ValueError("Hessian not positive definite even with 1e5x the dampening")
-    return w, torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-
-
-def _gptq(w: torch.Tensor, u: torch.Tensor, make_quantizer, block: int = 128,
-          compensate: bool = True) -> torch.Tensor:
-    """GPTQ (Frantar et al. 2022) with lazy batch updates; returns the quantized W.
-
-    Per block of `block` columns, `make_quantizer(W_block, U_block, start)` fixes the block's
-    parameters from its weights as they stand (after the compensation of the earlier blocks) and
-    returns `quant(i, w_col) -> q_col`; the columns are then quantized left to right, each error
-    e = (w − q)/U_ii propagated at once to the later columns of the block and once per block to
-    the rest of W. compensate=False: the same quantizers on the uncompensated weights."""
-    w, q = w.clone(), torch.zeros_like(w)
-    for b0 in range(0, w.shape[1], block):
-        b1 = min(b0 + block, w.shape[1])
-        w1, u1 = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
-        quant = make_quantizer(w1.clone(), u1, b0)
-        err = torch.zeros_like(w1)
-        for i in range(b1 - b0):
-            q[:, b0 + i] = quant(i, w1[:, i])
-            if compensate:
-                err[:, i] = (w1[:, i] - q[:, b0 + i]) / u1[i, i]
-                w1[:, i:] -= err[:, i:i + 1] * u1[i:i + 1, i:]
-        if compensate:
-            w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q
-
-
 # --------------------------------------------------------------------------- methods
 
 def rtn(weight, bias=None, hessian=None, *, bits: int = 2, group_size: int = 64) -> FakeQuantized:
@@ -216,7 +133,7 @@ def pbllm(weight, bias=None, hessian=None, *, salient_frac: float = 0.05, salien
     Bits/weight ≈ (1 − p) + p·b + min(1, 16p) + (48 + b [+ 32 for CSR])/K:
     published p = 0.1, b = 8: 2.7 + 56/K (2.80 at K = 576), well above 2;
     default here p = 0.05, b = 4: 1.95 + 84/K, at most 2.096 for K ≥ 576."""
-    w, u = _prepare(weight, hessian, percdamp)
+    w, u = prepare(weight, hessian, percdamp)
     n, k = w.shape
     b = salient_bits
     s = min(n * k, int(round(salient_frac * n * k)))
@@ -236,7 +153,7 @@ def pbllm(weight, bias=None, hessian=None, *, salient_frac: float = 0.05, salien
                                mu + alpha * _sgn(col - mu))
         return quant
 
-    q = _gptq(w, u, make_quantizer, block, compensate)
+    q = gptq(w, u, make_quantizer, block, compensate)
     csr = 2 * s + 4 * (n + 1)
     parts = {"signs": _nbytes(n * k - s), "salient_codes": _nbytes(s * b),
              "row_params": 6 * n + _nbytes(n * b), "mask": min(_nbytes(n * k), csr)}
@@ -302,7 +219,7 @@ def billm(weight, bias=None, hessian=None, *, block: int = 128, max_salient_cols
     α_sparse, α1, α2 fp16 per row; the salient columns as a uint8 count + c uint8 offsets.
     Bits/weight = 2 + 64·(blocks)/K + tiny: signs, residual signs and bitmap are exactly 2 bits
     per weight whatever c is; 2.5 when 128 divides K, 2.56 at K = 576."""
-    w, u = _prepare(weight, hessian, percdamp)
+    w, u = prepare(weight, hessian, percdamp)
     n, k = w.shape
     columns = []
 
@@ -326,7 +243,7 @@ def billm(weight, bias=None, hessian=None, *, block: int = 128, max_salient_cols
             return torch.where(sparse[:, i], a_sp, a_cc) * _sgn(col)
         return quant
 
-    q = _gptq(w, u, make_quantizer, block, compensate)
+    q = gptq(w, u, make_quantizer, block, compensate)
     c = sum(len(x) for x in columns)
     parts = {"signs": _nbytes(n * k), "residual_signs": _nbytes(n * c),
              "group_bitmap": _nbytes(n * (k - c)), "scales": 8 * n * len(columns),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qexport.baselines import (BASELINES, NEEDS_HESSIAN, FakeQuantized, billm, binarize_rows,
-                               linear_input_hessians, pbllm, rtn)
+                               pbllm, rtn)
+from qexport.gptq import linear_input_hessians
 from qexport.ptq161 import substituted_weights
 from qexport.quantizers import quantize_mixed
 
@@ -170,3 +171,27 @@ def test_hessian_shared_input_counted_once_per_linear():
     ref = 2 * x[0].T @ x[0] + 2 * x[1].T @ x[1]
     for k in ("a", "b"):
         torch.testing.assert_close(hs[k], ref / 14, rtol=1e-5, atol=1e-6)
+
+
+def test_refine_codes_gptq_lowers_output_error_on_the_same_grid():
+    """A w4 op (every channel salient) with GPTQ codes: same scales and zero points (same
+    format and size), lower output error ||X (W - Q)^T|| than round to nearest on
+    correlated inputs; an op with binary channels is refused."""
+    from qexport.gptq import refine_codes
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 48, 128
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(1024, 16, generator=g) @ torch.randn(16, k, generator=g) \
+        + 0.1 * torch.randn(1024, k, generator=g)
+    h = 2 * x.T @ x / x.shape[0]
+    rtn = quantize_mixed(w, None, torch.arange(k), 32)
+    refined = refine_codes(rtn, w, h)
+    assert torch.equal(refined.salient_scale, rtn.salient_scale)
+    assert torch.equal(refined.salient_zero, rtn.salient_zero)
+    assert refined.weight_nbytes() == rtn.weight_nbytes()
+    err = {name: float((x @ (w - p.dequantize()).T).norm()) for name, p in
+           (("rtn", rtn), ("gptq", refined))}
+    assert err["gptq"] < 0.7 * err["rtn"], err
+    with pytest.raises(ValueError, match="every input channel is salient"):
+        refine_codes(quantize_mixed(w, None, torch.arange(0, k, 2), 32), w, h)

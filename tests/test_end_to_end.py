@@ -69,6 +69,7 @@ def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
     assert report["perplexity_skipped"]  # no tokenizer: said so, not silently dropped
     if "--head-scheme" in extra:
         assert report["bits"]["head"]["quantized_linears"] == 1
+        assert "head_hessian" in report["timings"]  # its 4-bit codes came from GPTQ
         assert any(init.data_type == onnx.TensorProto.FLOAT16 and len(init.dims) == 2
                    for init in onnx.load(out / "model.onnx").graph.initializer)
     # Running it again replaces its own output folder.
