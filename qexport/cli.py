@@ -83,12 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidates of t in the OS+ search [default: %(default)s]")
     q.add_argument("--os-quantile", type=float, default=None,
                    help="no OS+ search: t = this quantile of the channels' half-ranges")
-    q.add_argument("--skip", help="regex of Linear names kept out of --scheme "
-                   "[default: the output head]")
-    q.add_argument("--head-scheme", help="quantize the --skip Linears (the output head) with "
-                   "this scheme, e.g. w4a16, instead of keeping them in floating point")
-    q.add_argument("--embeddings-fp16", action=argparse.BooleanOptionalAction, default=False,
-                   help="store embedding tables in fp16 (halves the largest fp tensor)")
+    q.add_argument("--skip", help="regex of Linear names that get --head-scheme instead of "
+                   "--scheme [default: the output head]")
+    q.add_argument("--head-scheme", default="w4a16",
+                   help="scheme of the --skip Linears (the output head); an all-4-bit one gets "
+                        "GPTQ codes; 'none' keeps them in floating point (~1.5%% lower "
+                        "perplexity on SmolLM2, 1.4x the file, slower tokens) "
+                        "[default: %(default)s]")
+    q.add_argument("--embeddings-fp16", action=argparse.BooleanOptionalAction, default=True,
+                   help="store embedding tables in fp16 (halves the largest fp tensor) "
+                        "[default: on]")
     p.add_argument("--threads", type=int, default=None, help="CPU threads [default: all cores]")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     return p
@@ -182,7 +186,8 @@ def run(args) -> int:
 
     say = (lambda msg: None) if args.quiet else _log
     scheme = parse_scheme(args.scheme).with_overrides(args.salient_ratio)
-    args.head = parse_scheme(args.head_scheme) if args.head_scheme else None
+    args.head = None if args.head_scheme.strip().lower() in ("none", "fp") \
+        else parse_scheme(args.head_scheme)
     for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window", "os_grid"):
         if getattr(args, name) < 1:
             raise QexportError(f"--{name.replace('_', '-')} must be at least 1")

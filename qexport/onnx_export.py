@@ -153,7 +153,7 @@ def _divide_by_sqrt(model) -> int:
 def _name_layer_nodes(model, gm: torch.fx.GraphModule) -> None:
     """Name each qexport node after its layer. Its weight initializers are named after the layer
     (replace_linear), but the exporter merges identical ones (e.g. empty or all-zero tensors),
-    so each node takes the layer most of its inputs point to, once. A node stacking several
+    so each node takes the layer most of its unshared inputs point to, once. A node stacking several
     layers (fuse_shared_input) is named 'a.q_proj+k_proj' and lists them with their rows in
     its metadata (C.META_NODE_LAYERS)."""
     from passes import layers_of
@@ -166,11 +166,15 @@ def _name_layer_nodes(model, gm: torch.fx.GraphModule) -> None:
             for arg in n.args[1:]:
                 if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
                     layer_of[str(arg.target)] = n.meta["qexport_layer"]
+    ours = [node for node in model.graph.node if node.domain == C.DOMAIN]
+    # A merged initializer (e.g. the empty binary part of every all-4-bit layer) carries one
+    # layer's name but is read by several nodes: only the inputs one node reads may vote.
+    readers = collections.Counter(i for node in ours for i in set(node.input[1:]))
     taken = set()
-    for node in model.graph.node:
-        if node.domain != C.DOMAIN:
-            continue
-        votes = collections.Counter(layer_of[i] for i in node.input[1:] if i in layer_of)
+    for node in ours:
+        own = [i for i in node.input[1:] if i in layer_of and readers[i] == 1]
+        votes = collections.Counter(layer_of[i] for i in own or
+                                    [i for i in node.input[1:] if i in layer_of])
         for layer, _ in votes.most_common():
             if layer not in taken:
                 node.name = layer

@@ -51,7 +51,8 @@ def _check_folder(out, scheme, stacked=False):
     pytest.param("w1.61a16", ["--outlier-suppression", "--method", "closed-form",
                               "--os-quantile", "0.9"], id="w1.61a16-os-quantile"),
     pytest.param("w1.61a16", ["--outlier-suppression"], id="w1.61a16-os-ptq161"),
-    pytest.param("w1.61a16", ["--head-scheme", "w4a16", "--embeddings-fp16"], id="w1.61a16-head4"),
+    pytest.param("w1.61a16", ["--head-scheme", "none", "--no-embeddings-fp16"],
+                 id="w1.61a16-fp-head"),
     pytest.param("w1.61a16", ["--share-r2"], id="w1.61a16-share-r2"),
 ])
 def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
@@ -67,11 +68,11 @@ def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
     e2e = report["end_to_end"]["parity"]
     assert e2e["cosine"] >= 0.999 and e2e["top1_agreement"] >= 0.99
     assert report["perplexity_skipped"]  # no tokenizer: said so, not silently dropped
-    if "--head-scheme" in extra:
-        assert report["bits"]["head"]["quantized_linears"] == 1
-        assert "head_hessian" in report["timings"]  # its 4-bit codes came from GPTQ
-        assert any(init.data_type == onnx.TensorProto.FLOAT16 and len(init.dims) == 2
-                   for init in onnx.load(out / "model.onnx").graph.initializer)
+    fp_head = "none" in extra  # by default the head is 4-bit and the embeddings fp16
+    assert report["bits"].get("head", {}).get("quantized_linears", 0) == (0 if fp_head else 1)
+    assert ("head_hessian" in report["timings"]) != fp_head  # its 4-bit codes came from GPTQ
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 and list(init.dims) == [128, 64]
+               for init in onnx.load(out / "model.onnx").graph.initializer) != fp_head  # table
     # Running it again replaces its own output folder.
     assert run_cli(src, "--scheme", scheme, "-o", out, "--calib-samples", "1",
                    "--calib-seqlen", "16", *extra).returncode == 0

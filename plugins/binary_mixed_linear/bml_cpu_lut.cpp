@@ -396,10 +396,11 @@ constexpr int64_t kTileRows = 8;           // rows of X per tile (large M)
 constexpr int64_t kTableBudget = 2 << 20;
 constexpr int64_t kGemmPassBytes = 4 << 20;  // fp32 copy of fp16 X rows per GEMM pass
 // Small M: below this many weight reads (rows x padded N x K) a call runs on its calling
-// thread. Waking ONNX Runtime's pool costs ~3-5 us; with 2 threads on Zen 5 a second thread
-// lost below ~1M weights (576x576: 7.0 us against 4.1) and won from ~2.4M (1536x1536: 13.8
-// against 15.5 us; 4096x4096: 54 against 109).
-constexpr int64_t kMinParallelWork = 1500000;
+// thread, where waking ONNX Runtime's pool costs about what a second thread saves (a chain of
+// 192x576 ops at 2 threads: 2.68 us against 2.76 at 1; 576x576: 3.67 against 4.17;
+// 1536x576: 5.8 against 7.7). SmolLM2's token at 2 threads: 2.9 ms with this cutoff, 3.2-3.4
+// with 1.5M (only the head and gate/up threaded).
+constexpr int64_t kMinParallelWork = 200000;
 
 // Scratch buffers kept per thread across calls (a small model makes hundreds of short calls
 // per forward; allocating these on each one showed up in profiles). CallScratch belongs to
