@@ -3,18 +3,20 @@
 Not a test. Per thread count:
 - single-token forward latency (input_ids [1, 1]; no KV cache: the exports take the whole
   sequence) and 128-token prefill latency (input_ids [1, 128]), medians, with every model's
-  session in one process taking turns run by run (round robin), so that noise from other
+  session in one process, the models taking turns in blocks of runs, so that noise from other
   tenants of the machine hits all models alike and the ratios hold;
-- peak RSS of a fresh subprocess per model (session creation + 1-token runs), from
-  resource.getrusage ru_maxrss, so that it belongs to that model alone;
+- peak RSS (VmHWM) of a fresh subprocess per model (session creation + 1-token runs), so that
+  it belongs to that model alone;
 plus the model file size.
 
 Inputs:
-    qexport smollm2-135m --scheme w1.61a16 -o OUT --no-perplexity        # w1.61a16 folder
+    qexport smollm2-135m -o OUT --no-perplexity        # the w1.61a16 folder
     python benchmarks/bench_model.py --w161 OUT/model.onnx --fp32 fp32/model.onnx
 The fp32 ONNX is written by this script when --fp32 names a missing file:
 torch.onnx.export(dynamo=True) of qexport.models.load_model("smollm2-135m").module through
-qexport.onnx_export's trace/export_onnx helpers, example batch 2, dynamic batch and sequence.
+qexport.onnx_export's trace/export_onnx helpers (so with the same fused attention and graph
+cleanups as the quantized export), example batch 2, dynamic batch and sequence.
+--fp32-unfused PATH adds an fp32 export without the fused attention (written when missing).
 """
 from __future__ import annotations
 
@@ -28,14 +30,14 @@ import sys
 import time
 
 
-def export_fp32(path: pathlib.Path) -> None:
+def export_fp32(path: pathlib.Path, fused_attention: bool = True) -> None:
     import torch
 
     from qexport import models, onnx_export as export
 
     loaded = models.load_model("smollm2-135m")
     example = (torch.randint(0, 1000, (2, 16)),)
-    gm = export.trace(loaded.module, example)
+    gm = export.trace(loaded.module, example, fused_attention=fused_attention)
     path.parent.mkdir(parents=True, exist_ok=True)
     export.export_onnx(gm, example, path, metadata={}, input_names=["input_ids"],
                        output_names=["logits"])
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--also", nargs="+", default=[], metavar="LABEL=PATH",
                    help="more models to measure the same way (e.g. fp32-ext=fp32x/model.onnx)")
+    p.add_argument("--fp32-unfused", type=pathlib.Path,
+                   help="also an fp32 ONNX without the fused attention (exported when missing)")
     p.add_argument("--reps", type=int, default=20, help="runs per measurement")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -128,6 +132,12 @@ def main(argv=None) -> int:
         print(f"# exporting fp32 to {args.fp32}", flush=True)
         export_fp32(args.fp32)
     models = {"fp32": args.fp32, "w1.61a16": args.w161}
+    if args.fp32_unfused:
+        if not args.fp32_unfused.exists():
+            print(f"# exporting fp32 without the fused attention to {args.fp32_unfused}",
+                  flush=True)
+            export_fp32(args.fp32_unfused, fused_attention=False)
+        models["fp32-unfused"] = args.fp32_unfused
     for item in args.also:
         label, _, path = item.partition("=")
         if not path:

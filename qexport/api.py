@@ -42,6 +42,9 @@ class QuantizeConfig:
     # the head input's Hessian over the calibration batches (one more forward pass)
     head_gptq: bool = True
     embeddings_fp16: bool = False
+    # Llama attention blocks as one com.microsoft GroupQueryAttention node each
+    # (qexport/attention.py); TensorRT cannot parse it
+    fused_attention: bool = True
     method: str = "closed-form"  # or "ptq161": learned block-wise scales (qexport/ptq161.py)
     learn: "LearnConfig | None" = None  # PTQ1.61 settings (None: the default preset)
     # Quantization preprocessing (PTQ1.61's restorative LoRA is one): preprocess(module,
@@ -62,6 +65,7 @@ class QuantizeConfig:
                 "head_scheme": self.head_scheme.label if self.head_scheme else None,
                 "head_gptq": self.head_gptq if self.head_scheme else None,
                 "embeddings_fp16": self.embeddings_fp16, "method": self.method,
+                "fused_attention": self.fused_attention,
                 "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None,
                 "preprocess": getattr(self.preprocess, "__name__", repr(self.preprocess))
                 if self.preprocess else None}
@@ -96,7 +100,7 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         timings["preprocess"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     say("tracing with torch.export")
-    gm = trace(module, example_inputs)
+    gm = trace(module, example_inputs, fused_attention=config.fused_attention)
     timings["trace"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("ort", "trt"), default="ort",
                    help="ort: ONNX + op library; trt: also a TensorRT engine (needs TensorRT and "
                         "a GPU) [default: %(default)s]")
+    p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="export each Llama attention block as one ONNX Runtime "
+                        "GroupQueryAttention node (com.microsoft), not ~30 small ones "
+                        "[default: on, off with --target trt, whose parser lacks it]")
     p.add_argument("--force", action="store_true",
                    help="replace an output folder that was not written by qexport")
     p.add_argument("--trust-pickle", action="store_true",
@@ -115,6 +119,7 @@ def build_engine_main(args) -> int:
     onnx_path = Path(args.onnx)
     if not onnx_path.is_file():
         raise QexportError(f"no such file: {onnx_path}")
+    trt.check_parsable(onnx_path)
     reason = trt.engine_prerequisites()
     if reason:
         print(f"qexport: error: cannot build a TensorRT engine: {reason}", file=sys.stderr)
@@ -278,6 +283,8 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         scheme=scheme, outlier_suppression=args.outlier_suppression,
         os_quantile=args.os_quantile, os_grid=args.os_grid,
         head_scheme=args.head, embeddings_fp16=args.embeddings_fp16, method=args.method,
+        fused_attention=args.target != "trt" if args.fused_attention is None
+        else args.fused_attention,
         learn=LearnConfig.preset(args.preset, **learn_overrides))
     if args.skip is not None:
         config.skip = args.skip

@@ -46,11 +46,17 @@ def _quiet():
             logging.getLogger("torch").setLevel(level)
 
 
-def trace(module: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
-    """torch.export the module and return the unlifted GraphModule (weights as get_attr)."""
+def trace(module: torch.nn.Module, example_inputs: tuple,
+          fused_attention: bool = True) -> torch.fx.GraphModule:
+    """torch.export the module and return the unlifted GraphModule (weights as get_attr).
+    fused_attention: supported attention blocks become one qexport::group_query_attention
+    node each (qexport/attention.py), exported as ONNX Runtime's GroupQueryAttention."""
+    from .attention import fused_attention as fuse
+
     if isinstance(module, torch.fx.GraphModule) and getattr(module, "_qexport_traced", False):
         return module
-    with _quiet(), torch.no_grad():
+    with _quiet(), torch.no_grad(), \
+            (fuse(module) if fused_attention else contextlib.nullcontext()):
         ep = torch.export.export(module, example_inputs,
                                  dynamic_shapes=dynamic_shapes_for(example_inputs))
     gm = ep.module()

@@ -128,7 +128,8 @@ def onnx_translation_table() -> dict:
             salient_zero, r2, bias, in_features=in_features, out_features=out_features,
             salient_group_size=salient_group_size, layout=layout)
 
-    return {torch.ops.qexport.binary_mixed_linear.default: translate}
+    from .attention import onnx_translation
+    return {torch.ops.qexport.binary_mixed_linear.default: translate, **onnx_translation()}
 
 
 def reference_evaluator_ops() -> list:

@@ -99,6 +99,20 @@ def _with_plugin_namespace(onnx_path: pathlib.Path) -> bytes:
     return model.SerializeToString()
 
 
+def check_parsable(onnx_path: pathlib.Path) -> None:
+    """QexportError unless `onnx_path` is a file free of ONNX Runtime contrib ops (the fused
+    attention's GroupQueryAttention), which TensorRT's parser does not know."""
+    import onnx
+    if not onnx_path.is_file():
+        raise QexportError(f"{onnx_path} is not a file")
+    contrib = sorted({n.op_type for n in onnx.load(onnx_path, load_external_data=False).graph.node
+                      if n.domain == "com.microsoft"})
+    if contrib:
+        raise QexportError(f"cannot build a TensorRT engine: {onnx_path} has ONNX Runtime "
+                           f"contrib ops ({', '.join(contrib)}), which TensorRT cannot parse; "
+                           "export with --no-fused-attention (or --target trt)")
+
+
 def build_engine(onnx_path: str | os.PathLike, plugin_lib: str | os.PathLike | None,
                  engine_path: str | os.PathLike, fp16: bool = True,
                  workspace_bytes: int = 1 << 30) -> pathlib.Path:
@@ -120,8 +134,7 @@ def build_engine(onnx_path: str | os.PathLike, plugin_lib: str | os.PathLike | N
     if count == 0:
         raise QexportError(f"cannot build a TensorRT engine: {why}")
     onnx_path = pathlib.Path(onnx_path)
-    if not onnx_path.is_file():
-        raise QexportError(f"{onnx_path} is not a file")
+    check_parsable(onnx_path)
     lib = pathlib.Path(plugin_lib) if plugin_lib is not None else trt_library_path()
     if not lib.is_file():
         raise QexportError(f"plugin library {lib} is not a file; {_BUILD_HINT}")
@@ -174,6 +187,8 @@ def run_engine(engine_path: str | os.PathLike, plugin_lib: str | os.PathLike | N
     import tensorrt as trt
     import torch
 
+    onnx_path = pathlib.Path(onnx_path)
+    check_parsable(onnx_path)
     lib = pathlib.Path(plugin_lib) if plugin_lib is not None else trt_library_path()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     runtime.get_plugin_registry().load_library(str(lib))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 
@@ -153,7 +154,22 @@ def test_target_trt_without_tensorrt_says_what_is_missing(tiny_llama_dir, tmp_pa
     errors = [l for l in proc.stderr.splitlines() if l.startswith("qexport: error:")]
     assert len(errors) == 1 and "no TensorRT engine built" in errors[0] and "Traceback" not in proc.stderr
     assert (out / "model.onnx").exists() and (out / "report.json").exists()
+    # For TensorRT the attention stays in standard ops (its parser lacks ORT's contrib ops).
+    assert not [n for n in onnx.load(out / "model.onnx").graph.node if n.domain == "com.microsoft"]
     # build-engine on that export says the same in one line.
     proc = run_cli("build-engine", out / "model.onnx")
     assert proc.returncode == 4 and "cannot build a TensorRT engine" in proc.stderr
     assert_one_line_error(run_cli("build-engine", tmp_path / "missing.onnx"), "no such file")
+
+
+def test_build_engine_refuses_contrib_ops(tmp_path):
+    """An ONNX Runtime export (fused attention: GroupQueryAttention) cannot become an engine:
+    a one-line error naming the way out, before looking for TensorRT."""
+    import torch
+
+    from qexport.onnx_export import export_onnx, trace
+    from tiny_models import LogitsOnly, tiny_llama
+    example = (torch.randint(0, 128, (1, 8)),)
+    export_onnx(trace(LogitsOnly(tiny_llama()), example), example, tmp_path / "m.onnx", {})
+    assert_one_line_error(run_cli("build-engine", tmp_path / "m.onnx"),
+                          "GroupQueryAttention", "--no-fused-attention")

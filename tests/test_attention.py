@@ -1,0 +1,77 @@
+"""Llama attention as one GroupQueryAttention node (qexport/attention.py): the traced graph
+agrees with the eager model, ONNX Runtime's node with both, across batch and sequence lengths
+and head groupings; other attention classes and --no-fused-attention are left alone."""
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qexport import native
+from qexport.attention import fused_attention
+from qexport.onnx_export import export_onnx, trace
+from tiny_models import LogitsOnly, tiny_llama, tiny_opt
+
+
+def _llama(kv_heads, family="llama"):
+    import transformers
+    torch.manual_seed(0)
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    cfg = getattr(transformers, prefix + "Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        rope_theta=500.0, sliding_window=None)
+    return LogitsOnly(getattr(transformers, prefix + "ForCausalLM")(cfg).eval())
+
+
+def _ops(path):
+    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llama", 1), ("llama", 2), ("llama", 4),
+                                             ("mistral", 2), ("qwen2", 2)])
+def test_fused_attention_matches_eager(tmp_path, family, kv_heads):
+    model = _llama(kv_heads, family)
+    example = (torch.randint(0, 128, (2, 8)),)
+    gm = trace(model, example)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.qexport.group_query_attention.default) == 2
+    path = tmp_path / "model.onnx"
+    export_onnx(gm, example, path, {})
+    ops = _ops(path)
+    assert ops["GroupQueryAttention"] == 2 and "Softmax" not in ops
+    session = native.make_session(path)
+    for shape in [(1, 1), (3, 11), (2, 130)]:  # one token, odd lengths, past the 128 mark
+        ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            eager, traced = model(ids), gm(ids)
+        got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+        assert torch.allclose(traced, eager, atol=1e-5), shape
+        assert np.abs(got - eager.numpy()).max() < 1e-4, shape
+
+
+def test_unfused_and_unsupported_are_left_alone(tmp_path):
+    example = (torch.randint(0, 128, (2, 8)),)
+    path = tmp_path / "plain.onnx"
+    export_onnx(trace(LogitsOnly(tiny_llama()), example, fused_attention=False), example, path, {})
+    assert "GroupQueryAttention" not in _ops(path)
+    opt = LogitsOnly(tiny_opt())
+    with fused_attention(opt) as swapped:
+        assert swapped == 0  # OPT's attention has no rotary embedding: not supported
+    windowed = _llama(2, "mistral")
+    windowed.model.config.sliding_window = 4
+    with fused_attention(windowed) as swapped:
+        assert swapped == 0  # a sliding window is not GroupQueryAttention without past
+
+
+def test_forward_restored_after_tracing():
+    model = _llama(2)
+    attn = model.model.model.layers[0].self_attn
+    hook = attn.forward  # an instance-level forward (as wrappers install) survives the swap
+    attn.forward = hook
+    with fused_attention(model) as swapped:
+        assert swapped == 2 and attn.forward is not hook
+    assert attn.forward is hook and not hasattr(attn, "_qexport_shared")
+    other = model.model.model.layers[1].self_attn
+    assert "forward" not in vars(other)  # the class's own forward again
