@@ -603,10 +603,16 @@ Status RunLut(const Args& a, const PackedWeights& p, const CpuKernels& kern,
       }
       const int64_t parts = alone ? 1 : ranges, idx = static_cast<int64_t>(i);
       const int64_t t0 = n_tiles * idx / parts, t1 = n_tiles * (idx + 1) / parts;
-      for (int64_t t = t0; t < t1; ++t) {
+      // One row of X: the whole range in one RunTile, i.e. the binary codes of all its tiles,
+      // then the 4-bit ones: each array is read as one contiguous stream instead of
+      // alternating every 52 KB (4096x4096: 0.129-0.151 ms against 0.147-0.156 at 1 thread,
+      // 0.071-0.088 against 0.091-0.104 at 2; same-run medians). With more rows the tile
+      // order stays: there each tile's codes are reused from L2 by every row.
+      const int64_t step = pm == 1 ? std::max<int64_t>(1, t1 - t0) : 1;
+      for (int64_t t = t0; t < t1; t += step) {
         const int64_t nb0 = t * kLutBlocks;
         RunTile(p, kern, tl, tables.data(), pm0, pm0 + pm, nb0,
-                std::min(p.nblk, nb0 + kLutBlocks), chunk, y);
+                std::min(p.nblk, std::min(t1, t + step) * kLutBlocks), chunk, y);
       }
     });
     if (!st) return st;
