@@ -14,14 +14,14 @@ from qexport.onnx_export import export_onnx, trace
 from tiny_models import LogitsOnly, tiny_llama, tiny_opt
 
 
-def _llama(kv_heads, family="llama"):
+def _llama(kv_heads, family="llama", rope_scaling=None):
     import transformers
     torch.manual_seed(0)
     prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
     cfg = getattr(transformers, prefix + "Config")(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        rope_theta=500.0, sliding_window=None)
+        rope_theta=500.0, sliding_window=None, rope_scaling=rope_scaling)
     return LogitsOnly(getattr(transformers, prefix + "ForCausalLM")(cfg).eval())
 
 
@@ -29,10 +29,17 @@ def _ops(path):
     return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
-@pytest.mark.parametrize("family,kv_heads", [("llama", 1), ("llama", 2), ("llama", 4),
-                                             ("mistral", 2), ("qwen2", 2)])
-def test_fused_attention_matches_eager(tmp_path, family, kv_heads):
-    model = _llama(kv_heads, family)
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("family,kv_heads,rope", [
+    ("llama", 1, None), ("llama", 2, None), ("llama", 4, None), ("mistral", 2, None),
+    ("qwen2", 2, None), ("llama", 2, {"rope_type": "linear", "factor": 2.0}),
+    ("llama", 2, _LLAMA3_ROPE)], ids=lambda v: v["rope_type"] if isinstance(v, dict) else None)
+def test_fused_attention_matches_eager(tmp_path, family, kv_heads, rope):
+    """Rotary scaling (linear, Llama 3) holds: the angles come from the model's own module."""
+    model = _llama(kv_heads, family, rope)
     example = (torch.randint(0, 128, (2, 8)),)
     gm = trace(model, example)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
