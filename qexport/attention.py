@@ -29,39 +29,54 @@ SUPPORTED = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 
 @torch.library.custom_op("qexport::group_query_attention", mutates_args=())
 def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          past_k: torch.Tensor | None, past_v: torch.Tensor | None,
                           seqlens_k: torch.Tensor, total_length: torch.Tensor,
                           cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                          kv_num_heads: int, scale: float) -> torch.Tensor:
-    """q [B, S, num_heads*D], k and v [B, S, kv_num_heads*D], cos and sin [S, D/2] (the rotary
-    angles of positions 0..S-1) -> [B, S, num_heads*D]: rotary embedding on q and k (halves
-    rotated, not interleaved), each group of num_heads/kv_num_heads query heads attending to
-    one kv head, causal, softmax(q k^T * scale) v. seqlens_k (int32 [B], S-1 each) and
-    total_length (int32 scalar, S) are GroupQueryAttention's inputs for a call without past,
-    built once per graph by the caller (`_shared_inputs`)."""
+                          kv_num_heads: int, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX Runtime's GroupQueryAttention (the part qexport uses). q [B, S, num_heads*D], k
+    and v [B, S, kv_num_heads*D]; past_k and past_v [B, kv_num_heads, P, D] or None (P = 0);
+    cos and sin [>= P+S, D/2], the rotary angles of positions 0, 1, ... Returns the attention
+    [B, S, num_heads*D] and the present keys and values [B, kv_num_heads, P+S, D]: the new
+    tokens (positions P..P+S-1) get rotary embedding on q and k (halves rotated, not
+    interleaved), and each group of num_heads/kv_num_heads query heads attends to one kv
+    head over positions up to its own, softmax(q k^T * scale) v. seqlens_k (int32 [B], P+S-1
+    each) and total_length (int32 scalar, P+S) are the op's own inputs, built once per graph
+    by the caller (`_shared_inputs`)."""
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
+    p = 0 if past_k is None else past_k.shape[2]
 
     def heads(x, n):
         return x.view(b, s, n, d).transpose(1, 2)
 
-    cos2 = torch.cat([cos, cos], -1).to(q.dtype)
-    sin2 = torch.cat([sin, sin], -1).to(q.dtype)
+    cos2 = torch.cat([cos[p:p + s], cos[p:p + s]], -1).to(q.dtype)
+    sin2 = torch.cat([sin[p:p + s], sin[p:p + s]], -1).to(q.dtype)
 
     def rotary(x):
         rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
         return x * cos2 + rotated * sin2
 
     qh, kh, vh = rotary(heads(q, num_heads)), rotary(heads(k, kv_num_heads)), heads(v, kv_num_heads)
+    if past_k is not None:
+        kh, vh = torch.cat([past_k, kh], 2), torch.cat([past_v, vh], 2)
     groups = num_heads // kv_num_heads
-    kh, vh = kh.repeat_interleave(groups, 1), vh.repeat_interleave(groups, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
-                                                           scale=scale)
-    return out.transpose(1, 2).reshape(b, s, num_heads * d)
+    mask = torch.ones(s, p + s, dtype=torch.bool, device=q.device).tril(p)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qh, kh.repeat_interleave(groups, 1), vh.repeat_interleave(groups, 1), attn_mask=mask,
+        scale=scale)
+    # fresh tensors: a custom op's outputs may not alias its inputs (vh is a view of v)
+    return out.transpose(1, 2).reshape(b, s, num_heads * d), kh.clone(), vh.clone()
 
 
 @group_query_attention.register_fake
-def _(q, k, v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads, scale):
-    return q.new_empty(q.shape)
+def _(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads,
+      scale):
+    b, s, _ = q.shape
+    d = q.shape[-1] // num_heads
+    total = s if past_k is None else past_k.shape[2] + s
+    return q.new_empty(q.shape), k.new_empty(b, kv_num_heads, total, d), \
+        k.new_empty(b, kv_num_heads, total, d)
 
 
 def _register_onnx_schema() -> None:
@@ -99,19 +114,19 @@ def _register_onnx_schema() -> None:
 
 
 def onnx_translation() -> dict:
-    """The torch.onnx custom_translation_table entry: one com.microsoft GroupQueryAttention,
-    with no past and the rotary angles of positions 0..S-1 as its cos/sin caches."""
+    """The torch.onnx custom_translation_table entry: one com.microsoft GroupQueryAttention
+    (past inputs and present outputs as the op has them)."""
     from onnxscript.values import Opset
 
     _register_onnx_schema()
     ms = Opset("com.microsoft", 1)
 
-    def translate(q, k, v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads, scale):
-        out, _, _ = ms.GroupQueryAttention(
-            q, k, v, None, None, seqlens_k, total_length, cos, sin, num_heads=num_heads,
+    def translate(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads,
+                  kv_num_heads, scale):
+        return ms.GroupQueryAttention(
+            q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads=num_heads,
             kv_num_heads=kv_num_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
             _outputs=3)
-        return out
 
     return {torch.ops.qexport.group_query_attention.default: translate}
 
@@ -125,34 +140,74 @@ def _supported(attn: torch.nn.Module) -> bool:
             and attn.head_dim % 2 == 0)
 
 
-def _shared_inputs(self, hidden_states, cos, sin, shared: dict) -> tuple:
+def _shared_inputs(self, hidden_states, cos, sin, past, shared: dict) -> tuple:
     """seqlens_k, total length and the half-width rotary angles, computed by the first layer
-    and reused by the others (one set of nodes per graph instead of one per layer)."""
+    and reused by the others (one set of nodes per graph instead of one per layer). Without
+    past the angles are the model's own for positions 0..S-1; with past, the positions
+    0..P+S-1 go through the model's rotary module."""
     key = (id(cos), id(sin))
-    if key not in shared:
+    if shared.get("key") != key:
         b, s = hidden_states.shape[0], hidden_states.shape[1]
         half = self.head_dim // 2
-        total = torch.full((), s, dtype=torch.int32)
-        shared.clear()
-        shared[key] = (cos, sin, (total - 1).expand(b), total, cos[0, :, :half],
-                       sin[0, :, :half])
-    return shared[key][2:]
+        if past is None:
+            total = torch.full((), s, dtype=torch.int32)
+        else:
+            p = past[0].shape[2]
+            total = torch.full((), p + s, dtype=torch.int32)
+            if shared.get("rotary") is None:
+                raise RuntimeError("fused attention with past needs the model's rotary_emb")
+            positions = torch.arange(p + s, device=hidden_states.device).unsqueeze(0)
+            cos, sin = shared["rotary"](hidden_states, positions)
+        # Keep cos/sin alive with the key, so that their ids stay unique.
+        shared["key"], shared["values"] = key, (cos, sin, (total - 1).expand(b), total,
+                                               cos[0, :, :half], sin[0, :, :half])
+    return shared["values"][2:]
 
 
 def _forward(self, hidden_states, position_embeddings=None, attention_mask=None,
              past_key_values=None, **kwargs):
     cos, sin = position_embeddings  # [B, S, D], the angles duplicated over the two halves
     if past_key_values is not None or cos.shape[-1] != self.head_dim:
-        # a KV cache, or rotary over part of the head: not this op's contract
+        # a Hugging Face cache, or rotary over part of the head: not this op's contract
         return self._qexport_original_forward(hidden_states, position_embeddings,
                                               attention_mask, past_key_values, **kwargs)
-    seqlens_k, total, cos_half, sin_half = _shared_inputs(self, hidden_states, cos, sin,
+    past = self._qexport_past  # (keys, values) [B, kv heads, P, D] under WithPast, else None
+    seqlens_k, total, cos_half, sin_half = _shared_inputs(self, hidden_states, cos, sin, past,
                                                           self._qexport_shared)
-    out = torch.ops.qexport.group_query_attention(
+    out, present_k, present_v = torch.ops.qexport.group_query_attention(
         self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
-        seqlens_k, total, cos_half, sin_half, self.config.num_attention_heads,
-        self.config.num_key_value_heads, float(self.scaling))
+        *(past if past is not None else (None, None)), seqlens_k, total, cos_half, sin_half,
+        self.config.num_attention_heads, self.config.num_key_value_heads, float(self.scaling))
+    self._qexport_present = (present_k, present_v)
     return self.o_proj(out), None
+
+
+class WithPast(torch.nn.Module):
+    """`forward(input_ids [B, S], k_0, v_0, k_1, v_1, ...) -> (logits, k_0', v_0', ...)` around a
+    Hugging Face causal LM, for tracing under `fused_attention`: k_i/v_i [B, kv heads, P, D] are
+    layer i's past keys (rotated) and values, P >= 0; the outputs are the logits of the S new
+    tokens (positions P..P+S-1) and each layer's present keys/values [B, kv heads, P+S, D].
+    The attribute path of the HF model is `model`, as in qexport.models.CausalLMLogits, so the
+    layer names match a quantization of that wrapper."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.attention = [m for m in model.modules() if _supported(m)]
+
+    def forward(self, input_ids, *past):
+        if len(past) != 2 * len(self.attention):
+            raise ValueError(f"expected {2 * len(self.attention)} past tensors, got {len(past)}")
+        p, s = past[0].shape[2], input_ids.shape[1]
+        for i, attn in enumerate(self.attention):
+            attn._qexport_past = (past[2 * i], past[2 * i + 1])
+        try:
+            positions = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)
+            logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+            return (logits, *(t for attn in self.attention for t in attn._qexport_present))
+        finally:
+            for attn in self.attention:
+                attn._qexport_past = None
 
 
 @contextlib.contextmanager
@@ -161,14 +216,17 @@ def fused_attention(module: torch.nn.Module):
     with qexport::group_query_attention. Yields how many were swapped."""
     swapped = [m for m in module.modules() if _supported(m)]
     own = {id(m): m.__dict__["forward"] for m in swapped if "forward" in m.__dict__}
-    shared: dict = {}  # the tensors of one forward, kept alive so that ids stay unique
+    rotary = [m for name, m in module.named_modules() if name.endswith("rotary_emb")]
+    shared: dict = {"rotary": rotary[0] if len(rotary) == 1 else None}
     for m in swapped:
         m._qexport_original_forward, m._qexport_shared = m.forward, shared
+        m._qexport_past = m._qexport_present = None
         m.forward = types.MethodType(_forward, m)
     try:
         yield len(swapped)
     finally:
         for m in swapped:
             del m.forward, m._qexport_original_forward, m._qexport_shared
+            del m._qexport_past, m._qexport_present
             if id(m) in own:  # an instance-level forward (e.g. a hook wrapper) it had before
                 m.forward = own[id(m)]

@@ -26,11 +26,21 @@ EXTERNAL_DATA_ALIGN = 4096
 EXTERNAL_DATA_MIN_BYTES = 1024
 
 
-def dynamic_shapes_for(example_inputs: tuple) -> tuple:
-    """Every dim of every tensor input may vary (torch.export keeps the ones that can)."""
+def dynamic_shapes_for(example_inputs: tuple, module: torch.nn.Module | None = None) -> tuple:
+    """Every dim of every tensor input may vary (torch.export keeps the ones that can). With
+    `module`, inputs bound to a `*args` parameter of its forward are grouped as torch.export
+    sees them (e.g. attention.WithPast's past tensors)."""
+    import inspect
+
     auto = torch.export.Dim.AUTO
-    return tuple({d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
-                 for t in example_inputs)
+    specs = tuple({d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
+                  for t in example_inputs)
+    if module is not None and not isinstance(module, torch.fx.GraphModule):
+        kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+        if inspect.Parameter.VAR_POSITIONAL in kinds:
+            fixed = kinds.index(inspect.Parameter.VAR_POSITIONAL)
+            return specs[:fixed] + (specs[fixed:],)
+    return specs
 
 
 @contextlib.contextmanager
@@ -58,7 +68,7 @@ def trace(module: torch.nn.Module, example_inputs: tuple,
     with _quiet(), torch.no_grad(), \
             (fuse(module) if fused_attention else contextlib.nullcontext()):
         ep = torch.export.export(module, example_inputs,
-                                 dynamic_shapes=dynamic_shapes_for(example_inputs))
+                                 dynamic_shapes=dynamic_shapes_for(example_inputs, module))
     gm = ep.module()
     gm._qexport_traced = True
     return gm
