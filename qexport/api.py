@@ -299,3 +299,73 @@ def export(qmodel: QuantizedModel, path: str | Path, extra_metadata: dict[str, s
                         input_names=input_names, output_names=output_names)
     qmodel.timings["export"] = time.perf_counter() - t0
     return files
+
+
+def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel, path: str | Path,
+                     extra_metadata: dict[str, str] | None = None,
+                     share_data_with: str | Path | None = None) -> list[Path]:
+    """Write the quantized model as a decoder with a KV cache (`attention.WithPast`): inputs
+    `input_ids` and `past.{i}.key` / `past.{i}.value` [B, kv heads, P, head dim] per layer
+    (P = 0 for the prompt), outputs `logits` and `present.{i}.key` / `.value` [.., P+S, ..].
+    `module` is the Hugging Face causal LM wrapper `qmodel` was quantized from
+    (models.CausalLMLogits); its graph is traced again with past inputs and gets the same
+    packed weights, passes and OS+-folded tensors. Weights whose bytes are already in
+    `share_data_with`'s external data file (model.onnx) are referenced there, not copied.
+    Returns the files written."""
+    from .attention import WithPast
+
+    reason = kv_cache_unsupported(module)
+    if reason:
+        raise QexportError(f"no KV-cache export: {reason}")
+    hf = module.model
+    wrapper = WithPast(hf)
+    cfg = hf.config
+    head_dim = wrapper.attention[0].head_dim
+    past = [torch.zeros(2, cfg.num_key_value_heads, 4, head_dim)
+            for _ in range(2 * len(wrapper.attention))]
+    example = (torch.randint(0, 8, (2, 3)), *past)
+    gm = qmodel.graph_module
+    with folded_into(module, {k: getattr(gm, a) for k, a in qmodel.folded.items()}):
+        traced = trace(wrapper, example)
+    used: dict = {}
+    traced = passes.replace_linear(traced, lambda name, w, b: qmodel.packed.get(name),
+                                   used).graph_module
+    if len(used) != len(qmodel.packed):
+        raise QexportError(f"the KV-cache graph has {len(used)} of the "
+                           f"{len(qmodel.packed)} quantized layers")
+    traced = passes.fuse_shared_input(traced).graph_module
+    if qmodel.config.embeddings_fp16:
+        traced = passes.embeddings_fp16(traced).graph_module
+    traced.recompile()
+    layers = range(len(wrapper.attention))
+    auto = torch.export.Dim.AUTO
+    meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
+    meta.update(extra_metadata or {})
+    return export_onnx(traced, example, Path(path), meta,
+                       input_names=["input_ids"] + past_names("past", layers),
+                       output_names=["logits"] + past_names("present", layers),
+                       share_data_with=share_data_with,
+                       # batch and lengths vary; kv heads and head dim are the model's
+                       dynamic_shapes=({0: auto, 1: auto},
+                                       *({0: auto, 2: auto} for _ in past)))
+
+
+def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
+    """Why `export_with_past` cannot take `module`, or None."""
+    from .attention import WithPast
+
+    hf = getattr(module, "model", None)
+    cfg = getattr(hf, "config", None)
+    if hf is None or cfg is None:
+        return "it needs a Hugging Face causal LM"
+    n = len(WithPast(hf).attention)
+    if n == 0 or n != getattr(cfg, "num_hidden_layers", -1):
+        return (f"{n} of its attention blocks are supported by the fused attention (Llama, "
+                "Mistral, Qwen2 without a sliding window); it needs all of them")
+    return None
+
+
+def past_names(prefix: str, layers) -> list[str]:
+    """`{prefix}.{i}.key`, `{prefix}.{i}.value` for each layer i: the KV-cache inputs
+    ("past") and outputs ("present") of `export_with_past`."""
+    return [f"{prefix}.{i}.{kind}" for i in layers for kind in ("key", "value")]

@@ -113,3 +113,18 @@ def layer_report(packed: dict[str, MixedLinearWeights],
                 row["parity"]["ok"] = parity_ok(row["parity"])
         rows.append(row)
     return rows
+
+
+def decode_with_past(session, ids: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits [1, T, V] of `ids` [1, T] through a KV-cache export (api.export_with_past):
+    the first `prefill` tokens in one call with an empty past, then one token per call with
+    the presents fed back, as a generation loop does."""
+    inputs = session.get_inputs()
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in inputs[1:]}
+    names = [i.name for i in inputs[1:]]
+    out, start = [], 0
+    for stop in [prefill] + list(range(prefill + 1, ids.shape[1] + 1)):
+        logits, *present = session.run(None, {inputs[0].name: ids[:, start:stop], **past})
+        out.append(logits)
+        past, start = dict(zip(names, present)), stop
+    return np.concatenate(out, axis=1)

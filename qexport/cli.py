@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export each Llama attention block as one ONNX Runtime "
                         "GroupQueryAttention node (com.microsoft), not ~30 small ones "
                         "[default: on, off with --target trt, whose parser lacks it]")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="also write model_with_past.onnx, a decoder with a KV cache (past/present "
+                        "keys and values per layer) for generation; shares model.onnx's weight "
+                        "file (Llama, Mistral, Qwen2)")
     p.add_argument("--force", action="store_true",
                    help="replace an output folder that was not written by qexport")
     p.add_argument("--trust-pickle", action="store_true",
@@ -275,6 +279,13 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         ppl_skipped = "the model has no tokenizer"
 
     example = lm.example_inputs(batch=2, seq=8)
+    if args.kv_cache:
+        if args.fused_attention is False or args.target == "trt":
+            raise QexportError("--kv-cache needs the fused attention (not with "
+                               "--no-fused-attention or --target trt)")
+        reason = api.kv_cache_unsupported(lm.module)
+        if reason:
+            raise QexportError(f"--kv-cache: {reason}")
     learn_overrides = {k: v for k, v in (("epochs", args.epochs), ("lr_alpha", args.lr),
                                          ("lr_r1", args.lr), ("lr_r2", args.lr)) if v is not None}
     if args.share_r2:
@@ -300,6 +311,12 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         extra["qexport.vocab_size"] = str(lm.vocab_size)
     files = api.export(qm, onnx_path, extra, input_names=["input_ids"], output_names=["logits"])
     timings["export"] = qm.timings["export"]
+    past_path = tmp / "model_with_past.onnx"
+    if args.kv_cache:
+        say("exporting the KV-cache decoder (model_with_past.onnx)")
+        t0 = time.perf_counter()
+        files += api.export_with_past(lm.module, qm, past_path, extra, share_data_with=onnx_path)
+        timings["export_with_past"] = time.perf_counter() - t0
     lib = native.library_path()
     shutil.copy2(lib, tmp / lib.name)
 
@@ -327,6 +344,13 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         sample_logits = qm.graph_module(sample_ids)
     import numpy as np
     np.savez(tmp / "reference.npz", input_ids=sample_ids.numpy(), logits=sample_logits.numpy())
+    if args.kv_cache:
+        say("checking the KV-cache decoder: prompt, then 8 tokens one at a time")
+        n = parity_ids.shape[1]
+        past_session = native.make_session(past_path, threads=args.threads)
+        kv_logits = check.decode_with_past(past_session, parity_ids[:1].numpy(), n - 8)
+        e2e["kv_cache"] = {"inputs": f"the first row, {n - 8} tokens then 8 decoded one by one",
+                           "parity": check.compare(kv_logits, ref_logits[:1], top1=True)}
     layer_inputs = check.op_inputs(qm.graph_module, (parity_ids[:1, :32],))
     import onnxruntime as ort
 
@@ -343,7 +367,8 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
                             quantized_torch=qm.graph_module, quantized_ort=session)
         timings["perplexity"] = time.perf_counter() - t0
 
-    parity_ok = check.parity_ok(e2e["parity"]) and all(
+    parity_ok = check.parity_ok(e2e["parity"]) and \
+        check.parity_ok(e2e.get("kv_cache", e2e)["parity"]) and all(
         row.get("parity", {}).get("ok", True) for row in layers)
     n_params = sum(p.numel() for p in {id(p): p for p in lm.module.parameters()}.values())
     onnx_bytes = sum(f.stat().st_size for f in files)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -76,16 +77,21 @@ def trace(module: torch.nn.Module, example_inputs: tuple,
 
 def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
                 metadata: dict[str, str], input_names: list[str] | None = None,
-                output_names: list[str] | None = None) -> list[Path]:
+                output_names: list[str] | None = None,
+                share_data_with: str | Path | None = None,
+                dynamic_shapes: tuple | None = None) -> list[Path]:
     """Write `gm` to `path` as ONNX with qexport nodes; returns the files written.
-    Each qexport node is named after its layer (e.g. model.model.layers.0.mlp.up_proj)."""
+    Each qexport node is named after its layer (e.g. model.model.layers.0.mlp.up_proj).
+    share_data_with: another model in the same folder whose external data holds tensors of
+    this one (same bytes): those are referenced there instead of written again.
+    dynamic_shapes: torch.export's, per input [default: every dim may vary]."""
     import onnx
 
     ops.register_onnx_schema()
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             gm, example_inputs, dynamo=True, verbose=False,
-            dynamic_shapes=dynamic_shapes_for(example_inputs),
+            dynamic_shapes=dynamic_shapes or dynamic_shapes_for(example_inputs),
             custom_translation_table=ops.onnx_translation_table(),
             input_names=input_names, output_names=output_names, optimize=True)
     model = program.model_proto
@@ -99,7 +105,8 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
     nbytes = sum(len(t.raw_data) for t in model.graph.initializer)
     files = [path]
     if nbytes > EXTERNAL_DATA_THRESHOLD:
-        files.append(save_external_aligned(model, path))
+        data = save_external_aligned(model, path, share_data_with=share_data_with)
+        files += [data] if data is not None else []
         onnx.checker.check_model(str(path), full_check=True)
     else:
         onnx.checker.check_model(model, full_check=True)
@@ -108,28 +115,56 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
 
 
 def save_external_aligned(model, path: Path, align: int = EXTERNAL_DATA_ALIGN,
-                          min_bytes: int = EXTERNAL_DATA_MIN_BYTES) -> Path:
+                          min_bytes: int = EXTERNAL_DATA_MIN_BYTES,
+                          share_data_with: str | Path | None = None) -> Path | None:
     """Save `model` (an onnx.ModelProto; modified: its large initializers become external) to
     `path`, with the raw data of every initializer of at least `min_bytes` in one file
-    `<path>.data` at offsets that are multiples of `align`. Returns the data file's path.
-    Loading is plain ONNX external data (onnx.load, onnxruntime from a path)."""
+    `<path>.data` at offsets that are multiples of `align`. Returns the data file's path
+    (None when every such tensor is in `share_data_with`'s external data, a model in the same
+    folder, and referenced there). Loading is plain ONNX external data (onnx.load,
+    onnxruntime from a path)."""
     import onnx
     from onnx import external_data_helper as ext
 
     path = Path(path)
+    known = _external_tensors(Path(share_data_with)) if share_data_with else {}
     data_path = path.with_name(path.name + ".data")
     data_path.write_bytes(b"")
     offset = 0
     for tensor in model.graph.initializer:
         if not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes:
             continue
-        offset = (offset + align - 1) // align * align
-        ext.set_external_data(tensor, data_path.name, offset)
-        ext.save_external_data(tensor, str(path.parent))  # pads to `offset`, then writes
-        offset += len(tensor.raw_data)
+        there = known.get(hashlib.sha1(tensor.raw_data).digest())
+        if there is not None:
+            ext.set_external_data(tensor, *there)
+        else:
+            offset = (offset + align - 1) // align * align
+            ext.set_external_data(tensor, data_path.name, offset)
+            ext.save_external_data(tensor, str(path.parent))  # pads to `offset`, then writes
+            offset += len(tensor.raw_data)
         tensor.ClearField("raw_data")
     onnx.save_model(model, path)
+    if offset == 0:
+        data_path.unlink()
+        return None
     return data_path
+
+
+def _external_tensors(model_path: Path) -> dict[bytes, tuple[str, int, int]]:
+    """sha1 of the bytes -> (location, offset, length) of each external initializer of the
+    ONNX file `model_path` (locations relative to its folder)."""
+    import onnx
+
+    found = {}
+    for tensor in onnx.load(model_path, load_external_data=False).graph.initializer:
+        info = {e.key: e.value for e in tensor.external_data}
+        if "location" not in info:
+            continue
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        with open(model_path.parent / info["location"], "rb") as f:
+            f.seek(offset)
+            found[hashlib.sha1(f.read(length)).digest()] = (info["location"], offset, length)
+    return found
 
 
 def _divide_by_sqrt(model) -> int:
