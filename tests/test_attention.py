@@ -82,3 +82,60 @@ def test_forward_restored_after_tracing():
     assert attn.forward is hook and not hasattr(attn, "_qexport_shared")
     other = model.model.model.layers[1].self_attn
     assert "forward" not in vars(other)  # the class's own forward again
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_with_past_decodes_like_the_full_forward(tmp_path, family):
+    """The KV-cache graph (attention.WithPast) through ONNX Runtime: a prompt with an empty past,
+    then tokens one at a time with the presents fed back, give the full forward's logits."""
+    from qexport.api import past_names
+    from qexport.attention import WithPast
+    from qexport.check import decode_with_past
+
+    model = _llama(2, family)
+    wrapper = WithPast(model.model)
+    n = len(wrapper.attention)
+    example = (torch.randint(0, 128, (2, 3)), *[torch.zeros(2, 2, 4, 16) for _ in range(2 * n)])
+    auto = torch.export.Dim.AUTO
+    export_onnx(trace(wrapper, example), example, tmp_path / "past.onnx", {},
+                input_names=["input_ids"] + past_names("past", range(n)),
+                output_names=["logits"] + past_names("present", range(n)),
+                dynamic_shapes=({0: auto, 1: auto}, *({0: auto, 2: auto} for _ in range(2 * n))))
+    session = native.make_session(tmp_path / "past.onnx")
+    assert [i.shape[1:2] + i.shape[3:] for i in session.get_inputs()[1:]] == [[2, 16]] * 2 * n
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).numpy()
+    got = decode_with_past(session, ids.numpy(), 13)
+    assert got.shape == full.shape and np.abs(got - full).max() < 1e-4
+
+
+def test_shared_external_data(tmp_path):
+    """A second model's tensors whose bytes are in the first model's data file point there;
+    the rest go to its own file; both load with the right values."""
+    from onnx import helper, numpy_helper
+
+    from qexport.onnx_export import save_external_aligned
+
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(3))
+
+    def model(tensors):
+        inits = [numpy_helper.from_array(t, f"w{i}") for i, t in enumerate(tensors)]
+        nodes = [helper.make_node("Add", ["x", f"w{i}"], [f"y{i}"]) for i in range(len(tensors))]
+        outs = [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [64, 64])
+                for i in range(len(tensors))]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+            "x", onnx.TensorProto.FLOAT, [64, 64])], outs, initializer=inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+    first = save_external_aligned(model([a, b]), tmp_path / "a.onnx", min_bytes=64)
+    assert save_external_aligned(model([b, a]), tmp_path / "b.onnx", min_bytes=64,
+                                 share_data_with=tmp_path / "a.onnx") is None  # all shared
+    own = save_external_aligned(model([c, b]), tmp_path / "c.onnx", min_bytes=64,
+                                share_data_with=tmp_path / "a.onnx")
+    assert own.stat().st_size < first.stat().st_size  # only c written again
+    for name, want in (("b.onnx", [b, a]), ("c.onnx", [c, b])):
+        loaded = onnx.load(tmp_path / name)
+        for init, w in zip(loaded.graph.initializer, want):
+            assert np.array_equal(numpy_helper.to_array(init), w)

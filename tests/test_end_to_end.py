@@ -170,6 +170,34 @@ def test_tokenizer_model_perplexity_and_eval(tmp_path, family, extra):
     assert values["fp"] == pytest.approx(ppl["fp"], abs=1e-3)
 
 
+def test_kv_cache_export(tmp_path):
+    """--kv-cache: model_with_past.onnx beside model.onnx, checked (prompt, then tokens one by
+    one) against the PyTorch reference; a model it cannot take is refused before quantizing."""
+    from test_cli import assert_one_line_error
+    from tiny_models import tiny_llama, tiny_opt
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    out = tmp_path / "out"
+    proc = run_cli(tmp_path / "llama", "-o", out, "--calib-samples", "2", "--calib-seqlen", "32",
+                   "--share-r2", "--kv-cache")
+    assert proc.returncode == 0, proc.stderr
+    report = _check_folder(out, "w1.61a16", stacked=True)
+    kv = report["end_to_end"]["kv_cache"]
+    assert check_parity(kv["parity"]) and "model_with_past.onnx" in report["files"]
+    names = [i.name for i in onnx.load(out / "model_with_past.onnx").graph.input]
+    assert names == ["input_ids"] + [f"past.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    sample = subprocess.run([sys.executable, "samples/01_python_ort/run.py", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0 and "KV cache" in sample.stdout, sample.stdout + sample.stderr
+    tiny_opt().save_pretrained(tmp_path / "opt")
+    assert_one_line_error(run_cli(tmp_path / "opt", "-o", tmp_path / "o2", "--kv-cache"),
+                          "--kv-cache")
+    assert not (tmp_path / "o2").exists()
+
+
+def check_parity(metrics):
+    return metrics["cosine"] >= 0.999 and metrics["top1_agreement"] >= 0.99
+
+
 def test_read_export_round_trip(tmp_path):
     import torch
 

@@ -7,6 +7,10 @@ inputs get random token ids in [0, vocab) (vocab from the model's metadata
 "qexport.vocab_size", else 100), float inputs random normal values. If the folder has
 reference.npz (arrays named after the model's inputs and outputs), those inputs are fed and
 the outputs compared: max abs diff and cosine; exit status 1 if a cosine is below 0.999.
+If the folder also has model_with_past.onnx (`qexport --kv-cache`), the reference tokens go
+through it as a generation loop does (the first half as the prompt with an empty cache, then
+one token per call, feeding the present keys/values back as the past) and its logits are
+compared with the reference too.
 
     python samples/01_python_ort/run.py OUT_DIR [--threads N] [--batch B] [--seq S]
         [--write-reference-bin]   # also write OUT_DIR/reference.bin for samples/02_cpp_ort
@@ -82,6 +86,20 @@ def write_reference_bin(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> N
             f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
+def decode_with_past(session, ids: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits of `ids` [1, T] from a KV-cache model: `prompt` tokens in one call with an empty
+    past, then one token per call with the presents fed back."""
+    inputs = session.get_inputs()
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in inputs[1:]}
+    logits, start = [], 0
+    for stop in [prompt] + list(range(prompt + 1, ids.shape[1] + 1)):
+        out = session.run(None, {inputs[0].name: ids[:, start:stop], **past})
+        logits.append(out[0])
+        past = {i.name: t for i, t in zip(inputs[1:], out[1:])}
+        start = stop
+    return np.concatenate(logits, axis=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=pathlib.Path, help="folder holding model.onnx")
@@ -135,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
             cos = cosine(y, ref)
             print(f"reference {name}: max_abs_diff {diff:.3e} cosine {cos:.8f}")
             ok &= cos >= MIN_COSINE
+    with_past = args.folder / "model_with_past.onnx"
+    if with_past.is_file() and "input_ids" in reference and "logits" in reference:
+        past_session = ort.InferenceSession(str(with_past), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
+        ids = reference["input_ids"][:1]
+        y = decode_with_past(past_session, ids, ids.shape[1] // 2)
+        cos = cosine(y, reference["logits"][:1])
+        print(f"KV cache ({with_past.name}): {ids.shape[1] // 2}-token prompt, then "
+              f"{ids.shape[1] - ids.shape[1] // 2} tokens one by one: cosine {cos:.8f}")
+        ok &= cos >= MIN_COSINE
     if args.write_reference_bin:
         expected = {n: reference.get(n, outputs[n]) for n in names}
         write_reference_bin(args.folder / "reference.bin", {**feeds, **expected})
