@@ -17,6 +17,8 @@ torch.onnx.export(dynamo=True) of qexport.models.load_model("smollm2-135m").modu
 qexport.onnx_export's trace/export_onnx helpers (so with the same fused attention and graph
 cleanups as the quantized export), example batch 2, dynamic batch and sequence.
 --fp32-unfused PATH adds an fp32 export without the fused attention (written when missing).
+--w161-past OUT/model_with_past.onnx --fp32-past PATH (written when missing) add a decoding
+table: one token after --cached tokens with a KV cache, against the whole-sequence forward.
 """
 from __future__ import annotations
 
@@ -54,20 +56,25 @@ def _session(model, threads: int):
     return ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _feed(sess, seq: int) -> dict:
+def _feed(sess, seq: int, past: int = 0) -> dict:
+    """input_ids [1, seq]; a KV-cache model's past inputs get `past` cached positions."""
     import numpy as np
 
-    ids = np.random.default_rng(0).integers(0, 49152, (1, seq)).astype(np.int64)
-    return {sess.get_inputs()[0].name: ids}
+    rng = np.random.default_rng(0)
+    inputs = sess.get_inputs()
+    feed = {inputs[0].name: rng.integers(0, 49152, (1, seq)).astype(np.int64)}
+    for i in inputs[1:]:
+        feed[i.name] = rng.standard_normal((1, i.shape[1], past, i.shape[3])).astype(np.float32)
+    return feed
 
 
-def _latencies(models: dict, threads: int, seq: int, reps: int, block: int = 10
-               ) -> dict[str, float]:
+def _latencies(models: dict, threads: int, seq: int, reps: int, block: int = 10,
+               past: int = 0) -> dict[str, float]:
     """Median seconds per run of each model, the sessions taking turns in blocks of `block`
     runs. Between blocks the process sleeps, so that the previous session's pool threads,
     which spin for a while after a run, are idle again and take no core from the next."""
     sessions = {label: _session(path, threads) for label, path in models.items()}
-    feeds = {label: _feed(s, seq) for label, s in sessions.items()}
+    feeds = {label: _feed(s, seq, past) for label, s in sessions.items()}
     times = {label: [] for label in sessions}
     for _ in range(max(1, reps // block)):
         for label, s in sessions.items():
@@ -120,6 +127,12 @@ def main(argv=None) -> int:
                    help="more models to measure the same way (e.g. fp32-ext=fp32x/model.onnx)")
     p.add_argument("--fp32-unfused", type=pathlib.Path,
                    help="also an fp32 ONNX without the fused attention (exported when missing)")
+    p.add_argument("--w161-past", type=pathlib.Path,
+                   help="model_with_past.onnx of a qexport --kv-cache folder: also time decoding")
+    p.add_argument("--fp32-past", type=pathlib.Path,
+                   help="fp32 KV-cache ONNX for the decoding table (exported when missing)")
+    p.add_argument("--cached", type=int, default=128,
+                   help="cached tokens before the decoded one [default: %(default)s]")
     p.add_argument("--reps", type=int, default=20, help="runs per measurement")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -158,7 +171,35 @@ def main(argv=None) -> int:
                   f"{one[label] * 1e3:10.2f} {pre[label] * 1e3:13.2f} | "
                   f"{one['fp32'] / one[label]:16.2f} {pre['fp32'] / pre[label]:7.2f} | "
                   f"{rss[label]:12.0f} {rss[label] / rss['fp32']:6.2f}", flush=True)
+    if args.w161_past:
+        _decode_table(args)
     return 0
+
+
+def _decode_table(args) -> None:
+    """One decoded token after `--cached` tokens: the KV-cache models, and for comparison the
+    whole-sequence forward of the models without a cache (what a generation loop without a
+    cache pays per token)."""
+    if not args.fp32_past:
+        raise SystemExit("--w161-past needs --fp32-past")
+    if not args.fp32_past.exists():
+        from qexport import api, models
+
+        print(f"# exporting fp32 with a KV cache to {args.fp32_past}", flush=True)
+        args.fp32_past.parent.mkdir(parents=True, exist_ok=True)
+        api.export_with_past(models.load_model("smollm2-135m").module, None, args.fp32_past)
+    cached = args.cached
+    print(f"# decoding 1 token after {cached} cached ones (KV cache), against the forward of "
+          f"all {cached + 1} tokens (no cache)", flush=True)
+    print(f"{'model':>20} {'thr':>3} | {'ms/token':>9} | {'fp32+kv/model':>13}")
+    for threads in args.threads:
+        kv = _latencies({"fp32 + kv cache": args.fp32_past, "w1.61a16 + kv cache": args.w161_past},
+                        threads, 1, args.reps, past=cached)
+        full = _latencies({"fp32, no cache": args.fp32, "w1.61a16, no cache": args.w161},
+                          threads, cached + 1, max(5, args.reps // 4))
+        base = kv["fp32 + kv cache"]
+        for label, t in {**kv, **full}.items():
+            print(f"{label:>20} {threads:>3} | {t * 1e3:9.2f} | {base / t:13.2f}", flush=True)
 
 
 if __name__ == "__main__":

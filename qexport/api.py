@@ -301,46 +301,49 @@ def export(qmodel: QuantizedModel, path: str | Path, extra_metadata: dict[str, s
     return files
 
 
-def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel, path: str | Path,
+def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, path: str | Path,
                      extra_metadata: dict[str, str] | None = None,
                      share_data_with: str | Path | None = None) -> list[Path]:
-    """Write the quantized model as a decoder with a KV cache (`attention.WithPast`): inputs
+    """Write the model as a decoder with a KV cache (`attention.WithPast`): inputs
     `input_ids` and `past.{i}.key` / `past.{i}.value` [B, kv heads, P, head dim] per layer
     (P = 0 for the prompt), outputs `logits` and `present.{i}.key` / `.value` [.., P+S, ..].
-    `module` is the Hugging Face causal LM wrapper `qmodel` was quantized from
-    (models.CausalLMLogits); its graph is traced again with past inputs and gets the same
-    packed weights, passes and OS+-folded tensors. Weights whose bytes are already in
-    `share_data_with`'s external data file (model.onnx) are referenced there, not copied.
-    Returns the files written."""
+    `module` is the Hugging Face causal LM wrapper (models.CausalLMLogits) `qmodel` was
+    quantized from; its graph is traced again with past inputs and gets the same packed
+    weights, passes and OS+-folded tensors (qmodel None: the floating-point model, for
+    baselines). Weights whose bytes are already in `share_data_with`'s external data file
+    (model.onnx) are referenced there, not copied. Returns the files written."""
     from .attention import WithPast
 
     reason = kv_cache_unsupported(module)
     if reason:
         raise QexportError(f"no KV-cache export: {reason}")
-    hf = module.model
-    wrapper = WithPast(hf)
-    cfg = hf.config
+    wrapper = WithPast(module.model)
+    cfg = module.model.config
     head_dim = wrapper.attention[0].head_dim
     past = [torch.zeros(2, cfg.num_key_value_heads, 4, head_dim)
             for _ in range(2 * len(wrapper.attention))]
     example = (torch.randint(0, 8, (2, 3)), *past)
-    gm = qmodel.graph_module
-    with folded_into(module, {k: getattr(gm, a) for k, a in qmodel.folded.items()}):
+    if qmodel is None:
         traced = trace(wrapper, example)
-    used: dict = {}
-    traced = passes.replace_linear(traced, lambda name, w, b: qmodel.packed.get(name),
-                                   used).graph_module
-    if len(used) != len(qmodel.packed):
-        raise QexportError(f"the KV-cache graph has {len(used)} of the "
-                           f"{len(qmodel.packed)} quantized layers")
-    traced = passes.fuse_shared_input(traced).graph_module
-    if qmodel.config.embeddings_fp16:
-        traced = passes.embeddings_fp16(traced).graph_module
-    traced.recompile()
+        meta = {}
+    else:
+        gm = qmodel.graph_module
+        with folded_into(module, {k: getattr(gm, a) for k, a in qmodel.folded.items()}):
+            traced = trace(wrapper, example)
+        used: dict = {}
+        traced = passes.replace_linear(traced, lambda name, w, b: qmodel.packed.get(name),
+                                       used).graph_module
+        if len(used) != len(qmodel.packed):
+            raise QexportError(f"the KV-cache graph has {len(used)} of the "
+                               f"{len(qmodel.packed)} quantized layers")
+        traced = passes.fuse_shared_input(traced).graph_module
+        if qmodel.config.embeddings_fp16:
+            traced = passes.embeddings_fp16(traced).graph_module
+        traced.recompile()
+        meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
+    meta.update(extra_metadata or {})
     layers = range(len(wrapper.attention))
     auto = torch.export.Dim.AUTO
-    meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
-    meta.update(extra_metadata or {})
     return export_onnx(traced, example, Path(path), meta,
                        input_names=["input_ids"] + past_names("past", layers),
                        output_names=["logits"] + past_names("present", layers),

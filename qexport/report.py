@@ -69,10 +69,13 @@ def markdown(r: dict) -> str:
     e2e = r["end_to_end"]
     lines += ["## End to end (logits)", "", "| comparison | cosine | top-1 | rel. error | max |diff| |",
               "|---|---|---|---|---|"]
-    for key, label in (("parity", "ORT vs PyTorch quantized (parity)"),
-                       ("quant_error", "PyTorch quantized vs fp (quantization error)"),
-                       ("ort_vs_fp", "ORT vs fp")):
-        m = e2e.get(key)
+    rows = [("ORT vs PyTorch quantized (parity)", e2e.get("parity")),
+            ("PyTorch quantized vs fp (quantization error)", e2e.get("quant_error")),
+            ("ORT vs fp", e2e.get("ort_vs_fp"))]
+    if "kv_cache" in e2e:
+        rows.append((f"KV-cache decoder vs PyTorch quantized ({e2e['kv_cache']['inputs']})",
+                     e2e["kv_cache"]["parity"]))
+    for label, m in rows:
         if m:
             lines.append(f"| {label} | {_f(m['cosine'], 6)} | {_f(m.get('top1_agreement'))} | "
                          f"{m['rel_error']:.2e} | {m['max_abs_diff']:.2e} |")
