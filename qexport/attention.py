@@ -185,10 +185,12 @@ def _forward(self, hidden_states, position_embeddings=None, attention_mask=None,
 class WithPast(torch.nn.Module):
     """`forward(input_ids [B, S], k_0, v_0, k_1, v_1, ...) -> (logits, k_0', v_0', ...)` around a
     Hugging Face causal LM, for tracing under `fused_attention`: k_i/v_i [B, kv heads, P, D] are
-    layer i's past keys (rotated) and values, P >= 0; the outputs are the logits of the S new
-    tokens (positions P..P+S-1) and each layer's present keys/values [B, kv heads, P+S, D].
-    The attribute path of the HF model is `model`, as in qexport.models.CausalLMLogits, so the
-    layer names match a quantization of that wrapper."""
+    layer i's past keys (rotated) and values, P >= 0; the outputs are the logits [B, 1, V] of
+    the last new token (position P+S-1: the next token's distribution, all a generation loop
+    reads; skipping the head over the rest of a 128-token prompt takes ~20 % off it) and each layer's
+    present keys/values [B, kv heads, P+S, D]. The attribute path of the HF model is `model`,
+    as in qexport.models.CausalLMLogits, so the layer names match a quantization of that
+    wrapper."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -203,7 +205,8 @@ class WithPast(torch.nn.Module):
             attn._qexport_past = (past[2 * i], past[2 * i + 1])
         try:
             positions = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)
-            logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+            logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                                logits_to_keep=1).logits
             return (logits, *(t for attn in self.attention for t in attn._qexport_present))
         finally:
             for attn in self.attention:

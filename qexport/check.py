@@ -116,9 +116,10 @@ def layer_report(packed: dict[str, MixedLinearWeights],
 
 
 def decode_with_past(session, ids: np.ndarray, prefill: int) -> np.ndarray:
-    """Logits [1, T, V] of `ids` [1, T] through a KV-cache export (api.export_with_past):
-    the first `prefill` tokens in one call with an empty past, then one token per call with
-    the presents fed back, as a generation loop does."""
+    """Logits [1, T - prefill + 1, V] of positions prefill-1 .. T-1 of `ids` [1, T] through a
+    KV-cache export (api.export_with_past, which returns the last token's logits): the first
+    `prefill` tokens in one call with an empty past, then one token per call with the
+    presents fed back, as a generation loop does."""
     inputs = session.get_inputs()
     past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in inputs[1:]}
     names = [i.name for i in inputs[1:]]
