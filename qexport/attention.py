@@ -187,10 +187,10 @@ class WithPast(torch.nn.Module):
     Hugging Face causal LM, for tracing under `fused_attention`: k_i/v_i [B, kv heads, P, D] are
     layer i's past keys (rotated) and values, P >= 0; the outputs are the logits [B, 1, V] of
     the last new token (position P+S-1: the next token's distribution, all a generation loop
-    reads; skipping the head over the rest of a 128-token prompt takes ~20 % off it) and each layer's
-    present keys/values [B, kv heads, P+S, D]. The attribute path of the HF model is `model`,
-    as in qexport.models.CausalLMLogits, so the layer names match a quantization of that
-    wrapper."""
+    reads; skipping the head for the rest of a 128-token prompt takes ~20 % off it) and each
+    layer's present keys/values [B, kv heads, P+S, D]. The attribute path of the HF model is
+    `model`, as in qexport.models.CausalLMLogits, so the layer names match a quantization of
+    that wrapper."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
