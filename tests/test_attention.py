@@ -102,6 +102,16 @@ def test_with_past_decodes_like_the_full_forward(tmp_path, family):
         full = model(ids).numpy()
     got = decode_with_past(session, ids.numpy(), 13)  # the last token's logits of each call
     assert got.shape == full[:, 12:].shape and np.abs(got - full[:, 12:]).max() < 1e-4
+    # A batch of two: the prompt (empty past), then tokens one at a time for both rows.
+    rows = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(rows).numpy()
+    names = [i.name for i in session.get_inputs()]
+    feed = {n: np.zeros((2, 2, 0, 16), np.float32) for n in names[1:]}
+    for start, stop in ((0, 6), (6, 7), (7, 8), (8, 9)):
+        logits, *present = session.run(None, {"input_ids": rows[:, start:stop].numpy(), **feed})
+        assert np.abs(logits[:, 0] - full[:, stop - 1]).max() < 1e-4, stop
+        feed = dict(zip(names[1:], present))
 
 
 def test_shared_external_data(tmp_path):
