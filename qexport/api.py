@@ -328,18 +328,9 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
         meta = {}
     else:
         gm = qmodel.graph_module
-        with folded_into(module, {k: getattr(gm, a) for k, a in qmodel.folded.items()}):
-            traced = trace(wrapper, example)
-        used: dict = {}
-        traced = passes.replace_linear(traced, lambda name, w, b: qmodel.packed.get(name),
-                                       used).graph_module
-        if len(used) != len(qmodel.packed):
-            raise QexportError(f"the KV-cache graph has {len(used)} of the "
-                               f"{len(qmodel.packed)} quantized layers")
-        traced = passes.fuse_shared_input(traced).graph_module
-        if qmodel.config.embeddings_fp16:
-            traced = passes.embeddings_fp16(traced).graph_module
-        traced.recompile()
+        traced = rebuild(module, wrapper, example, qmodel.packed,
+                         {k: getattr(gm, a) for k, a in qmodel.folded.items()},
+                         qmodel.config.embeddings_fp16)
         meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
     meta.update(extra_metadata or {})
     layers = range(len(wrapper.attention))
@@ -351,6 +342,29 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
                        # batch and lengths vary; kv heads and head dim are the model's
                        dynamic_shapes=({0: auto, 1: auto},
                                        *({0: auto, 2: auto} for _ in past)))
+
+
+def rebuild(module: torch.nn.Module, traced: torch.nn.Module, example_inputs: tuple,
+            packed: dict[str, MixedLinearWeights], folded: dict[str, torch.Tensor],
+            embeddings_fp16: bool, stack: bool = True) -> torch.fx.GraphModule:
+    """The quantized graph again from packed weights, without quantizing: `traced` (`module`
+    itself, or a wrapper around it such as attention.WithPast) traced with `module`'s
+    OS+-folded tensors in place, then its Linears replaced by `packed` (keyed by layer name),
+    stacked where they share an input (`stack`) and the embedding tables in fp16 if asked.
+    Used by `qexport eval` (from a file's weights) and `export_with_past`."""
+    with folded_into(module, folded):  # the graph keeps the folded tensors
+        gm = trace(traced, example_inputs)
+    used: dict = {}
+    gm = passes.replace_linear(gm, lambda name, w, b: packed.get(name), used).graph_module
+    if len(used) != len(packed):
+        raise QexportError(f"the model has {len(used)} of the {len(packed)} quantized layers: "
+                           "is it the model they were made from?")
+    if stack:
+        gm = passes.fuse_shared_input(gm).graph_module
+    if embeddings_fp16:
+        gm = passes.embeddings_fp16(gm).graph_module
+    gm.recompile()
+    return gm
 
 
 def kv_cache_unsupported(module: torch.nn.Module) -> str | None:

@@ -432,13 +432,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
 def eval_main(args) -> int:
     import torch
 
-    import passes
     from . import data, models, native
-    from .api import folded_into
+    from .api import rebuild
     from .artifact import export_config, read_export
     from .contract import META_SOURCE
     from .errors import QexportError
-    from .onnx_export import trace
 
     say = (lambda msg: None) if args.quiet else _log
     if args.threads:
@@ -461,17 +459,10 @@ def eval_main(args) -> int:
     candidates = {"fp": lm.module}
     say(f"rebuilding the PyTorch quantized model from {len(packed)} packed layers"
         + (f" and {len(folded)} OS+-folded tensors" if folded else ""))
-    with folded_into(lm.module, folded):  # the graph keeps the folded tensors
-        gm = trace(lm.module, lm.example_inputs(batch=2, seq=8))
-    used = {}
-    gm = passes.replace_linear(gm, lambda name, w, b: packed.get(name), used).graph_module
-    if config.get("embeddings_fp16"):
-        gm = passes.embeddings_fp16(gm).graph_module
-    gm.recompile()
-    if len(used) != len(packed):
-        raise QexportError(f"{source} has {len(used)} of the export's {len(packed)} "
-                           "quantized layers: is it the model the export was made from?")
-    candidates["quantized_torch"] = gm
+    # Per layer (unstacked): the PyTorch reference need not match the file's node layout.
+    candidates["quantized_torch"] = rebuild(lm.module, lm.module,
+                                            lm.example_inputs(batch=2, seq=8), packed, folded,
+                                            bool(config.get("embeddings_fp16")), stack=False)
     candidates["quantized_ort"] = native.make_session(onnx_path, threads=args.threads)
     ppl = _perplexities(eval_ids, args.eval_window, text_source, say, **candidates)
     print(f"perplexity on {ppl['tokens']} tokens of {text_source} ({ppl['window']}-token "
