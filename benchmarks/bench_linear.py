@@ -115,6 +115,27 @@ def _model_nbits(n, k, rng, block=32):
     return model, b.nbytes + scales.nbytes + zpp.nbytes
 
 
+# The CPUs this process may use, read before pin_threads narrows the calling thread's set.
+_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+PIN_THREADS = True  # --no-pin turns it off
+
+
+def pin_threads(options, threads: int) -> bool:
+    """One CPU per thread (Linux): the calling thread on the first CPU this process may use
+    (process-wide, from then on), ONNX Runtime's threads - 1 intra-op workers on the next ones
+    (session.intra_op_thread_affinities, 1-based ids). Unpinned, the scheduler sometimes ran
+    a pool thread on the caller's CPU for a whole measurement: the 2-thread median of one
+    op came out 0.052 or 0.093 ms from one block of runs to the next (4096x4096, M = 1,
+    weights cached), whichever session it was. Returns whether it pinned."""
+    if not PIN_THREADS or not hasattr(os, "sched_setaffinity") or threads > len(_CPUS):
+        return False
+    os.sched_setaffinity(0, {_CPUS[0]})
+    if threads > 1:
+        options.add_session_config_entry("session.intra_op_thread_affinities",
+                                         ";".join(str(c + 1) for c in _CPUS[1:threads]))
+    return True
+
+
 def _session(model, threads, custom):
     import onnxruntime as ort
 
@@ -123,6 +144,7 @@ def _session(model, threads, custom):
     so = native.session_options() if custom else ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    pin_threads(so, threads)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(model.SerializeToString(), sess_options=so,
                                 providers=["CPUExecutionProvider"])
@@ -210,11 +232,16 @@ def main(argv=None):
                         "between runs (SmolLM2's 23 MB of w1.61 weights fit this L3)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare our output with the PyTorch reference once per shape")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin each thread to its own CPU, every contender alike (pin_threads)")
     args = p.parse_args(argv)
+    global PIN_THREADS
+    PIN_THREADS = args.pin
 
     rng = np.random.default_rng(0)
     print(f"# qexport bench_linear; CPU path: {os.environ.get('QEXPORT_CPU_ISA', 'auto')}; "
-          f"shapes are N x K (out x in); weights {'evicted before every run (cold)' if args.cold else 'cached between runs (warm)'}")
+          f"shapes are N x K (out x in); weights {'evicted before every run (cold)' if args.cold else 'cached between runs (warm)'}; "
+          f"threads {'pinned, one CPU each' if args.pin else 'not pinned'}")
     if args.bandwidth:
         rw, r, read = memory_bandwidth()
         print(f"# memory, 1 thread: numpy copy {rw:.1f} GB/s read+write ({r:.1f} GB/s copied); "

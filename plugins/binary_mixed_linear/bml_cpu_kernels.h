@@ -4,11 +4,12 @@
 // the CPU kernel: see bml_cpu_lut.cpp for the data layout.
 //
 // Packed weight layout both paths read (built by PackWeights): output rows in blocks of 16,
-// blocks in groups of 4; per group, per dword q of a row's packed bits, the 4 blocks' lines
-// of 64 bytes (16 rows x 4 bytes, the layout-1 bytes 4q..4q+3 of each row) follow each
-// other: byte e of dword q of row r of block i of the group is at
-//   group_base + q * kGroupLine + i * kBlockLine + 4 * r + e.
-// So a group (64 output rows) is one sequential stream, and one 64-byte load gives 16 rows
+// blocks in groups of 8 (the last group holds what is left: `width` blocks, 1..8); per
+// group, per dword q of a row's packed bits, the group's blocks' lines of 64 bytes (16 rows
+// x 4 bytes, the layout-1 bytes 4q..4q+3 of each row) follow each other: byte e of dword q
+// of row r of block i of the group is at
+//   group_base + q * line + i * kBlockLine + 4 * r + e,   line = width * kBlockLine.
+// So a group (128 output rows) is one sequential stream, and one 64-byte load gives 16 rows
 // x 32 sign bits (or 8 four-bit codes): nibble j of a dword is its bits 4j..4j+3.
 #pragma once
 
@@ -19,10 +20,9 @@ namespace bml {
 namespace detail {
 
 constexpr int kRowBlock = 16;    // output rows per block: one 16-lane fp32 vector
-constexpr int kGroupBlocks = 4;  // blocks per group
-constexpr int kLutBlocks = 8;    // the most blocks one lut_dot call handles (two groups)
+constexpr int kGroupBlocks = 8;  // blocks per group (the last one: what is left)
 constexpr int64_t kBlockLine = 4 * kRowBlock;                  // bytes: 16 rows x 1 dword
-constexpr int64_t kGroupLine = kGroupBlocks * kBlockLine;      // bytes per dword of a group
+constexpr int64_t kGroupLine = kGroupBlocks * kBlockLine;      // bytes per dword of a full group
 constexpr int kNibbles = 8;      // 4-bit fields per dword: lookups per dword and row
 constexpr int kSplitSlack = 16;  // floats split_row may write past its outputs' ends
 
@@ -41,12 +41,12 @@ struct CpuKernels {
   bool (*all_finite)(const void* x, int64_t count, bool half);
 
   // --- lookup tables
-  // For i < nblk (<= kLutBlocks), r < 16: out[16 i + r] += scale[16 i + r] (1 when null) *
+  // For i < nblk (<= kGroupBlocks), r < 16: out[16 i + r] += scale[16 i + r] (1 when null) *
   //   sum_{q < ndw, j < 8} lut[8 q + j][nibble j of the dword of row r, block i at q]
-  // where w points at a group's line of dword 0 (layout above), blocks 4..7 being those of
-  // the group at w + grp_stride, and lut is [8 ndw][16]. (Two groups: twice the weights per
-  // table load, and two streams from memory, which DRAM serves faster than one.)
-  void (*lut_dot)(const uint8_t* w, int64_t grp_stride, int nblk, const float* lut, int64_t ndw,
+  // where w points at a group's line of dword 0 (layout above), dword q at w + q * line,
+  // and lut is [8 ndw][16]. One group per call: one stream from memory, each table load
+  // serving 8 blocks.
+  void (*lut_dot)(const uint8_t* w, int64_t line, int nblk, const float* lut, int64_t ndw,
                   float* out, const float* scale);
   // Splits a row of X by channel kind, in channel order: xb[c] = x[c-th binary channel] *
   // r2[c] (r2 null: 1), xs[j] = x[j-th salient channel]. bin_mask[b] bit i: channel 16 b + i
@@ -69,14 +69,15 @@ struct CpuKernels {
   GemmCosts gemm_costs;
   // The binary columns of one 16-row block: for c < kb, r < 16,
   //   panel[chan[c] * ld + r] = r2[c] (1 when null) * (bit c of row r ? pos[r] : neg[r])
-  // with w the block's line of dword 0 (dword q of row r at w + q * kGroupLine + 4 r).
-  void (*dequant_signs)(const uint8_t* w, int64_t kb, const int32_t* chan, const float* r2,
-                        const float* pos, const float* neg, float* panel, int64_t ld);
+  // with w the block's line of dword 0 (dword q of row r at w + q * line + 4 r).
+  void (*dequant_signs)(const uint8_t* w, int64_t line, int64_t kb, const int32_t* chan,
+                        const float* r2, const float* pos, const float* neg, float* panel,
+                        int64_t ld);
   // The salient codes of one 16-row block, one group: for slot j < 8 ndw with chan[j] >= 0,
   //   panel[chan[j] * ld + r] = scale[r] * code(j, r) - szero[r]   (szero = scale * zero)
   // with code j of row r nibble j % 8 of dword j / 8 (w: as for dequant_signs).
-  void (*dequant_codes)(const uint8_t* w, int64_t ndw, const int32_t* chan, const float* scale,
-                        const float* szero, float* panel, int64_t ld);
+  void (*dequant_codes)(const uint8_t* w, int64_t line, int64_t ndw, const int32_t* chan,
+                        const float* scale, const float* szero, float* panel, int64_t ld);
   // c[m * ldc + o] = sum_{c < k} a[m * lda + c] * panel[c * gemm_nr + o] + bias[o] (0 when
   // null), for m < rows (any count) and o < cols (<= gemm_nr).
   void (*gemm)(const float* a, int64_t lda, int64_t rows, const float* panel, int64_t k,

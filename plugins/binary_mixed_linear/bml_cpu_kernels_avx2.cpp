@@ -25,17 +25,17 @@ inline __m256 Lookup(const float* t, __m256i idx, __m256i bit3_to_sign) {
                           _mm256_castsi256_ps(bit3_to_sign));
 }
 
-constexpr int kLutMaxBlocks = kGroupBlocks;  // 16 ymm registers: one group at a time
+constexpr int kLutMaxBlocks = 4;  // 16 ymm registers: half a group at a time
 
 template <int NB>
-inline void LutDotN(const uint8_t* w, int64_t /*grp_stride*/, const float* lut, int64_t ndw,
+inline void LutDotN(const uint8_t* w, int64_t line_bytes, const float* lut, int64_t ndw,
                     float* out, const float* scale) {
   __m256 acc[NB][2];
   for (int i = 0; i < NB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t q = 0; q < ndw; ++q) {
-    const uint8_t* line = w + q * kGroupLine;
+    const uint8_t* line = w + q * line_bytes;
     for (int i = 0; i < NB; ++i)
-      _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchDw * kGroupLine + i * kBlockLine),
+      _mm_prefetch(reinterpret_cast<const char*>(line + kPrefetchDw * line_bytes + i * kBlockLine),
                    _MM_HINT_T0);
     const float* t = lut + 16 * kNibbles * q;
     for (int i = 0; i < NB; ++i) {
@@ -84,12 +84,13 @@ void SignLut(const float* x, int64_t ngroups, float* lut) {
 }
 
 template <bool kR2>
-void DequantSignsT(const uint8_t* w, int64_t kb, const int32_t* chan, const float* r2,
-                   const float* pos, const float* neg, float* panel, int64_t ld) {
+void DequantSignsT(const uint8_t* w, int64_t line_bytes, int64_t kb, const int32_t* chan,
+                   const float* r2, const float* pos, const float* neg, float* panel,
+                   int64_t ld) {
   const __m256 p0 = _mm256_loadu_ps(pos), p1 = _mm256_loadu_ps(pos + 8);
   const __m256 n0 = _mm256_loadu_ps(neg), n1 = _mm256_loadu_ps(neg + 8);
   for (int64_t c0 = 0; c0 < kb; c0 += 32) {
-    const uint8_t* line = w + (c0 / 32) * kGroupLine;
+    const uint8_t* line = w + (c0 / 32) * line_bytes;
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line));
     const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 32));
     const int nt = static_cast<int>(std::min<int64_t>(32, kb - c0));
@@ -110,19 +111,20 @@ void DequantSignsT(const uint8_t* w, int64_t kb, const int32_t* chan, const floa
   }
 }
 
-void DequantSigns(const uint8_t* w, int64_t kb, const int32_t* chan, const float* r2,
-                  const float* pos, const float* neg, float* panel, int64_t ld) {
-  if (r2) return DequantSignsT<true>(w, kb, chan, r2, pos, neg, panel, ld);
-  DequantSignsT<false>(w, kb, chan, r2, pos, neg, panel, ld);
+void DequantSigns(const uint8_t* w, int64_t line, int64_t kb, const int32_t* chan,
+                  const float* r2, const float* pos, const float* neg, float* panel,
+                  int64_t ld) {
+  if (r2) return DequantSignsT<true>(w, line, kb, chan, r2, pos, neg, panel, ld);
+  DequantSignsT<false>(w, line, kb, chan, r2, pos, neg, panel, ld);
 }
 
-void DequantCodes(const uint8_t* w, int64_t ndw, const int32_t* chan, const float* scale,
-                  const float* szero, float* panel, int64_t ld) {
+void DequantCodes(const uint8_t* w, int64_t line_bytes, int64_t ndw, const int32_t* chan,
+                  const float* scale, const float* szero, float* panel, int64_t ld) {
   const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
   const __m256 z0 = _mm256_loadu_ps(szero), z1 = _mm256_loadu_ps(szero + 8);
   const __m256i mask = _mm256_set1_epi32(15);
   for (int64_t q = 0; q < ndw; ++q) {
-    const uint8_t* line = w + q * kGroupLine;
+    const uint8_t* line = w + q * line_bytes;
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line));
     const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 32));
     for (int j = 0; j < kNibbles; ++j) {

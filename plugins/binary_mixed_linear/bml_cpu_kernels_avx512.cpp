@@ -21,15 +21,15 @@ namespace bml {
 namespace detail {
 namespace {
 
-// Prefetch distance of the weight streams in lut_dot, in dwords (x kGroupLine bytes): with
+// Prefetch distance of the weight stream in lut_dot, in dwords (x line bytes): with
 // the weights in DRAM (M = 1, 4096x4096) the hardware prefetchers alone left the loop
 // waiting (0.24 ms against 0.15 ms with this; 4 to 32 measured, 16 best).
 constexpr int64_t kPrefetchDw = 16;
 
-constexpr int kLutMaxBlocks = kLutBlocks;
+constexpr int kLutMaxBlocks = kGroupBlocks;
 
 template <int NB>
-inline void LutDotN(const uint8_t* w, int64_t grp_stride, const float* lut, int64_t ndw,
+inline void LutDotN(const uint8_t* w, int64_t line, const float* lut, int64_t ndw,
                     float* out, const float* scale) {
   // FMA latency x throughput wants >= 8 chains in flight: 4 accumulators per block for up to
   // 2 blocks, 2 for more (8 blocks x 2 + 8 tables fill the 32 registers).
@@ -38,17 +38,15 @@ inline void LutDotN(const uint8_t* w, int64_t grp_stride, const float* lut, int6
   for (int i = 0; i < NB; ++i)
     for (int j = 0; j < kAcc; ++j) acc[i][j] = _mm512_setzero_ps();
   const __m512 one = _mm512_set1_ps(1.0f);
-  const uint8_t* base[NB];
-  for (int i = 0; i < NB; ++i)
-    base[i] = w + (i / kGroupBlocks) * grp_stride + (i % kGroupBlocks) * kBlockLine;
   for (int64_t q = 0; q < ndw; ++q) {
+    const uint8_t* lines = w + q * line;
     for (int i = 0; i < NB; ++i)
-      _mm_prefetch(reinterpret_cast<const char*>(base[i] + (q + kPrefetchDw) * kGroupLine),
+      _mm_prefetch(reinterpret_cast<const char*>(lines + kPrefetchDw * line + i * kBlockLine),
                    _MM_HINT_T0);
     __m512 t[kNibbles];
     for (int j = 0; j < kNibbles; ++j) t[j] = _mm512_loadu_ps(lut + 16 * (kNibbles * q + j));
     for (int i = 0; i < NB; ++i) {
-      const __m512i v = _mm512_loadu_si512(base[i] + q * kGroupLine);
+      const __m512i v = _mm512_loadu_si512(lines + i * kBlockLine);
       for (int j = 0; j < kNibbles; ++j) {
         const __m512i idx = j == 0 ? v : _mm512_srli_epi32(v, 4 * j);
         acc[i][j % kAcc] =
@@ -106,11 +104,12 @@ void SignLut(const float* x, int64_t ngroups, float* lut) {
 }
 
 template <bool kR2>
-void DequantSignsT(const uint8_t* w, int64_t kb, const int32_t* chan, const float* r2,
-                   const float* pos, const float* neg, float* panel, int64_t ld) {
+void DequantSignsT(const uint8_t* w, int64_t line, int64_t kb, const int32_t* chan,
+                   const float* r2, const float* pos, const float* neg, float* panel,
+                   int64_t ld) {
   const __m512 vp = _mm512_loadu_ps(pos), vn = _mm512_loadu_ps(neg);
   for (int64_t c0 = 0; c0 < kb; c0 += 32) {
-    const __m512i v = _mm512_loadu_si512(w + (c0 / 32) * kGroupLine);
+    const __m512i v = _mm512_loadu_si512(w + (c0 / 32) * line);
     const int nt = static_cast<int>(std::min<int64_t>(32, kb - c0));
     for (int t = 0; t < nt; ++t) {
       const __mmask16 bit =
@@ -122,18 +121,19 @@ void DequantSignsT(const uint8_t* w, int64_t kb, const int32_t* chan, const floa
   }
 }
 
-void DequantSigns(const uint8_t* w, int64_t kb, const int32_t* chan, const float* r2,
-                  const float* pos, const float* neg, float* panel, int64_t ld) {
-  if (r2) return DequantSignsT<true>(w, kb, chan, r2, pos, neg, panel, ld);
-  DequantSignsT<false>(w, kb, chan, r2, pos, neg, panel, ld);
+void DequantSigns(const uint8_t* w, int64_t line, int64_t kb, const int32_t* chan,
+                  const float* r2, const float* pos, const float* neg, float* panel,
+                  int64_t ld) {
+  if (r2) return DequantSignsT<true>(w, line, kb, chan, r2, pos, neg, panel, ld);
+  DequantSignsT<false>(w, line, kb, chan, r2, pos, neg, panel, ld);
 }
 
-void DequantCodes(const uint8_t* w, int64_t ndw, const int32_t* chan, const float* scale,
-                  const float* szero, float* panel, int64_t ld) {
+void DequantCodes(const uint8_t* w, int64_t line, int64_t ndw, const int32_t* chan,
+                  const float* scale, const float* szero, float* panel, int64_t ld) {
   const __m512 vs = _mm512_loadu_ps(scale), vz = _mm512_loadu_ps(szero);
   const __m512i mask = _mm512_set1_epi32(15);
   for (int64_t q = 0; q < ndw; ++q) {
-    const __m512i v = _mm512_loadu_si512(w + q * kGroupLine);
+    const __m512i v = _mm512_loadu_si512(w + q * line);
     for (int j = 0; j < kNibbles; ++j) {
       const int32_t c = chan[kNibbles * q + j];
       if (c < 0) continue;  // padding slot

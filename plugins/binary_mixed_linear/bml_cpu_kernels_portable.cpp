@@ -14,12 +14,12 @@ namespace {
 constexpr int kLutMaxBlocks = kGroupBlocks;
 
 template <int NB>
-inline void LutDotN(const uint8_t* w, int64_t /*grp_stride*/, const float* lut, int64_t ndw,
+inline void LutDotN(const uint8_t* w, int64_t line_bytes, const float* lut, int64_t ndw,
                     float* out, const float* scale) {
   for (int i = 0; i < NB; ++i) {
     float acc[kRowBlock] = {};
     for (int64_t q = 0; q < ndw; ++q) {
-      const uint8_t* line = w + q * kGroupLine + i * kBlockLine;
+      const uint8_t* line = w + q * line_bytes + i * kBlockLine;
       const float* t = lut + 16 * kNibbles * q;
       // Byte e of a dword holds nibbles 2e (low) and 2e + 1 (high).
       for (int e = 0; e < 4; ++e) {

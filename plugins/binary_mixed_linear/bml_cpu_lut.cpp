@@ -4,10 +4,12 @@
 //
 // Weights, packed once from layout 1 (PackWeights; the ORT glue caches them for constant
 // initializers):
-// - output rows in blocks of 16, blocks in groups of 4 (N padded with zero rows);
+// - output rows in blocks of 16 (N padded with zero rows to a whole block), blocks in groups
+//   of 8, the last group holding what is left;
 // - binary part: per group, per dword q of the sign rows (binary columns 32q..32q+31), the
-//   4 blocks' 64-byte lines of 16 rows x the layout-1 bytes 4q..4q+3 (bml_cpu_kernels.h):
-//   one 64-byte load gives 16 rows x 32 signs, and a group is read as one stream;
+//   group's blocks' 64-byte lines of 16 rows x the layout-1 bytes 4q..4q+3
+//   (bml_cpu_kernels.h): one 64-byte load gives 16 rows x 32 signs, and a group is read as
+//   one stream;
 // - salient part: the same order over the 4-bit codes, each group's columns padded to a
 //   multiple of 8 so that no dword straddles two groups;
 // - fp16 parameters as fp32, per-group scales as [group][N] rows.
@@ -103,17 +105,17 @@ class WeightBytes {
 
 struct PackedWeights {
   int64_t k = 0, n = 0, s = 0, kb = 0, group_size = 0, groups = 0;
-  int64_t nblk = 0, npad = 0, ngrp = 0;  // blocks of 16 rows, npad = 16 nblk, groups of 4
+  int64_t nblk = 0, npad = 0, ngrp = 0;  // blocks of 16 rows, npad = 16 nblk, groups of 8
   int64_t kb_dw = 0;                  // ceil(kb / 32): dwords per sign row
   WeightBytes bytes;                  // wb and ws
-  uint8_t* wb = nullptr;              // [ngrp][kb_dw][4 blocks][16 rows][4 bytes]
+  uint8_t* wb = nullptr;              // [ngrp][kb_dw][<= 8 blocks][16 rows][4 bytes]
   std::vector<int32_t> bin_chan;      // [kb] input channel of each binary column
   std::vector<uint16_t> bin_mask;     // [ceil(k / 16)] bit i: channel 16 b + i is binary
   std::vector<float> r2;              // [kb]; empty: all ones
   std::vector<float> rs, ro;          // [npad]
   std::vector<float> pos, neg;        // [npad]: ro + rs, ro - rs (a dequantized sign)
   int64_t s_dw = 0;                   // dwords per row of codes (groups padded to 8 codes)
-  uint8_t* ws = nullptr;              // [ngrp][s_dw][4 blocks][16 rows][4 bytes]
+  uint8_t* ws = nullptr;              // [ngrp][s_dw][<= 8 blocks][16 rows][4 bytes]
   std::vector<int32_t> slot_chan;     // [8 s_dw] input channel of each code slot; -1: pad
   std::vector<int32_t> slot_of;       // [s] code slot of each salient column
   bool slots_dense = true;            // slot_of[j] == j: no padding before the last group
@@ -130,13 +132,19 @@ using detail::CpuKernels;
 using detail::kBlockLine;
 using detail::kGroupBlocks;
 using detail::kGroupLine;
-using detail::kLutBlocks;
 using detail::kNibbles;
 using detail::kRowBlock;
 using detail::kSplitSlack;
 
-// Offset of row `row`'s line in a [group][dword][block][row][4 bytes] array with `dw`
-// dwords per row (dword q of the row: + q * kGroupLine).
+// Bytes per dword of the group of block `blk` of `nblk` (all groups but the last are full).
+int64_t GroupLine(int64_t blk, int64_t nblk) {
+  const int64_t first = blk / kGroupBlocks * kGroupBlocks;
+  return std::min<int64_t>(kGroupBlocks, nblk - first) * kBlockLine;
+}
+
+// Offset of row `row`'s line (dword 0) in a [group][dword][block][row][4 bytes] array with
+// `dw` dwords per row (the groups before it are full); dword q of the row is q * GroupLine
+// further.
 int64_t LineOffset(int64_t row, int64_t dw) {
   const int64_t blk = row / kRowBlock;
   return (blk / kGroupBlocks) * dw * kGroupLine + (blk % kGroupBlocks) * kBlockLine +
@@ -290,8 +298,8 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
     p->group_dw[g + 1] = p->group_dw[g] + (cnt + kNibbles - 1) / kNibbles;
   }
   p->s_dw = p->group_dw[groups];
-  const int64_t wb_bytes = p->ngrp * p->kb_dw * kGroupLine;
-  p->wb = p->bytes.Allocate(static_cast<size_t>(wb_bytes + p->ngrp * p->s_dw * kGroupLine));
+  const int64_t wb_bytes = p->nblk * p->kb_dw * kBlockLine;
+  p->wb = p->bytes.Allocate(static_cast<size_t>(wb_bytes + p->nblk * p->s_dw * kBlockLine));
   p->ws = p->wb + wb_bytes;
 
   // Binary signs: the bytes of layout 1 unchanged, 4 per dword (LineOffset).
@@ -299,7 +307,8 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
   for (int64_t row = 0; row < n; ++row) {
     const uint8_t* src = a.sign_packed + row * kbb;
     uint8_t* dst = p->wb + LineOffset(row, p->kb_dw);
-    for (int64_t b = 0; b < kbb; ++b) dst[(b / 4) * kGroupLine + b % 4] = src[b];
+    const int64_t line = GroupLine(row / kRowBlock, p->nblk);
+    for (int64_t b = 0; b < kbb; ++b) dst[(b / 4) * line + b % 4] = src[b];
     sign_release.Done(row);
   }
 
@@ -317,10 +326,11 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
   for (int64_t row = 0; row < n; ++row) {
     const uint8_t* src = a.salient_packed + row * sal_bytes;
     uint8_t* dst = p->ws + LineOffset(row, p->s_dw);
+    const int64_t line = GroupLine(row / kRowBlock, p->nblk);
     for (int64_t j = 0; j < a.s; ++j) {
       const int q = (src[j >> 1] >> ((j & 1) * 4)) & 0xf;
       const int64_t slot = p->slot_of[j], nib = slot % kNibbles;
-      dst[(slot / kNibbles) * kGroupLine + nib / 2] |= static_cast<uint8_t>(q << ((nib & 1) * 4));
+      dst[(slot / kNibbles) * line + nib / 2] |= static_cast<uint8_t>(q << ((nib & 1) * 4));
     }
     code_release.Done(row);
   }
@@ -504,15 +514,16 @@ void RunTile(const PackedWeights& p, const CpuKernels& kern, const TableLayout& 
   std::vector<float>& acc = ThreadTaskScratch().acc;
   acc.assign(static_cast<size_t>((r1 - r0) * width), 0.0f);
   // lut_dot over dwords [d0, d0 + len) of the rows' tables at `table`, every group of the
-  // tile, of a [group][dw][4 blocks] array.
+  // tile, of a [group][dw][blocks] array.
   auto dot = [&](const uint8_t* w, int64_t dw, int64_t d0, int64_t len, int64_t table,
                  const float* scale) {
     for (int64_t r = 0; r < r1 - r0; ++r) {
       const float* lut = tables + r * tl.row + table + 16 * kNibbles * d0;
       float* out = acc.data() + r * width;
-      for (int64_t nb = nb0; nb < nb1; nb += kLutBlocks) {
-        const int cnt = static_cast<int>(std::min<int64_t>(kLutBlocks, nb1 - nb));
-        kern.lut_dot(w + ((nb / kGroupBlocks) * dw + d0) * kGroupLine, dw * kGroupLine, cnt,
+      for (int64_t nb = nb0; nb < nb1; nb += kGroupBlocks) {
+        const int cnt = static_cast<int>(std::min<int64_t>(kGroupBlocks, nb1 - nb));
+        const int64_t line = GroupLine(nb, p.nblk);
+        kern.lut_dot(w + (nb / kGroupBlocks) * dw * kGroupLine + d0 * line, line, cnt,
                      lut, len, out + (nb - nb0) * kRowBlock, scale + nb * kRowBlock);
       }
     }
@@ -559,7 +570,7 @@ Status RunLut(const Args& a, const PackedWeights& p, const CpuKernels& kern,
   // loop per call: with the tables built apart, in passes (two waits on the pool each), 2
   // threads on a loaded machine were up to 1.7x slower at M = 256.
   if (m >= kTileRows * 2) {
-    const int64_t nrb = 16 * kGroupBlocks;
+    const int64_t nrb = 1024 / kRowBlock;  // whole groups
     return ParallelRun(par, static_cast<size_t>((m + kTileRows - 1) / kTileRows), [&](size_t i) {
       const int64_t r0 = static_cast<int64_t>(i) * kTileRows, r1 = std::min(m, r0 + kTileRows);
       TaskScratch& scratch = ThreadTaskScratch();
@@ -574,14 +585,14 @@ Status RunLut(const Args& a, const PackedWeights& p, const CpuKernels& kern,
                 y);
     });
   }
-  // Small M (decoding): tiles over N, two groups (128 output rows) each, so that the weights
+  // Small M (decoding): tiles over N, one group (128 output rows) each, so that the weights
   // stream once; K in one chunk (a table is read once per tile). The tiles are cut into one
   // contiguous range per CPU, and each task's thread builds the tables of all rows of the
   // pass itself (once per pass and thread, TaskScratch::stamp): tables built by one thread
   // and read by another crossed cores on every call (4096x4096 at 2 threads: 71 -> 54 us).
   const int64_t mp = std::max<int64_t>(
       1, std::min<int64_t>(m, kTableBudget / static_cast<int64_t>(4 * tl.row)));
-  const int64_t n_tiles = (p.nblk + kLutBlocks - 1) / kLutBlocks;
+  const int64_t n_tiles = p.ngrp;
   const int64_t ranges = std::min<int64_t>(n_tiles, Cpus());
   const int64_t chunk = std::max<int64_t>(p.kb_dw, p.s_dw);
   for (int64_t pm0 = 0; pm0 < m; pm0 += mp) {
@@ -610,9 +621,9 @@ Status RunLut(const Args& a, const PackedWeights& p, const CpuKernels& kern,
       // order stays: there each tile's codes are reused from L2 by every row.
       const int64_t step = pm == 1 ? std::max<int64_t>(1, t1 - t0) : 1;
       for (int64_t t = t0; t < t1; t += step) {
-        const int64_t nb0 = t * kLutBlocks;
+        const int64_t nb0 = t * kGroupBlocks;
         RunTile(p, kern, tl, tables.data(), pm0, pm0 + pm, nb0,
-                std::min(p.nblk, std::min(t1, t + step) * kLutBlocks), chunk, y);
+                std::min(p.nblk, std::min(t1, t + step) * kGroupBlocks), chunk, y);
       }
     });
     if (!st) return st;
@@ -631,13 +642,14 @@ void DequantPanel(const PackedWeights& p, const CpuKernels& kern, int64_t n0, fl
       for (int64_t c = 0; c < p.k; ++c) std::fill(dst + c * nr, dst + c * nr + kRowBlock, 0.0f);
       continue;
     }
+    const int64_t line = GroupLine(row / kRowBlock, p.nblk);
     if (p.kb > 0)
-      kern.dequant_signs(p.wb + LineOffset(row, p.kb_dw), p.kb, p.bin_chan.data(),
+      kern.dequant_signs(p.wb + LineOffset(row, p.kb_dw), line, p.kb, p.bin_chan.data(),
                          p.r2.empty() ? nullptr : p.r2.data(), p.pos.data() + row,
                          p.neg.data() + row, dst, nr);
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t d0 = p.group_dw[g];
-      kern.dequant_codes(p.ws + LineOffset(row, p.s_dw) + d0 * kGroupLine,
+      kern.dequant_codes(p.ws + LineOffset(row, p.s_dw) + d0 * line, line,
                          p.group_dw[g + 1] - d0, p.slot_chan.data() + kNibbles * d0,
                          p.sscale.data() + g * p.npad + row, p.szero.data() + g * p.npad + row,
                          dst, nr);
