@@ -305,8 +305,10 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
                      extra_metadata: dict[str, str] | None = None,
                      share_data_with: str | Path | None = None) -> list[Path]:
     """Write the model as a decoder with a KV cache (`attention.WithPast`): inputs
-    `input_ids` and `past.{i}.key` / `past.{i}.value` [B, kv heads, P, head dim] per layer
-    (P = 0 for the prompt), outputs `logits` and `present.{i}.key` / `.value` [.., P+S, ..].
+    `input_ids` [B, S], `attention_mask` [B, T] (ones: T = cached + S tokens) and
+    `past.{i}.key` / `past.{i}.value` [B, kv heads, P, head dim] per layer (P = T - S, 0 for
+    the prompt, or a buffer of P >= T positions updated in place), outputs `logits` [B, 1, V]
+    and `present.{i}.key` / `.value` [.., max(T, P), ..] (docs/format.md).
     `module` is the Hugging Face causal LM wrapper (models.CausalLMLogits) `qmodel` was
     quantized from; its graph is traced again with past inputs and gets the same packed
     weights, passes and OS+-folded tensors (qmodel None: the floating-point model, for
@@ -322,7 +324,7 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
     head_dim = wrapper.attention[0].head_dim
     past = [torch.zeros(2, cfg.num_key_value_heads, 4, head_dim)
             for _ in range(2 * len(wrapper.attention))]
-    example = (torch.randint(0, 8, (2, 3)), *past)
+    example = (torch.randint(0, 8, (2, 3)), torch.ones(2, 7, dtype=torch.int64), *past)
     if qmodel is None:
         traced = trace(wrapper, example)
         meta = {}
@@ -336,11 +338,11 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
     layers = range(len(wrapper.attention))
     auto = torch.export.Dim.AUTO
     return export_onnx(traced, example, Path(path), meta,
-                       input_names=["input_ids"] + past_names("past", layers),
+                       input_names=["input_ids", "attention_mask"] + past_names("past", layers),
                        output_names=["logits"] + past_names("present", layers),
                        share_data_with=share_data_with,
                        # batch and lengths vary; kv heads and head dim are the model's
-                       dynamic_shapes=({0: auto, 1: auto},
+                       dynamic_shapes=({0: auto, 1: auto}, {0: auto, 1: auto},
                                        *({0: auto, 2: auto} for _ in past)))
 
 

@@ -13,6 +13,9 @@ traced graph still runs (calibration, parity checks).
 
 The exported graph attends causally over positions 0..S-1 of its input, as the traced graph
 without a KV cache does; it takes no attention mask (qexport's exports take input_ids only).
+Under `WithPast` (the KV-cache decoder) the op also reads and writes the cache: its lengths
+come from the attention mask, so the cache may be a buffer longer than what it holds, which
+ONNX Runtime then updates in place (docs/design.md, "KV cache").
 """
 from __future__ import annotations
 
@@ -32,51 +35,61 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           past_k: torch.Tensor | None, past_v: torch.Tensor | None,
                           seqlens_k: torch.Tensor, total_length: torch.Tensor,
                           cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                          kv_num_heads: int, scale: float
+                          kv_num_heads: int, scale: float, total: int
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX Runtime's GroupQueryAttention (the part qexport uses). q [B, S, num_heads*D], k
-    and v [B, S, kv_num_heads*D]; past_k and past_v [B, kv_num_heads, P, D] or None (P = 0);
-    cos and sin [>= P+S, D/2], the rotary angles of positions 0, 1, ... Returns the attention
-    [B, S, num_heads*D] and the present keys and values [B, kv_num_heads, P+S, D]: the new
-    tokens (positions P..P+S-1) get rotary embedding on q and k (halves rotated, not
-    interleaved), and each group of num_heads/kv_num_heads query heads attends to one kv
-    head over positions up to its own, softmax(q k^T * scale) v. seqlens_k (int32 [B], P+S-1
-    each) and total_length (int32 scalar, P+S) are the op's own inputs, built once per graph
-    by the caller (`_shared_inputs`)."""
+    and v [B, S, kv_num_heads*D]; past_k and past_v [B, kv_num_heads, P, D] or None (P = 0):
+    a cache buffer whose first L_b - S positions hold row b's cached keys (rotated) and
+    values; seqlens_k int32 [B], L_b - 1, L_b being row b's length after this call (cached +
+    new tokens); total_length int32 scalar, the longest (`total` as an int, for the output
+    shapes); cos and sin [>= max(total, P), D/2], the rotary angles of positions 0, 1, ...
+    Returns the attention [B, S, num_heads*D] and the present keys and values
+    [B, kv_num_heads, max(total, P), D]: the past buffer with row b's new tokens written at
+    positions L_b - S .. L_b - 1 (0 .. S-1 when S = total: a prompt). The new tokens get
+    rotary embedding on q and k (halves rotated, not interleaved), and each group of
+    num_heads/kv_num_heads query heads attends to one kv head over positions up to its own,
+    softmax(q k^T * scale) v. With P >= total the present has the past's shape, and ONNX
+    Runtime writes it into the past buffer itself when both are bound to the same memory."""
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
     p = 0 if past_k is None else past_k.shape[2]
-
-    def heads(x, n):
-        return x.view(b, s, n, d).transpose(1, 2)
-
-    cos2 = torch.cat([cos[p:p + s], cos[p:p + s]], -1).to(q.dtype)
-    sin2 = torch.cat([sin[p:p + s], sin[p:p + s]], -1).to(q.dtype)
-
-    def rotary(x):
-        rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
-        return x * cos2 + rotated * sin2
-
-    qh, kh, vh = rotary(heads(q, num_heads)), rotary(heads(k, kv_num_heads)), heads(v, kv_num_heads)
-    if past_k is not None:
-        kh, vh = torch.cat([past_k, kh], 2), torch.cat([past_v, vh], 2)
     groups = num_heads // kv_num_heads
-    mask = torch.ones(s, p + s, dtype=torch.bool, device=q.device).tril(p)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        qh, kh.repeat_interleave(groups, 1), vh.repeat_interleave(groups, 1), attn_mask=mask,
-        scale=scale)
-    # fresh tensors: a custom op's outputs may not alias its inputs (vh is a view of v)
-    return out.transpose(1, 2).reshape(b, s, num_heads * d), kh.clone(), vh.clone()
+    present_k = q.new_zeros(b, kv_num_heads, max(total, p), d)
+    present_v = torch.zeros_like(present_k)
+    if past_k is not None:
+        present_k[:, :, :p], present_v[:, :, :p] = past_k, past_v
+    out = q.new_empty(b, s, num_heads * d)
+    for i in range(b):
+        start = 0 if s == total else int(seqlens_k[i]) + 1 - s  # the row's first new position
+        cos2 = torch.cat([cos[start:start + s]] * 2, -1).to(q.dtype)
+        sin2 = torch.cat([sin[start:start + s]] * 2, -1).to(q.dtype)
+
+        def rotary(x):
+            rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+            return x * cos2 + rotated * sin2
+
+        def heads(x, n):
+            return x[i].view(s, n, d).transpose(0, 1)
+
+        present_k[i, :, start:start + s] = rotary(heads(k, kv_num_heads))
+        present_v[i, :, start:start + s] = heads(v, kv_num_heads)
+        keys = present_k[i, :, :start + s].repeat_interleave(groups, 0)
+        values = present_v[i, :, :start + s].repeat_interleave(groups, 0)
+        mask = torch.ones(s, start + s, dtype=torch.bool, device=q.device).tril(start)
+        att = torch.nn.functional.scaled_dot_product_attention(
+            rotary(heads(q, num_heads)), keys, values, attn_mask=mask, scale=scale)
+        out[i] = att.transpose(0, 1).reshape(s, num_heads * d)
+    return out, present_k, present_v
 
 
 @group_query_attention.register_fake
 def _(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads,
-      scale):
+      scale, total):
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
-    total = s if past_k is None else past_k.shape[2] + s
-    return q.new_empty(q.shape), k.new_empty(b, kv_num_heads, total, d), \
-        k.new_empty(b, kv_num_heads, total, d)
+    length = total if past_k is None else torch.sym_max(total, past_k.shape[2])
+    return q.new_empty(q.shape), k.new_empty(b, kv_num_heads, length, d), \
+        k.new_empty(b, kv_num_heads, length, d)
 
 
 def _register_onnx_schema() -> None:
@@ -122,7 +135,7 @@ def onnx_translation() -> dict:
     ms = Opset("com.microsoft", 1)
 
     def translate(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads,
-                  kv_num_heads, scale):
+                  kv_num_heads, scale, total):  # total: total_length as an int, shapes only
         return ms.GroupQueryAttention(
             q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads=num_heads,
             kv_num_heads=kv_num_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
@@ -141,26 +154,32 @@ def _supported(attn: torch.nn.Module) -> bool:
 
 
 def _shared_inputs(self, hidden_states, cos, sin, past, shared: dict) -> tuple:
-    """seqlens_k, total length and the half-width rotary angles, computed by the first layer
-    and reused by the others (one set of nodes per graph instead of one per layer). Without
-    past the angles are the model's own for positions 0..S-1; with past, the positions
-    0..P+S-1 go through the model's rotary module."""
+    """seqlens_k, the total length (as a tensor and as an int) and the half-width rotary
+    angles, computed by the first layer and reused by the others (one set of nodes per graph
+    instead of one per layer). Without past: S each, and the model's own angles for
+    positions 0..S-1. With past (WithPast): the lengths from its attention mask [B, T] (row
+    sums - 1, and T), and the angles of positions 0..max(T, P)-1 from the model's rotary
+    module."""
     key = (id(cos), id(sin))
     if shared.get("key") != key:
         b, s = hidden_states.shape[0], hidden_states.shape[1]
         half = self.head_dim // 2
         if past is None:
-            total = torch.full((), s, dtype=torch.int32)
+            total = s
+            seqlens = torch.full((), s - 1, dtype=torch.int32).expand(b)
         else:
-            p = past[0].shape[2]
-            total = torch.full((), p + s, dtype=torch.int32)
+            mask = shared["mask"]
+            total = mask.shape[1]
+            seqlens = (mask.sum(1) - 1).to(torch.int32)
             if shared.get("rotary") is None:
                 raise RuntimeError("fused attention with past needs the model's rotary_emb")
-            positions = torch.arange(p + s, device=hidden_states.device).unsqueeze(0)
+            length = torch.sym_max(total, past[0].shape[2])
+            positions = torch.arange(length, device=hidden_states.device).unsqueeze(0)
             cos, sin = shared["rotary"](hidden_states, positions)
         # Keep cos/sin alive with the key, so that their ids stay unique.
-        shared["key"], shared["values"] = key, (cos, sin, (total - 1).expand(b), total,
-                                               cos[0, :, :half], sin[0, :, :half])
+        shared["key"], shared["values"] = key, (
+            cos, sin, seqlens, torch.full((), total, dtype=torch.int32), total,
+            cos[0, :, :half], sin[0, :, :half])
     return shared["values"][2:]
 
 
@@ -172,45 +191,53 @@ def _forward(self, hidden_states, position_embeddings=None, attention_mask=None,
         return self._qexport_original_forward(hidden_states, position_embeddings,
                                               attention_mask, past_key_values, **kwargs)
     past = self._qexport_past  # (keys, values) [B, kv heads, P, D] under WithPast, else None
-    seqlens_k, total, cos_half, sin_half = _shared_inputs(self, hidden_states, cos, sin, past,
-                                                          self._qexport_shared)
+    seqlens_k, total_length, total, cos_half, sin_half = _shared_inputs(
+        self, hidden_states, cos, sin, past, self._qexport_shared)
     out, present_k, present_v = torch.ops.qexport.group_query_attention(
         self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
-        *(past if past is not None else (None, None)), seqlens_k, total, cos_half, sin_half,
-        self.config.num_attention_heads, self.config.num_key_value_heads, float(self.scaling))
+        *(past if past is not None else (None, None)), seqlens_k, total_length, cos_half,
+        sin_half, self.config.num_attention_heads, self.config.num_key_value_heads,
+        float(self.scaling), total)
     self._qexport_present = (present_k, present_v)
     return self.o_proj(out), None
 
 
 class WithPast(torch.nn.Module):
-    """`forward(input_ids [B, S], k_0, v_0, k_1, v_1, ...) -> (logits, k_0', v_0', ...)` around a
-    Hugging Face causal LM, for tracing under `fused_attention`: k_i/v_i [B, kv heads, P, D] are
-    layer i's past keys (rotated) and values, P >= 0; the outputs are the logits [B, 1, V] of
-    the last new token (position P+S-1: the next token's distribution, all a generation loop
+    """`forward(input_ids [B, S], attention_mask [B, T], k_0, v_0, k_1, v_1, ...) -> (logits,
+    k_0', v_0', ...)` around a Hugging Face causal LM, for tracing under `fused_attention`.
+    attention_mask: 1 for each token of the row so far, cached and new (T = cached + S; all
+    ones: rows padded for different lengths are not supported, the logits being the last
+    column's). k_i/v_i [B, kv heads, P, D] are layer i's cache: its first T - S positions
+    hold the past keys (rotated) and values; P = T - S (each call returns the cache one
+    token longer), or P >= T (a buffer of the maximum length, which ONNX Runtime updates in
+    place when the presents are bound to the pasts' memory). The outputs are the logits
+    [B, 1, V] of the last new token (the next token's distribution, all a generation loop
     reads; skipping the head for the rest of a 128-token prompt takes ~20 % off it) and each
-    layer's present keys/values [B, kv heads, P+S, D]. The attribute path of the HF model is
-    `model`, as in qexport.models.CausalLMLogits, so the layer names match a quantization of
-    that wrapper."""
+    layer's present keys/values [B, kv heads, max(T, P), D]. The attribute path of the HF
+    model is `model`, as in qexport.models.CausalLMLogits, so the layer names match a
+    quantization of that wrapper."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
         self.attention = [m for m in model.modules() if _supported(m)]
 
-    def forward(self, input_ids, *past):
+    def forward(self, input_ids, attention_mask, *past):
         if len(past) != 2 * len(self.attention):
             raise ValueError(f"expected {2 * len(self.attention)} past tensors, got {len(past)}")
-        p, s = past[0].shape[2], input_ids.shape[1]
+        t, s = attention_mask.shape[1], input_ids.shape[1]
         for i, attn in enumerate(self.attention):
             attn._qexport_past = (past[2 * i], past[2 * i + 1])
+            attn._qexport_shared["mask"] = attention_mask
         try:
-            positions = torch.arange(p, p + s, device=input_ids.device).unsqueeze(0)
+            positions = torch.arange(t - s, t, device=input_ids.device).unsqueeze(0)
             logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
                                 logits_to_keep=1).logits
             return (logits, *(t for attn in self.attention for t in attn._qexport_present))
         finally:
             for attn in self.attention:
                 attn._qexport_past = None
+                attn._qexport_shared.pop("mask", None)
 
 
 @contextlib.contextmanager

@@ -115,17 +115,40 @@ def layer_report(packed: dict[str, MixedLinearWeights],
     return rows
 
 
-def decode_with_past(session, ids: np.ndarray, prefill: int) -> np.ndarray:
-    """Logits [1, T - prefill + 1, V] of positions prefill-1 .. T-1 of `ids` [1, T] through a
+def decode_with_past(session, ids: np.ndarray, prefill: int, in_place: bool = True
+                     ) -> np.ndarray:
+    """Logits [B, T - prefill + 1, V] of positions prefill-1 .. T-1 of `ids` [B, T] through a
     KV-cache export (api.export_with_past, which returns the last token's logits): the first
-    `prefill` tokens in one call with an empty past, then one token per call with the
-    presents fed back, as a generation loop does."""
-    inputs = session.get_inputs()
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in inputs[1:]}
-    names = [i.name for i in inputs[1:]]
-    out, start = [], 0
-    for stop in [prefill] + list(range(prefill + 1, ids.shape[1] + 1)):
-        logits, *present = session.run(None, {inputs[0].name: ids[:, start:stop], **past})
-        out.append(logits)
-        past, start = dict(zip(names, present)), stop
+    `prefill` tokens in one call with an empty cache, then one token per call, as a
+    generation loop does. `in_place`: one cache buffer of T positions per past input, bound
+    as both that input and its present output (IOBinding), which ONNX Runtime updates in
+    place; else each call's presents are fed back as the next call's pasts (ONNX Runtime
+    copies the whole cache every call)."""
+    import onnxruntime as ort
+
+    b, t = ids.shape
+    cache = [i for i in session.get_inputs() if i.name.startswith("past.")]
+    steps, out, start = [prefill] + list(range(prefill + 1, t + 1)), [], 0
+    if not in_place:
+        past = {i.name: np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32) for i in cache}
+        for stop in steps:
+            logits, *present = session.run(None, {
+                "input_ids": ids[:, start:stop], "attention_mask": np.ones((b, stop), np.int64),
+                **past})
+            out.append(logits)
+            past, start = dict(zip(past, present)), stop
+        return np.concatenate(out, axis=1)
+    binding = session.io_binding()
+    binding.bind_output("logits")  # first: get_outputs() lists the outputs as bound
+    for i in cache:
+        buffer = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((b, i.shape[1], t, i.shape[3]), np.float32))
+        binding.bind_ortvalue_input(i.name, buffer)
+        binding.bind_ortvalue_output("present" + i.name[len("past"):], buffer)
+    for stop in steps:
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:stop]))
+        binding.bind_cpu_input("attention_mask", np.ones((b, stop), np.int64))
+        session.run_with_iobinding(binding)
+        out.append(binding.get_outputs()[0].numpy().copy())  # a view of a reused buffer
+        start = stop
     return np.concatenate(out, axis=1)

@@ -86,9 +86,10 @@ def test_forward_restored_after_tracing():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_with_past_decodes_like_the_full_forward(tmp_path, family):
-    """The KV-cache graph (attention.WithPast) through ONNX Runtime: a prompt with an empty past,
-    then tokens one at a time with the presents fed back, give the full forward's logits at
-    the prompt's last token and at each decoded one."""
+    """The KV-cache graph (attention.WithPast) through ONNX Runtime: a prompt with an empty
+    cache, then tokens one at a time, give the full forward's logits at the prompt's last
+    token and at each decoded one, whether the presents are fed back as the next pasts or the
+    cache is a buffer of the full length updated in place; for one row and for two."""
     from qexport.api import export_with_past
     from qexport.check import decode_with_past
 
@@ -96,22 +97,46 @@ def test_with_past_decodes_like_the_full_forward(tmp_path, family):
     n = model.model.config.num_hidden_layers
     export_with_past(model, None, tmp_path / "past.onnx")  # floating point: no quantization
     session = native.make_session(tmp_path / "past.onnx")
-    assert [i.shape[1:2] + i.shape[3:] for i in session.get_inputs()[1:]] == [[2, 16]] * 2 * n
-    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(ids).numpy()
-    got = decode_with_past(session, ids.numpy(), 13)  # the last token's logits of each call
-    assert got.shape == full[:, 12:].shape and np.abs(got - full[:, 12:]).max() < 1e-4
-    # A batch of two: the prompt (empty past), then tokens one at a time for both rows.
-    rows = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(rows).numpy()
-    names = [i.name for i in session.get_inputs()]
-    feed = {n: np.zeros((2, 2, 0, 16), np.float32) for n in names[1:]}
-    for start, stop in ((0, 6), (6, 7), (7, 8), (8, 9)):
-        logits, *present = session.run(None, {"input_ids": rows[:, start:stop].numpy(), **feed})
-        assert np.abs(logits[:, 0] - full[:, stop - 1]).max() < 1e-4, stop
-        feed = dict(zip(names[1:], present))
+    inputs = session.get_inputs()
+    assert [i.name for i in inputs[:2]] == ["input_ids", "attention_mask"]
+    assert [i.shape[1:2] + i.shape[3:] for i in inputs[2:]] == [[2, 16]] * 2 * n
+    for rows, prefill, seed in ((1, 13, 1), (2, 6, 2)):
+        ids = torch.randint(0, 128, (rows, 20), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            full = model(ids).numpy()[:, prefill - 1:]
+        for in_place in (False, True):  # the last token's logits of each call
+            got = decode_with_past(session, ids.numpy(), prefill, in_place=in_place)
+            assert got.shape == full.shape, (rows, in_place)
+            assert np.abs(got - full).max() < 1e-4, (rows, in_place)
+
+
+def test_reference_op_reads_a_longer_cache_buffer_per_row():
+    """The PyTorch body of qexport::group_query_attention (the reference the traced graph
+    runs): a cache buffer longer than the tokens it holds gives the same attention as one of
+    the exact length, each row at its own length (seqlens_k), and the present is the buffer
+    with each row's new keys/values written at its length; the rest is the buffer's own."""
+    gqa = torch.ops.qexport.group_query_attention
+    g = torch.Generator().manual_seed(0)
+    heads, kv, d, s = 4, 2, 16, 1
+    cos, sin = torch.rand(64, d // 2, generator=g), torch.rand(64, d // 2, generator=g)
+    lengths = [5, 9]  # cached tokens of rows 0 and 1
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+    q, k, v = rand(2, s, heads * d), rand(2, s, kv * d), rand(2, s, kv * d)
+    buf_k, buf_v = rand(2, kv, 32, d), rand(2, kv, 32, d)  # 32 >= every length: in place
+    seqlens = torch.tensor([n + s - 1 for n in lengths], dtype=torch.int32)
+    total = max(lengths) + s
+    out, pk, pv = gqa(q, k, v, buf_k, buf_v, seqlens, torch.tensor(total, dtype=torch.int32),
+                      cos, sin, heads, kv, 0.25, total)
+    assert pk.shape == buf_k.shape
+    for i, n in enumerate(lengths):  # row i alone, with a cache of exactly its length
+        one = gqa(q[i:i + 1], k[i:i + 1], v[i:i + 1], buf_k[i:i + 1, :, :n],
+                  buf_v[i:i + 1, :, :n], seqlens[i:i + 1], torch.tensor(n + s, dtype=torch.int32),
+                  cos, sin, heads, kv, 0.25, n + s)
+        assert torch.allclose(out[i], one[0][0], atol=1e-6), i
+        assert torch.equal(pk[i, :, :n + s], one[1][0]) and torch.equal(pv[i, :, :n + s], one[2][0])
+        assert torch.equal(pk[i, :, n + s:], buf_k[i, :, n + s:])  # untouched past the row
 
 
 def test_shared_external_data(tmp_path):

@@ -184,7 +184,8 @@ def test_kv_cache_export(tmp_path):
     kv = report["end_to_end"]["kv_cache"]
     assert check_parity(kv["parity"]) and "model_with_past.onnx" in report["files"]
     names = [i.name for i in onnx.load(out / "model_with_past.onnx").graph.input]
-    assert names == ["input_ids"] + [f"past.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert names == ["input_ids", "attention_mask"] + [
+        f"past.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     sample = subprocess.run([sys.executable, "samples/01_python_ort/run.py", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0 and "KV cache" in sample.stdout, sample.stdout + sample.stderr

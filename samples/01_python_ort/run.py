@@ -9,8 +9,9 @@ reference.npz (arrays named after the model's inputs and outputs), those inputs 
 the outputs compared: max abs diff and cosine; exit status 1 if a cosine is below 0.999.
 If the folder also has model_with_past.onnx (`qexport --kv-cache`), the reference tokens go
 through it as a generation loop does (the first half as the prompt with an empty cache, then
-one token per call, feeding the present keys/values back as the past) and the logits it
-returns (the last token's of each call) are compared with the reference too.
+one token per call, the cache a buffer of the full length that ONNX Runtime updates in
+place) and the logits it returns (the last token's of each call) are compared with the
+reference too.
 
     python samples/01_python_ort/run.py OUT_DIR [--threads N] [--batch B] [--seq S]
         [--write-reference-bin]   # also write OUT_DIR/reference.bin for samples/02_cpp_ort
@@ -88,15 +89,26 @@ def write_reference_bin(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> N
 
 def decode_with_past(session, ids: np.ndarray, prompt: int) -> np.ndarray:
     """Logits of positions prompt-1 .. T-1 of `ids` [1, T] from a KV-cache model, which returns
-    the last token's logits: `prompt` tokens in one call with an empty past, then one token per
-    call with the presents fed back."""
-    inputs = session.get_inputs()
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in inputs[1:]}
+    the last token's logits: `prompt` tokens in one call, then one token per call. The cache
+    is one buffer of T positions per layer and kind (past.i.key, ...), bound as both the past
+    input and the present output: ONNX Runtime writes each call's new keys/values into it in
+    place; attention_mask (ones, one per token so far) tells it how much of it is filled."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    binding.bind_output("logits")  # first: get_outputs() lists the outputs as bound
+    for i in session.get_inputs():
+        if i.name.startswith("past."):
+            cache = ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((1, i.shape[1], ids.shape[1], i.shape[3]), np.float32))
+            binding.bind_ortvalue_input(i.name, cache)
+            binding.bind_ortvalue_output("present." + i.name[len("past."):], cache)
     logits, start = [], 0
     for stop in [prompt] + list(range(prompt + 1, ids.shape[1] + 1)):
-        out = session.run(None, {inputs[0].name: ids[:, start:stop], **past})
-        logits.append(out[0])
-        past = {i.name: t for i, t in zip(inputs[1:], out[1:])}
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:stop]))
+        binding.bind_cpu_input("attention_mask", np.ones((1, stop), np.int64))
+        session.run_with_iobinding(binding)
+        logits.append(binding.get_outputs()[0].numpy().copy())  # a view of a reused buffer
         start = stop
     return np.concatenate(logits, axis=1)
 
