@@ -167,3 +167,33 @@ def test_cpp_sample_without_reference(tmp_path, lib, cpp_sample):
     proc = _run([cpp_sample, out, "--batch", "2", "--seq", "3"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "output logits: shape [2, 3, 24]" in proc.stdout and "not checked" in proc.stdout
+
+
+def test_cpp_sample_kv_cache(tmp_path, lib, cpp_sample):
+    """A folder with model_with_past.onnx: the C++ sample runs its generation loop (prompt,
+    then one token per call, the cache updated in place through an IoBinding) and compares
+    the logits with the PyTorch reference's; a reference that disagrees makes it fail."""
+    from qexport.api import export_with_past
+    from qexport.onnx_export import export_onnx, trace
+    from tiny_models import LogitsOnly, tiny_llama
+
+    model = LogitsOnly(tiny_llama()).eval()
+    out = tmp_path / "kv_out"
+    out.mkdir()
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    example = (ids,)
+    export_onnx(trace(model, example), example, out / "model.onnx", {})
+    export_with_past(model, None, out / "model_with_past.onnx")  # floating point
+    shutil.copy2(lib, out / lib.name)
+    with torch.no_grad():
+        ref = {"input_ids": ids.numpy(), "logits": model(ids).numpy()}
+    sample = _sample_module()
+    sample.write_reference_bin(out / "reference.bin", ref)
+    proc = _run([cpp_sample, out, "--threads", "1"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kv = re.search(r"KV cache .*6-token prompt, then 6 tokens.*cosine (\S+)", proc.stdout)
+    assert kv and float(kv[1]) >= 0.999999, proc.stdout
+    ref["logits"][:, -1] *= -1  # the last decoded token's logits
+    sample.write_reference_bin(out / "reference.bin", ref)
+    proc = _run([cpp_sample, out])
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr

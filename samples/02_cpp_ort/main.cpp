@@ -8,8 +8,12 @@
 // inputs are fed and the outputs compared: max abs diff and cosine; exit status 1 if a cosine
 // is below 0.999. Without it, inputs are deterministic pseudo-random values: token ids below
 // the metadata "qexport.vocab_size" (else 100) for int64 inputs, normal values for float ones.
+// With OUT_DIR/model_with_past.onnx (qexport --kv-cache) and input_ids and logits in
+// reference.bin, it also runs the generation loop of that decoder (RunKvCache) and compares
+// the logits it returns with the reference's.
 #include <onnxruntime_cxx_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +24,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -137,6 +142,75 @@ HostTensor MakeInput(ONNXTensorElementDataType type, std::vector<int64_t> dims, 
 
 bool FileExists(const std::string& p) { return std::ifstream(p).good(); }
 
+// Max abs difference and cosine of y against r (same length).
+std::pair<double, double> Compare(const std::vector<double>& y, const std::vector<double>& r) {
+  double max_diff = 0, dot = 0, ny = 0, nr = 0;
+  for (size_t j = 0; j < y.size(); ++j) {
+    max_diff = std::max(max_diff, std::fabs(y[j] - r[j]));
+    dot += y[j] * r[j];
+    ny += y[j] * y[j];
+    nr += r[j] * r[j];
+  }
+  const double cosine = (ny > 0 && nr > 0) ? dot / std::sqrt(ny * nr) : (max_diff == 0 ? 1.0 : 0.0);
+  return {max_diff, cosine};
+}
+
+// The generation loop of a KV-cache decoder (docs/format.md) over row 0 of `ids` [B, T]: the
+// first T/2 tokens as the prompt, then one token per call. The cache is one buffer of T
+// positions per past input, bound with an IoBinding as both `past.i.*` and `present.i.*`, so
+// ONNX Runtime writes each call's new keys and values into it in place; attention_mask
+// (ones, one per token so far) tells it how much is filled. Each call returns the last
+// token's logits; they are compared with the reference `logits` [B, T, V] at positions
+// T/2-1 .. T-1. Returns whether the cosine reaches kMinCosine.
+bool RunKvCache(Ort::Env& env, const Ort::SessionOptions& options, const std::string& path,
+                const HostTensor& ids, const HostTensor& logits) {
+  if (ids.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || ids.dims.size() != 2 ||
+      logits.dims.size() != 3 || logits.dims[1] != ids.dims[1])
+    throw std::runtime_error("reference.bin: input_ids [B, T] int64 and logits [B, T, V] wanted");
+  Ort::Session session(env, path.c_str(), options);
+  Ort::AllocatorWithDefaultOptions allocator;
+  Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  const int64_t t = ids.dims[1], prompt = t / 2, vocab = logits.dims[2];
+  std::vector<std::vector<float>> caches;  // outlives the binding that points into it
+  Ort::IoBinding binding(session);
+  binding.BindOutput("logits", cpu);  // first: GetOutputValues() lists the outputs as bound
+  for (size_t i = 0; i < session.GetInputCount(); ++i) {
+    const std::string name = session.GetInputNameAllocated(i, allocator).get();
+    if (name.rfind("past.", 0) != 0) continue;
+    Ort::TypeInfo type_info = session.GetInputTypeInfo(i);
+    const std::vector<int64_t> shape = type_info.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> dims = {1, shape[1], t, shape[3]};  // [1, kv heads, T, head dim]
+    caches.emplace_back(static_cast<size_t>(Count(dims)), 0.0f);
+    Ort::Value cache = Ort::Value::CreateTensor<float>(cpu, caches.back().data(),
+                                                       caches.back().size(), dims.data(), 4);
+    binding.BindInput(name.c_str(), cache);
+    binding.BindOutput(("present." + name.substr(5)).c_str(), cache);
+  }
+  const int64_t* row = reinterpret_cast<const int64_t*>(ids.bytes.data());
+  std::vector<double> got, want;
+  for (int64_t start = 0, stop = prompt; stop <= t; start = stop, ++stop) {
+    std::vector<int64_t> step(row + start, row + stop), mask(static_cast<size_t>(stop), 1);
+    const int64_t step_dims[2] = {1, stop - start}, mask_dims[2] = {1, stop};
+    binding.BindInput("input_ids", Ort::Value::CreateTensor<int64_t>(cpu, step.data(), step.size(),
+                                                                     step_dims, 2));
+    binding.BindInput("attention_mask", Ort::Value::CreateTensor<int64_t>(cpu, mask.data(),
+                                                                          mask.size(), mask_dims, 2));
+    session.Run(Ort::RunOptions{nullptr}, binding);
+    std::vector<Ort::Value> out = binding.GetOutputValues();
+    const std::vector<double> y = ToDoubles(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                            out[0].GetTensorRawData(), vocab);
+    got.insert(got.end(), y.begin(), y.end());
+    const std::vector<double> r = ToDoubles(logits.type, logits.bytes.data() +
+                                            (stop - 1) * vocab * ElementSize(logits.type), vocab);
+    want.insert(want.end(), r.begin(), r.end());
+  }
+  const auto [max_diff, cosine] = Compare(got, want);
+  std::printf("KV cache (%s): %lld-token prompt, then %lld tokens one by one, cache updated in "
+              "place: max_abs_diff %.3e cosine %.8f\n", path.c_str(), static_cast<long long>(prompt),
+              static_cast<long long>(t - prompt), max_diff, cosine);
+  return cosine >= kMinCosine;
+}
+
 int Run(int argc, char** argv) {
   std::string folder, lib;
   int threads = 0;
@@ -226,17 +300,14 @@ int Run(int argc, char** argv) {
       continue;
     }
     const std::vector<double> r = ToDoubles(it->second.type, it->second.bytes.data(), Count(dims));
-    double max_diff = 0, dot = 0, ny = 0, nr = 0;
-    for (size_t j = 0; j < y.size(); ++j) {
-      max_diff = std::max(max_diff, std::fabs(y[j] - r[j]));
-      dot += y[j] * r[j];
-      ny += y[j] * y[j];
-      nr += r[j] * r[j];
-    }
-    const double cosine = (ny > 0 && nr > 0) ? dot / std::sqrt(ny * nr) : (max_diff == 0 ? 1.0 : 0.0);
+    const auto [max_diff, cosine] = Compare(y, r);
     std::printf("reference %s: max_abs_diff %.3e cosine %.8f\n", out_names[i].c_str(), max_diff, cosine);
     ok = ok && cosine >= kMinCosine;
   }
+  const std::string with_past = folder + "/model_with_past.onnx";
+  const auto ids = reference.find("input_ids"), logits = reference.find("logits");
+  if (FileExists(with_past) && ids != reference.end() && logits != reference.end())
+    ok = RunKvCache(env, options, with_past, ids->second, logits->second) && ok;
   if (reference.empty()) std::printf("no reference.bin: outputs not checked\n");
   std::printf(ok ? "OK\n" : "FAIL: cosine below 0.999\n");
   return ok ? 0 : 1;
