@@ -42,7 +42,7 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     a cache buffer whose first L_b - S positions hold row b's cached keys (rotated) and
     values; seqlens_k int32 [B], L_b - 1, L_b being row b's length after this call (cached +
     new tokens); total_length int32 scalar, the longest (`total` as an int, for the output
-    shapes); cos and sin [>= max(total, P), D/2], the rotary angles of positions 0, 1, ...
+    shapes); cos and sin [>= total, D/2], the rotary angles of positions 0, 1, ...
     Returns the attention [B, S, num_heads*D] and the present keys and values
     [B, kv_num_heads, max(total, P), D]: the past buffer with row b's new tokens written at
     positions L_b - S .. L_b - 1 (0 .. S-1 when S = total: a prompt). The new tokens get
@@ -158,8 +158,8 @@ def _shared_inputs(self, hidden_states, cos, sin, past, shared: dict) -> tuple:
     angles, computed by the first layer and reused by the others (one set of nodes per graph
     instead of one per layer). Without past: S each, and the model's own angles for
     positions 0..S-1. With past (WithPast): the lengths from its attention mask [B, T] (row
-    sums - 1, and T), and the angles of positions 0..max(T, P)-1 from the model's rotary
-    module."""
+    sums - 1, and T), and the angles of positions 0..T-1 from the model's rotary module
+    (ONNX Runtime wants no more rows than the total length, however long the cache buffer)."""
     key = (id(cos), id(sin))
     if shared.get("key") != key:
         b, s = hidden_states.shape[0], hidden_states.shape[1]
@@ -173,8 +173,7 @@ def _shared_inputs(self, hidden_states, cos, sin, past, shared: dict) -> tuple:
             seqlens = (mask.sum(1) - 1).to(torch.int32)
             if shared.get("rotary") is None:
                 raise RuntimeError("fused attention with past needs the model's rotary_emb")
-            length = torch.sym_max(total, past[0].shape[2])
-            positions = torch.arange(length, device=hidden_states.device).unsqueeze(0)
+            positions = torch.arange(total, device=hidden_states.device).unsqueeze(0)
             cos, sin = shared["rotary"](hidden_states, positions)
         # Keep cos/sin alive with the key, so that their ids stay unique.
         shared["key"], shared["values"] = key, (
