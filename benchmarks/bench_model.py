@@ -18,7 +18,8 @@ qexport.onnx_export's trace/export_onnx helpers (so with the same fused attentio
 cleanups as the quantized export), example batch 2, dynamic batch and sequence.
 --fp32-unfused PATH adds an fp32 export without the fused attention (written when missing).
 --w161-past OUT/model_with_past.onnx --fp32-past PATH (written when missing) add a decoding
-table: one token after --cached tokens with a KV cache, against the whole-sequence forward.
+table: one token after --cached tokens with a KV cache (the cache copied every call, or
+updated in place in buffers of --max-length positions), against the whole-sequence forward.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import bench_linear  # noqa: E402  (this folder: pin_threads)
 
 
 def export_fp32(path: pathlib.Path, fused_attention: bool = True) -> None:
@@ -53,36 +56,58 @@ def _session(model, threads: int):
     so = native.session_options()  # the qexport ops registered (harmless for fp32)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    bench_linear.pin_threads(so, threads)
     return ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _feed(sess, seq: int, past: int = 0) -> dict:
-    """input_ids [1, seq]; a KV-cache model's past inputs get `past` cached positions."""
+def _runner(sess, seq: int, past: int = 0, buffer: int = 0):
+    """A function that runs `sess` once on input_ids [1, seq]. A KV-cache model gets `past`
+    cached positions (attention_mask [1, past + seq]): in past inputs of that length, whose
+    presents ONNX Runtime allocates one position longer (a copy of the cache per call), or
+    with `buffer` (>= past + seq) in cache buffers of that length bound as both the past
+    inputs and the present outputs, which ONNX Runtime updates in place."""
     import numpy as np
+    import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    inputs = sess.get_inputs()
-    feed = {inputs[0].name: rng.integers(0, 49152, (1, seq)).astype(np.int64)}
-    for i in inputs[1:]:
-        feed[i.name] = rng.standard_normal((1, i.shape[1], past, i.shape[3])).astype(np.float32)
-    return feed
+    feed = {"input_ids": rng.integers(0, 49152, (1, seq)).astype(np.int64)}
+    cache = [i for i in sess.get_inputs() if i.name.startswith("past.")]
+    if cache:
+        feed["attention_mask"] = np.ones((1, past + seq), np.int64)
+    if not buffer:
+        for i in cache:
+            feed[i.name] = rng.standard_normal((1, i.shape[1], past, i.shape[3]),
+                                               dtype=np.float32)
+        return lambda: sess.run(None, feed)
+    binding = sess.io_binding()
+    for name, value in feed.items():
+        binding.bind_cpu_input(name, value)
+    for i in cache:
+        value = ort.OrtValue.ortvalue_from_numpy(
+            rng.standard_normal((1, i.shape[1], buffer, i.shape[3]), dtype=np.float32))
+        binding.bind_ortvalue_input(i.name, value)
+        binding.bind_ortvalue_output("present." + i.name[len("past."):], value)
+    binding.bind_output("logits")
+    return lambda: sess.run_with_iobinding(binding)
 
 
 def _latencies(models: dict, threads: int, seq: int, reps: int, block: int = 10,
-               past: int = 0) -> dict[str, float]:
+               past: int = 0, buffer: dict | None = None) -> dict[str, float]:
     """Median seconds per run of each model, the sessions taking turns in blocks of `block`
     runs. Between blocks the process sleeps, so that the previous session's pool threads,
-    which spin for a while after a run, are idle again and take no core from the next."""
-    sessions = {label: _session(path, threads) for label, path in models.items()}
-    feeds = {label: _feed(s, seq, past) for label, s in sessions.items()}
-    times = {label: [] for label in sessions}
+    which spin for a while after a run, are idle again and take no core from the next.
+    `buffer`: label -> cache buffer length of the KV-cache models run in place (_runner)."""
+    buffer = buffer or {}
+    runs = {label: _runner(_session(path, threads), seq, past, buffer.get(label, 0))
+            for label, path in models.items()}
+    times = {label: [] for label in runs}
     for _ in range(max(1, reps // block)):
-        for label, s in sessions.items():
+        for label, run in runs.items():
             time.sleep(0.05)
-            s.run(None, feeds[label])  # warm: caches, and the pool threads awake
+            run()  # warm: caches, and the pool threads awake
             for _ in range(block):
                 t0 = time.perf_counter()
-                s.run(None, feeds[label])
+                run()
                 times[label].append(time.perf_counter() - t0)
     return {label: statistics.median(v) for label, v in times.items()}
 
@@ -93,10 +118,9 @@ def _child(model: str, threads: int, reps: int) -> None:
     fork and exec), else ru_maxrss."""
     import resource
 
-    sess = _session(model, threads)
-    feed = _feed(sess, 1)
+    run = _runner(_session(model, threads), 1)
     for _ in range(reps):
-        sess.run(None, feed)
+        run()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     status = pathlib.Path("/proc/self/status")
     if status.exists():
@@ -133,9 +157,16 @@ def main(argv=None) -> int:
                    help="fp32 KV-cache ONNX for the decoding table (exported when missing)")
     p.add_argument("--cached", type=int, default=128,
                    help="cached tokens before the decoded one [default: %(default)s]")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="cache buffer length of the in-place decoding rows [default: "
+                        "%(default)s]")
     p.add_argument("--reps", type=int, default=20, help="runs per measurement")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin each thread to its own CPU, every model alike "
+                        "(bench_linear.pin_threads)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    bench_linear.PIN_THREADS = args.pin
     if args.child:
         _child(args.child, args.threads[0], args.reps)
         return 0
@@ -158,7 +189,8 @@ def main(argv=None) -> int:
         models[label] = pathlib.Path(path)
     print(f"# ORT CPU, QEXPORT_CPU_ISA={os.environ.get('QEXPORT_CPU_ISA', 'auto')}; latencies: "
           f"median of {args.reps} (1 token) / {max(5, args.reps // 4)} (prefill) runs, models "
-          "taking turns in one process; peak RSS: a fresh process per model", flush=True)
+          f"taking turns in one process, threads {'pinned' if args.pin else 'not pinned'}; "
+          "peak RSS: a fresh process per model", flush=True)
     width = max(9, *(len(label) for label in models))
     print(f"{'model':>{width}} {'thr':>3} | {'file MB':>8} | {'1-token ms':>10} {'prefill128 ms':>13} |"
           f" {'fp32/model 1-tok':>16} {'prefill':>7} | {'peak RSS MiB':>12} {'/ fp32':>6}")
@@ -182,6 +214,8 @@ def _decode_table(args) -> None:
     cache pays per token)."""
     if not args.fp32_past:
         raise SystemExit("--w161-past needs --fp32-past")
+    if args.max_length <= args.cached:
+        raise SystemExit(f"--max-length ({args.max_length}) must exceed --cached ({args.cached})")
     if not args.fp32_past.exists():
         from qexport import api, models
 
@@ -192,20 +226,28 @@ def _decode_table(args) -> None:
     print(f"# decoding: 1 token after {cached} cached ones (KV cache) against the forward of all "
           f"{cached + 1} tokens (no cache); prompt: {cached} tokens into an empty cache (KV "
           f"cache: last token's logits) against model.onnx's {cached}-token forward", flush=True)
-    print(f"{'model':>20} {'thr':>3} | {'1 token ms':>10} {'/ fp32+kv':>9} | {'prompt ms':>9} "
-          f"{'/ fp32+kv':>9}")
-    kv_models = {"fp32 + kv cache": args.fp32_past, "w1.61a16 + kv cache": args.w161_past}
+    print(f"# kv cache: past inputs of the cached length, presents one longer (ORT copies the "
+          f"cache every call); in place: cache buffers of {args.max_length} positions bound as "
+          f"both pasts and presents (IOBinding; ORT writes the new token into them). Ratios: "
+          f"fp32 of the same kind over the row", flush=True)
+    print(f"{'model':>22} {'thr':>3} | {'1 token ms':>10} {'fp32/row':>9} | {'prompt ms':>9} "
+          f"{'fp32/row':>9}")
+    kv_models = {"fp32 + kv cache": args.fp32_past, "w1.61a16 + kv cache": args.w161_past,
+                 "fp32 + kv in place": args.fp32_past,
+                 "w1.61a16 + kv in place": args.w161_past}
+    in_place = {label: args.max_length for label in kv_models if label.endswith("in place")}
     full_models = {"fp32, no cache": args.fp32, "w1.61a16, no cache": args.w161}
     for threads in args.threads:
         reps = max(5, args.reps // 4)
-        step = {**_latencies(kv_models, threads, 1, args.reps, past=cached),
+        step = {**_latencies(kv_models, threads, 1, args.reps, past=cached, buffer=in_place),
                 **_latencies(full_models, threads, cached + 1, reps)}
-        prompt = {**_latencies(kv_models, threads, cached, reps),
+        prompt = {**_latencies(kv_models, threads, cached, reps, buffer=in_place),
                   **_latencies(full_models, threads, cached, reps)}
         for label in step:
-            print(f"{label:>20} {threads:>3} | {step[label] * 1e3:10.2f} "
-                  f"{step['fp32 + kv cache'] / step[label]:9.2f} | {prompt[label] * 1e3:9.2f} "
-                  f"{prompt['fp32 + kv cache'] / prompt[label]:9.2f}", flush=True)
+            base = "fp32 + kv in place" if label in in_place else "fp32 + kv cache"
+            print(f"{label:>22} {threads:>3} | {step[label] * 1e3:10.2f} "
+                  f"{step[base] / step[label]:9.2f} | {prompt[label] * 1e3:9.2f} "
+                  f"{prompt[base] / prompt[label]:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -296,7 +296,8 @@ def export(qmodel: QuantizedModel, path: str | Path, extra_metadata: dict[str, s
     meta.update(extra_metadata or {})
     t0 = time.perf_counter()
     files = export_onnx(qmodel.graph_module, qmodel.example_inputs, Path(path), meta,
-                        input_names=input_names, output_names=output_names)
+                        input_names=input_names, output_names=output_names,
+                        dim_names={"input_ids": ["batch", "sequence"]})
     qmodel.timings["export"] = time.perf_counter() - t0
     return files
 
@@ -343,7 +344,11 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
                        share_data_with=share_data_with,
                        # batch and lengths vary; kv heads and head dim are the model's
                        dynamic_shapes=({0: auto, 1: auto}, {0: auto, 1: auto},
-                                       *({0: auto, 2: auto} for _ in past)))
+                                       *({0: auto, 2: auto} for _ in past)),
+                       dim_names={"input_ids": ["batch", "sequence"],
+                                  "attention_mask": ["batch", "total_sequence"],
+                                  **{name: ["batch", None, "past_sequence"]
+                                     for name in past_names("past", layers)}})
 
 
 def rebuild(module: torch.nn.Module, traced: torch.nn.Module, example_inputs: tuple,

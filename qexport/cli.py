@@ -350,7 +350,8 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         past_session = native.make_session(past_path, threads=args.threads)
         kv_logits = check.decode_with_past(past_session, parity_ids[:1].numpy(), n - 8)
         e2e["kv_cache"] = {"inputs": f"the first row: {n - 8} tokens, then 8 decoded one by "
-                                     "one (the logits of the prompt's last token and of each)",
+                                     "one, the cache updated in place (the logits of the "
+                                     "prompt's last token and of each)",
                            "parity": check.compare(kv_logits, ref_logits[:1, n - 9:],
                                                    top1=True)}
     layer_inputs = check.op_inputs(qm.graph_module, (parity_ids[:1, :32],))

@@ -79,12 +79,15 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
                 metadata: dict[str, str], input_names: list[str] | None = None,
                 output_names: list[str] | None = None,
                 share_data_with: str | Path | None = None,
-                dynamic_shapes: tuple | None = None) -> list[Path]:
+                dynamic_shapes: tuple | None = None,
+                dim_names: dict[str, list[str | None]] | None = None) -> list[Path]:
     """Write `gm` to `path` as ONNX with qexport nodes; returns the files written.
     Each qexport node is named after its layer (e.g. model.model.layers.0.mlp.up_proj).
     share_data_with: another model in the same folder whose external data holds tensors of
     this one (same bytes): those are referenced there instead of written again.
-    dynamic_shapes: torch.export's, per input [default: every dim may vary]."""
+    dynamic_shapes: torch.export's, per input [default: every dim may vary].
+    dim_names: per input name, a name for each of its dynamic dims (None: keep), in place of
+    torch.export's symbols (s0, s1, ...) throughout the graph."""
     import onnx
 
     ops.register_onnx_schema()
@@ -96,6 +99,8 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
             input_names=input_names, output_names=output_names, optimize=True)
     model = program.model_proto
     _name_layer_nodes(model, gm)
+    if dim_names:
+        _name_dims(model, dim_names)
     _divide_by_sqrt(model)
     model.ir_version = min(model.ir_version, 10)  # onnxruntime >= 1.29 reads IR <= 10 safely
     model.producer_name = "qexport"
@@ -112,6 +117,25 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, path)
     return files
+
+
+def _name_dims(model, dim_names: dict[str, list[str | None]]) -> None:
+    """Rename the symbolic dims of the named graph inputs, and the same symbols wherever else
+    they appear (outputs, value_info, expressions such as "Max(s53, s91)")."""
+    import re
+
+    rename = {}
+    for value in model.graph.input:
+        for dim, name in zip(value.type.tensor_type.shape.dim, dim_names.get(value.name, [])):
+            if name and dim.dim_param:
+                rename[dim.dim_param] = name
+    if not rename:
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = symbol.sub(lambda m: rename[m[1]], dim.dim_param)
 
 
 def save_external_aligned(model, path: Path, align: int = EXTERNAL_DATA_ALIGN,
