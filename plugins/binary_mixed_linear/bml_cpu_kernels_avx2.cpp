@@ -111,13 +111,6 @@ void DequantSignsT(const uint8_t* w, int64_t line_bytes, int64_t kb, const int32
   }
 }
 
-void DequantSigns(const uint8_t* w, int64_t line, int64_t kb, const int32_t* chan,
-                  const float* r2, const float* pos, const float* neg, float* panel,
-                  int64_t ld) {
-  if (r2) return DequantSignsT<true>(w, line, kb, chan, r2, pos, neg, panel, ld);
-  DequantSignsT<false>(w, line, kb, chan, r2, pos, neg, panel, ld);
-}
-
 void DequantCodes(const uint8_t* w, int64_t line_bytes, int64_t ndw, const int32_t* chan,
                   const float* scale, const float* szero, float* panel, int64_t ld) {
   const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);

@@ -121,13 +121,6 @@ void DequantSignsT(const uint8_t* w, int64_t line, int64_t kb, const int32_t* ch
   }
 }
 
-void DequantSigns(const uint8_t* w, int64_t line, int64_t kb, const int32_t* chan,
-                  const float* r2, const float* pos, const float* neg, float* panel,
-                  int64_t ld) {
-  if (r2) return DequantSignsT<true>(w, line, kb, chan, r2, pos, neg, panel, ld);
-  DequantSignsT<false>(w, line, kb, chan, r2, pos, neg, panel, ld);
-}
-
 void DequantCodes(const uint8_t* w, int64_t line, int64_t ndw, const int32_t* chan,
                   const float* scale, const float* szero, float* panel, int64_t ld) {
   const __m512 vs = _mm512_loadu_ps(scale), vz = _mm512_loadu_ps(szero);
