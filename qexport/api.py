@@ -306,7 +306,7 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
                      extra_metadata: dict[str, str] | None = None,
                      share_data_with: str | Path | None = None) -> list[Path]:
     """Write the model as a decoder with a KV cache (`attention.WithPast`): inputs
-    `input_ids` [B, S], `attention_mask` [B, T] (ones: T = cached + S tokens) and
+    `input_ids` [B, S], `attention_mask` [B, T] (per row, ones for its tokens so far) and
     `past.{i}.key` / `past.{i}.value` [B, kv heads, P, head dim] per layer (P = T - S, 0 for
     the prompt, or a buffer of P >= T positions updated in place), outputs `logits` [B, 1, V]
     and `present.{i}.key` / `.value` [.., max(T, P), ..] (docs/format.md).
@@ -380,8 +380,8 @@ def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
 
     hf = getattr(module, "model", None)
     cfg = getattr(hf, "config", None)
-    if hf is None or cfg is None:
-        return "it needs a Hugging Face causal LM"
+    if hf is None or cfg is None or not all(hasattr(hf, a) for a in ("model", "lm_head")):
+        return "it needs a Hugging Face causal LM (a decoder stack `.model` and `.lm_head`)"
     n = len(WithPast(hf).attention)
     if n == 0 or n != getattr(cfg, "num_hidden_layers", -1):
         return (f"{n} of its attention blocks are supported by the fused attention (Llama, "

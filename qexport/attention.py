@@ -203,18 +203,20 @@ def _forward(self, hidden_states, position_embeddings=None, attention_mask=None,
 
 class WithPast(torch.nn.Module):
     """`forward(input_ids [B, S], attention_mask [B, T], k_0, v_0, k_1, v_1, ...) -> (logits,
-    k_0', v_0', ...)` around a Hugging Face causal LM, for tracing under `fused_attention`.
-    attention_mask: 1 for each token of the row so far, cached and new (T = cached + S; all
-    ones: rows padded for different lengths are not supported, the logits being the last
-    column's). k_i/v_i [B, kv heads, P, D] are layer i's cache: its first T - S positions
-    hold the past keys (rotated) and values; P = T - S (each call returns the cache one
-    token longer), or P >= T (a buffer of the maximum length, which ONNX Runtime updates in
-    place when the presents are bound to the pasts' memory). The outputs are the logits
-    [B, 1, V] of the last new token (the next token's distribution, all a generation loop
-    reads; skipping the head for the rest of a 128-token prompt takes ~20 % off it) and each
-    layer's present keys/values [B, kv heads, max(T, P), D]. The attribute path of the HF
-    model is `model`, as in qexport.models.CausalLMLogits, so the layer names match a
-    quantization of that wrapper."""
+    k_0', v_0', ...)` around a Hugging Face causal LM (`.model`, the decoder stack, and
+    `.lm_head`), for tracing under `fused_attention`. attention_mask: per row, a 1 for each of
+    its tokens so far, cached and new, then 0s (T = the longest row). Rows of a batch may
+    differ in length: a prompt batch (S = T) is padded on the right, and in each later call
+    row b's new token goes at its own position L_b - 1 (L_b its count of ones). k_i/v_i
+    [B, kv heads, P, D] are layer i's cache: row b's first L_b - S positions hold its past
+    keys (rotated) and values; P = T - S (each call returns the cache one token longer), or
+    P >= T (a buffer of the maximum length, which ONNX Runtime updates in place when the
+    presents are bound to the pasts' memory). The outputs are the logits [B, 1, V] of each
+    row's last token (in a prompt, its last real one: the next token's distribution, all a
+    generation loop reads; skipping the head for the rest of a 128-token prompt takes ~20 %
+    off it) and each layer's present keys/values [B, kv heads, max(T, P), D]. The attribute
+    path of the HF model is `model`, as in qexport.models.CausalLMLogits, so the layer names
+    match a quantization of that wrapper."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -230,8 +232,15 @@ class WithPast(torch.nn.Module):
             attn._qexport_shared["mask"] = attention_mask
         try:
             positions = torch.arange(t - s, t, device=input_ids.device).unsqueeze(0)
-            logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
-                                logits_to_keep=1).logits
+            hidden = self.model.model(input_ids=input_ids, position_ids=positions,
+                                      use_cache=False).last_hidden_state
+            # Each row's last real token: in a prompt (S = T) the row's length - 1, so that
+            # rows padded on the right get their own; otherwise the last new token.
+            lengths = attention_mask.sum(1)
+            prompt = torch.full((), s, device=lengths.device) == torch.full((), t)
+            last = torch.where(prompt, lengths - 1, torch.full_like(lengths, s - 1))
+            hidden = hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
+            logits = self.model.lm_head(hidden)
             return (logits, *(t for attn in self.attention for t in attn._qexport_present))
         finally:
             for attn in self.attention:

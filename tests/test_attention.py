@@ -110,6 +110,56 @@ def test_with_past_decodes_like_the_full_forward(tmp_path, family):
             assert np.abs(got - full).max() < 1e-4, (rows, in_place)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in_place"])
+def test_with_past_rows_of_different_lengths(tmp_path, in_place):
+    """A batch whose rows differ in length: the prompts padded on the right (mask 0s), then a
+    token per row per call, each row at its own position. Each row's logits are those of its
+    own unpadded forward: the prompt's last real token's, then each decoded one's."""
+    import onnxruntime as ort
+
+    from qexport.api import export_with_past
+
+    model = _llama(2)
+    export_with_past(model, None, tmp_path / "past.onnx")
+    session = native.make_session(tmp_path / "past.onnx")
+    cache = [i for i in session.get_inputs() if i.name.startswith("past.")]
+    lengths, steps = [5, 9], 3
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 128, (1, n + steps), generator=g) for n in lengths]
+    with torch.no_grad():
+        full = [model(r).numpy()[0] for r in rows]  # each row alone, unpadded
+    width = max(lengths)
+    ids = np.zeros((2, width), np.int64)
+    for b, (r, n) in enumerate(zip(rows, lengths)):
+        ids[b, :n] = r[0, :n].numpy()
+    if in_place:
+        binding = session.io_binding()
+        binding.bind_output("logits")
+        for i in cache:
+            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 2, width + steps, 16), np.float32))
+            binding.bind_ortvalue_input(i.name, buf)
+            binding.bind_ortvalue_output("present" + i.name[len("past"):], buf)
+    else:
+        past = {i.name: np.zeros((2, 2, 0, 16), np.float32) for i in cache}
+    for k in range(steps + 1):
+        mask = np.zeros((2, width + k), np.int64)
+        for b, n in enumerate(lengths):
+            mask[b, :n + k] = 1
+        step_ids = ids if k == 0 else np.array(
+            [[rows[b][0, n + k - 1].item()] for b, n in enumerate(lengths)], np.int64)
+        if in_place:
+            binding.bind_cpu_input("input_ids", step_ids)
+            binding.bind_cpu_input("attention_mask", mask)
+            session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy().copy()
+        else:
+            logits, *present = session.run(
+                None, {"input_ids": step_ids, "attention_mask": mask, **past})
+            past = dict(zip(past, present))
+        for b, n in enumerate(lengths):  # position n + k - 1 of row b
+            assert np.abs(logits[b, 0] - full[b][n + k - 1]).max() < 1e-4, (k, b)
+
+
 def test_reference_op_reads_a_longer_cache_buffer_per_row():
     """The PyTorch body of qexport::group_query_attention (the reference the traced graph
     runs): a cache buffer longer than the tokens it holds gives the same attention as one of
