@@ -385,7 +385,8 @@ def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
     n = len(WithPast(hf).attention)
     if n == 0 or n != getattr(cfg, "num_hidden_layers", -1):
         return (f"{n} of its attention blocks are supported by the fused attention (Llama, "
-                "Mistral, Qwen2 without a sliding window); it needs all of them")
+                "Mistral, Qwen2 without a sliding window, head size a multiple of 16); it "
+                "needs all of them")
     return None
 
 

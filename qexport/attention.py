@@ -5,7 +5,7 @@ of q/k/v, rotary embedding, the repeat of the kv heads, the causal mask, two Mat
 softmax). At decoding each node costs ONNX Runtime about a microsecond of dispatch whatever
 its size, which on SmolLM2-135M was ~1 ms of a ~3 ms token (docs/performance.md). While
 tracing, `fused_attention(module)` swaps the forward of each supported attention module (Llama,
-Mistral and Qwen2 without a sliding window) for
+Mistral and Qwen2 without a sliding window, head size a multiple of 16) for
 one that keeps the q/k/v/o Linears (so the Linear passes still see them) and computes the
 rest with `torch.ops.qexport.group_query_attention`, which the exporter writes as one
 GroupQueryAttention node. Its PyTorch implementation is the reference semantics, so the
@@ -150,7 +150,7 @@ def _supported(attn: torch.nn.Module) -> bool:
             and all(isinstance(getattr(attn, n, None), torch.nn.Linear)
                     for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
             and getattr(attn, "sliding_window", getattr(cfg, "sliding_window", None)) is None
-            and attn.head_dim % 2 == 0)
+            and attn.head_dim % 16 == 0)  # ONNX Runtime's rotary wants head dims of 16k
 
 
 def _shared_inputs(self, hidden_states, cos, sin, past, shared: dict) -> tuple:

@@ -70,6 +70,12 @@ def test_unfused_and_unsupported_are_left_alone(tmp_path):
     windowed.model.config.sliding_window = 4
     with fused_attention(windowed) as swapped:
         assert swapped == 0  # a sliding window is not GroupQueryAttention without past
+    import transformers
+    narrow = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=8, num_key_value_heads=2))  # head dim 8: ORT's rotary wants 16k
+    with fused_attention(narrow) as swapped:
+        assert swapped == 0
 
 
 def test_forward_restored_after_tracing():
