@@ -344,6 +344,41 @@ def test_same_session_many_runs(lib, isa):
         _assert_close(y, _reference(w, x), FP32_RTOL)
 
 
+def test_small_layers_share_chunks(lib):
+    """Packed weights under 2 MiB are pieces of shared 32 MiB chunks (bml_cpu_lut.cpp
+    SmallArena; 16 of these 1.9 MB layers fill one). Layers released and packed again in
+    turn, so that a full chunk is unmapped, a partly used one is filled on, and the newest is
+    reused from its start once empty: every live session still computes its own layer."""
+    import gc
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 4096)).astype(np.float32)
+
+    def pack(seeds):  # the first run packs
+        out = {}
+        for seed in seeds:
+            w = _weights(2304, 4096, 0.2, 128, False, False, seed=seed)
+            out[seed] = (w, _session(bml_model(w, ["M", 4096]), lib))
+            out[seed][1].run(None, {"X": x})
+        return out
+
+    def check(live):
+        for w, sess in live.values():
+            _assert_close(sess.run(None, {"X": x})[0], _reference(w, x), FP32_RTOL)
+
+    live = pack(range(20))  # chunk 1: layers 0-15, chunk 2: 16-19
+    check(live)
+    for seed in range(19):  # chunk 1 emptied (unmapped); chunk 2 keeps layer 19
+        del live[seed]
+    gc.collect()
+    live.update(pack(range(20, 34)))  # on in chunk 2, then chunk 3
+    check(live)
+    live.clear()
+    gc.collect()
+    live.update(pack(range(40, 44)))  # chunk 3, empty and newest: from its start
+    check(live)
+
+
 def test_external_data_weights(lib, isa, tmp_path):
     """Weights in a page-aligned external data file (qexport.onnx_export.save_external_aligned, as
     large exports are written): ONNX Runtime maps them, the kernel packs them once and hands
