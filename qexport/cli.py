@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "GroupQueryAttention node (com.microsoft), not ~30 small ones "
                         "[default: on, off with --target trt, whose parser lacks it]")
     p.add_argument("--kv-cache", action="store_true",
-                   help="also write model_with_past.onnx, a decoder with a KV cache (past/present "
-                        "keys and values per layer) for generation; shares model.onnx's weight "
-                        "file (Llama, Mistral, Qwen2)")
+                   help="also write model_with_past.onnx, a decoder with a KV cache for "
+                        "generation (input_ids, attention_mask, past/present keys and values per "
+                        "layer, which may be one buffer updated in place: docs/format.md); shares "
+                        "model.onnx's weight file (Llama, Mistral, Qwen2)")
     p.add_argument("--force", action="store_true",
                    help="replace an output folder that was not written by qexport")
     p.add_argument("--trust-pickle", action="store_true",
