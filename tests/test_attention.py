@@ -106,6 +106,10 @@ def test_with_past_decodes_like_the_full_forward(tmp_path, family):
     inputs = session.get_inputs()
     assert [i.name for i in inputs[:2]] == ["input_ids", "attention_mask"]
     assert [i.shape[1:2] + i.shape[3:] for i in inputs[2:]] == [[2, 16]] * 2 * n
+    # torch.export's symbols renamed (onnx_export._name_dims), expressions included
+    assert [i.shape for i in inputs[:2]] == [["batch", "sequence"], ["batch", "total_sequence"]]
+    assert inputs[2].shape[:3:2] == ["batch", "past_sequence"]
+    assert session.get_outputs()[1].shape[2] == "Max(total_sequence, past_sequence)"
     for rows, prefill, seed in ((1, 13, 1), (2, 6, 2)):
         ids = torch.randint(0, 128, (rows, 20), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
