@@ -41,23 +41,30 @@ struct CpuKernels {
   bool (*all_finite)(const void* x, int64_t count, bool half);
 
   // --- lookup tables
+  // A path keeps its tables in a format of its own, lut_dw_floats floats per packed dword
+  // (8 tables of 16 entries): fp32 entries (128 floats), or the AVX-512 path's integer
+  // entries as 3 byte digits (96 floats' room; bml_cpu_kernels_avx512.cpp). A builder
+  // returns the factor `tscale` that turns its section's entries into values (1 for fp32).
+  int64_t lut_dw_floats;
   // For i < nblk (<= kGroupBlocks), r < 16: out[16 i + r] += scale[16 i + r] (1 when null) *
-  //   sum_{q < ndw, j < 8} lut[8 q + j][nibble j of the dword of row r, block i at q]
+  //   tscale * sum_{q < ndw, j < 8} lut[8 q + j][nibble j of the dword of row r, block i at q]
   // where w points at a group's line of dword 0 (layout above), dword q at w + q * line,
-  // and lut is [8 ndw][16]. One group per call: one stream from memory, each table load
-  // serving 8 blocks.
+  // and lut the tables of those ndw dwords, all from one builder call (tscale: its result).
+  // One group per call: one stream from memory, each table load serving 8 blocks.
   void (*lut_dot)(const uint8_t* w, int64_t line, int nblk, const float* lut, int64_t ndw,
-                  float* out, const float* scale);
+                  float* out, const float* scale, float tscale);
   // Splits a row of X by channel kind, in channel order: xb[c] = x[c-th binary channel] *
   // r2[c] (r2 null: 1), xs[j] = x[j-th salient channel]. bin_mask[b] bit i: channel 16 b + i
   // is binary (ceil(k / 16) masks). Both outputs may be written up to kSplitSlack floats
   // past their ends.
   void (*split_row)(const float* x, int64_t k, const uint16_t* bin_mask, const float* r2,
                     float* xb, float* xs);
-  // lut[g][i] = sum_{t < 4} (bit t of i ? +1 : -1) * x[4g + t], for g < ngroups.
-  void (*sign_lut)(const float* x, int64_t ngroups, float* lut);
-  // lut[j][q] = q * x[j], for j < count, q < 16.
-  void (*code_lut)(const float* x, int64_t count, float* lut);
+  // The tables of ndw dwords of binary channels: table g < 8 ndw, entry i < 16:
+  //   sum_{t < 4} (bit t of i ? +1 : -1) * x[4g + t]  (divided by the returned tscale).
+  float (*sign_lut)(const float* x, int64_t ndw, float* lut);
+  // The tables of ndw dwords of 4-bit codes: table j < 8 ndw, entry q < 16: q * x[j]
+  //   (divided by the returned tscale).
+  float (*code_lut)(const float* x, int64_t ndw, float* lut);
 
   // --- dequantize + GEMM path (large M, docs/kernels.md); null pointers: tables only.
   // Panel of W^T for gemm_nr output rows: panel[c * gemm_nr + o], c < K (input channel),

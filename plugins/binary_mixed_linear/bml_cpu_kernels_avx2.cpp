@@ -26,10 +26,11 @@ inline __m256 Lookup(const float* t, __m256i idx, __m256i bit3_to_sign) {
 }
 
 constexpr int kLutMaxBlocks = 4;  // 16 ymm registers: half a group at a time
+constexpr int64_t kLutDwFloats = 16 * kNibbles;  // fp32 tables
 
 template <int NB>
 inline void LutDotN(const uint8_t* w, int64_t line_bytes, const float* lut, int64_t ndw,
-                    float* out, const float* scale) {
+                    float* out, const float* scale, float tscale) {
   __m256 acc[NB][2];
   for (int i = 0; i < NB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t q = 0; q < ndw; ++q) {
@@ -52,19 +53,21 @@ inline void LutDotN(const uint8_t* w, int64_t line_bytes, const float* lut, int6
       }
     }
   }
+  const __m256 ts = _mm256_set1_ps(tscale);
   for (int i = 0; i < NB; ++i) {
     for (int h = 0; h < 2; ++h) {
       float* o = out + kRowBlock * i + 8 * h;
       const __m256 prev = _mm256_loadu_ps(o);
+      const __m256 sum = _mm256_mul_ps(ts, acc[i][h]);
       _mm256_storeu_ps(o, scale ? _mm256_fmadd_ps(_mm256_loadu_ps(scale + kRowBlock * i + 8 * h),
-                                                  acc[i][h], prev)
-                                : _mm256_add_ps(prev, acc[i][h]));
+                                                  sum, prev)
+                                : _mm256_add_ps(prev, sum));
     }
   }
 }
 
 #define BML_HAS_SIGN_LUT
-void SignLut(const float* x, int64_t ngroups, float* lut) {
+float SignLut(const float* x, int64_t ndw, float* lut) {
   // Lane i of the low half (entries 0..7): bit t of i ? +1 : -1, t < 3; entry 8 + i adds
   // x3 where entry i subtracts it.
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -72,7 +75,7 @@ void SignLut(const float* x, int64_t ngroups, float* lut) {
   for (int t = 0; t < 3; ++t)
     s[t] = _mm256_blendv_ps(_mm256_set1_ps(-1.0f), _mm256_set1_ps(1.0f),
                             _mm256_castsi256_ps(_mm256_slli_epi32(lane, 31 - t)));
-  for (int64_t g = 0; g < ngroups; ++g) {
+  for (int64_t g = 0; g < kNibbles * ndw; ++g) {
     const float* xg = x + 4 * g;
     __m256 t = _mm256_mul_ps(s[0], _mm256_set1_ps(xg[0]));
     t = _mm256_fmadd_ps(s[1], _mm256_set1_ps(xg[1]), t);
@@ -81,6 +84,7 @@ void SignLut(const float* x, int64_t ngroups, float* lut) {
     _mm256_storeu_ps(lut + 16 * g, _mm256_sub_ps(t, x3));
     _mm256_storeu_ps(lut + 16 * g + 8, _mm256_add_ps(t, x3));
   }
+  return 1.0f;
 }
 
 template <bool kR2>

@@ -12,10 +12,11 @@ namespace detail {
 namespace {
 
 constexpr int kLutMaxBlocks = kGroupBlocks;
+constexpr int64_t kLutDwFloats = 16 * kNibbles;  // fp32 tables
 
 template <int NB>
 inline void LutDotN(const uint8_t* w, int64_t line_bytes, const float* lut, int64_t ndw,
-                    float* out, const float* scale) {
+                    float* out, const float* scale, float tscale) {
   for (int i = 0; i < NB; ++i) {
     float acc[kRowBlock] = {};
     for (int64_t q = 0; q < ndw; ++q) {
@@ -32,7 +33,8 @@ inline void LutDotN(const uint8_t* w, int64_t line_bytes, const float* lut, int6
       }
     }
     float* o = out + kRowBlock * i;
-    for (int r = 0; r < kRowBlock; ++r) o[r] += (scale ? scale[kRowBlock * i + r] : 1.0f) * acc[r];
+    for (int r = 0; r < kRowBlock; ++r)
+      o[r] += (scale ? scale[kRowBlock * i + r] : 1.0f) * (tscale * acc[r]);
   }
 }
 

@@ -51,16 +51,19 @@ namespace qexport {
 namespace bml {
 
 #if defined(__linux__)
-// Packed weights under 2 MiB share 2 MiB-aligned MADV_HUGEPAGE chunks instead of taking 4 KiB
-// pages of their own: a model's many small layers (SmolLM2: 211 of 10-200 KB) then cost a
-// handful of TLB entries, not one per 4 KiB (its decoded token 3-11 % faster, docs/kernels.md).
-// Bump allocation in the newest chunk; a chunk is unmapped when its last allocation is freed
-// (the newest one is reused from the start instead). Never destroyed: kernels may outlive
-// static destructors at exit.
+// Packed weights under kLargest share 2 MiB-aligned MADV_HUGEPAGE chunks instead of mappings of
+// their own: a model's many small layers (SmolLM2: 211 of 10-200 KB) then cost a handful of
+// TLB entries, not one per 4 KiB (its decoded token 3-11 % faster, docs/kernels.md), and a
+// layer's last partial 2 MiB is a huge page too (4096x4096: 3.4 MB, of which 1.4 MB were in
+// 4 KiB pages). Bump allocation in the newest chunk; what a chunk has left when the next
+// allocation does not fit is never touched, so it costs address space only. A chunk is
+// unmapped when its last allocation is freed (the newest one is reused from the start
+// instead). Never destroyed: kernels may outlive static destructors at exit.
 class SmallArena {
  public:
   static constexpr size_t kHuge = size_t{2} << 20;
   static constexpr size_t kChunk = 16 * kHuge;
+  static constexpr size_t kLargest = kChunk / 2;  // larger: a mapping of its own
   static constexpr size_t kAlign = 64;
 
   static SmallArena& Get() {
@@ -68,7 +71,7 @@ class SmallArena {
     return *arena;
   }
 
-  // Zero-filled bytes (< kHuge) and the chunk to hand back to Free.
+  // Zero-filled bytes (< kLargest) and the chunk to hand back to Free.
   uint8_t* Allocate(size_t bytes, void** chunk) {
     bytes = (std::max<size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign;
     std::lock_guard<std::mutex> lock(mutex_);
@@ -120,10 +123,10 @@ class SmallArena {
 };
 #endif
 
-// Zero-filled bytes for the packed weights. On Linux: from 2 MiB on, an anonymous mapping of
-// its own, 2 MiB aligned and marked MADV_HUGEPAGE, so that transparent huge pages back its
-// whole 2 MiB extents (the tail stays in 4 KiB pages: no memory is added); below that, a
-// piece of a shared huge-page chunk (SmallArena). The M = 1 path streams the weights once
+// Zero-filled bytes for the packed weights. On Linux: below 16 MiB a piece of a shared
+// huge-page chunk (SmallArena); from there on an anonymous mapping of its own, 2 MiB aligned
+// and marked MADV_HUGEPAGE, so that transparent huge pages back its whole 2 MiB extents (the
+// tail stays in 4 KiB pages: no memory is added). The M = 1 path streams the weights once
 // per call, and with 4 KiB pages the TLB misses cost more than the lookups (measured in a
 // KVM guest, 4096x4096: 0.31 -> 0.17 ms with the weights in DRAM, 0.13 -> 0.10 ms in L3).
 // Elsewhere: plain heap memory.
@@ -139,7 +142,7 @@ class WeightBytes {
 #if defined(__linux__)
     static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     constexpr size_t kHuge = SmallArena::kHuge;
-    if (bytes < kHuge) return data_ = SmallArena::Get().Allocate(bytes, &chunk_);
+    if (bytes < SmallArena::kLargest) return data_ = SmallArena::Get().Allocate(bytes, &chunk_);
     size_ = (std::max<size_t>(bytes, 1) + page - 1) / page * page;
     const size_t align = kHuge;
     const size_t span = size_ + align - page;
@@ -240,7 +243,8 @@ bool CpuHas(Isa isa) {
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
     default:
       return true;
   }
@@ -531,12 +535,19 @@ float Sum(const float* v, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// Sizes of a row's tables: [lutb | luts | sum_b | xsum per group], in floats.
+// Sizes of a row's tables, in floats: [lutb | luts | sum_b | xsum per group | table scale of
+// lutb | table scale per group of luts] (the tables in the path's format, lut_dw_floats per
+// dword).
 struct TableLayout {
-  int64_t lutb, luts, row;
-  explicit TableLayout(const PackedWeights& p)
-      : lutb(16 * kNibbles * p.kb_dw), luts(16 * kNibbles * p.s_dw),
-        row(lutb + luts + 1 + p.groups) {}
+  int64_t dw, lutb, luts, tail, row;
+  TableLayout(const PackedWeights& p, const CpuKernels& kern)
+      : dw(kern.lut_dw_floats), lutb(dw * p.kb_dw), luts(dw * p.s_dw), tail(lutb + luts),
+        row(tail + 2 + 2 * p.groups) {}
+  // Offsets in the tail.
+  int64_t sum_b() const { return tail; }
+  int64_t xsum(int64_t g) const { return tail + 1 + g; }
+  int64_t scale_b(const PackedWeights& p) const { return tail + 1 + p.groups; }
+  int64_t scale_s(const PackedWeights& p, int64_t g) const { return tail + 2 + p.groups + g; }
 };
 
 // Builds the tables of one row of X at t (TableLayout).
@@ -570,13 +581,13 @@ void BuildTables(const PackedWeights& p, const CpuKernels& kern, const TableLayo
     std::fill(xs, xs + ns_slots, 0.0f);
     for (int64_t j = 0; j < p.s; ++j) xs[p.slot_of[j]] = xsal[j];
   }
-  kern.sign_lut(xb, kNibbles * kdw, t);
-  kern.code_lut(xs, ns_slots, t + tl.lutb);
-  float* tail = t + tl.lutb + tl.luts;
-  tail[0] = Sum(xb, nb_slots);
-  for (int64_t g = 0; g < p.groups; ++g)
-    tail[1 + g] =
-        Sum(xs + kNibbles * p.group_dw[g], kNibbles * (p.group_dw[g + 1] - p.group_dw[g]));
+  t[tl.scale_b(p)] = kern.sign_lut(xb, kdw, t);
+  t[tl.sum_b()] = Sum(xb, nb_slots);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t d0 = p.group_dw[g], d1 = p.group_dw[g + 1];
+    t[tl.scale_s(p, g)] = kern.code_lut(xs + kNibbles * d0, d1 - d0, t + tl.lutb + tl.dw * d0);
+    t[tl.xsum(g)] = Sum(xs + kNibbles * d0, kNibbles * (d1 - d0));
+  }
 }
 
 // One tile: rows [r0, r1) of X, whose tables are at `tables` (row r0 first), x blocks
@@ -593,37 +604,38 @@ void RunTile(const PackedWeights& p, const CpuKernels& kern, const TableLayout& 
   std::vector<float>& acc = ThreadTaskScratch().acc;
   acc.assign(static_cast<size_t>((r1 - r0) * width), 0.0f);
   // lut_dot over dwords [d0, d0 + len) of the rows' tables at `table`, every group of the
-  // tile, of a [group][dw][blocks] array.
+  // tile, of a [group][dw][blocks] array; `tscale`: the tail offset of the tables' scale.
   auto dot = [&](const uint8_t* w, int64_t dw, int64_t d0, int64_t len, int64_t table,
-                 const float* scale) {
+                 int64_t tscale, const float* scale) {
     for (int64_t r = 0; r < r1 - r0; ++r) {
-      const float* lut = tables + r * tl.row + table + 16 * kNibbles * d0;
+      const float* row_tables = tables + r * tl.row;
+      const float* lut = row_tables + table + tl.dw * d0;
       float* out = acc.data() + r * width;
       for (int64_t nb = nb0; nb < nb1; nb += kGroupBlocks) {
         const int cnt = static_cast<int>(std::min<int64_t>(kGroupBlocks, nb1 - nb));
         const int64_t line = GroupLine(nb, p.nblk);
-        kern.lut_dot(w + (nb / kGroupBlocks) * dw * kGroupLine + d0 * line, line, cnt,
-                     lut, len, out + (nb - nb0) * kRowBlock, scale + nb * kRowBlock);
+        kern.lut_dot(w + (nb / kGroupBlocks) * dw * kGroupLine + d0 * line, line, cnt, lut, len,
+                     out + (nb - nb0) * kRowBlock, scale + nb * kRowBlock, row_tables[tscale]);
       }
     }
   };
   for (int64_t c0 = 0; c0 < kdw; c0 += chunk)
-    dot(p.wb, kdw, c0, std::min(chunk, kdw - c0), 0, p.rs.data());
+    dot(p.wb, kdw, c0, std::min(chunk, kdw - c0), 0, tl.scale_b(p), p.rs.data());
   for (int64_t g = 0; g < p.groups; ++g)
     for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk)
-      dot(p.ws, sdw, c0, std::min(chunk, p.group_dw[g + 1] - c0), tl.lutb,
+      dot(p.ws, sdw, c0, std::min(chunk, p.group_dw[g + 1] - c0), tl.lutb, tl.scale_s(p, g),
           p.sscale.data() + g * npad);
   // Epilogue: y = acc + row_offset * sum_b - sum_g scale * zero * xsum_g + bias.
   const int64_t n0 = nb0 * kRowBlock, n1 = std::min(p.n, nb1 * kRowBlock);
   for (int64_t r = 0; r < r1 - r0; ++r) {
-    const float* tail = tables + r * tl.row + tl.lutb + tl.luts;
+    const float* row_tables = tables + r * tl.row;
     float* ab = acc.data() + r * width;
-    const float sum_b = tail[0];
+    const float sum_b = row_tables[tl.sum_b()];
     const float* ro = p.ro.data() + n0;
     for (int64_t j = 0; j < width; ++j) ab[j] += ro[j] * sum_b;
     if (p.has_zero) {
       for (int64_t g = 0; g < p.groups; ++g) {
-        const float xs = tail[1 + g];
+        const float xs = row_tables[tl.xsum(g)];
         const float* sz = p.szero.data() + g * npad + n0;
         for (int64_t j = 0; j < width; ++j) ab[j] -= sz[j] * xs;
       }
@@ -640,7 +652,7 @@ template <typename T>
 Status RunLut(const Args& a, const PackedWeights& p, const CpuKernels& kern,
               const ParallelFor& par) {
   const int64_t m = a.m, k = a.k;
-  const TableLayout tl(p);
+  const TableLayout tl(p, kern);
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   // Large M: one task per kTileRows rows of X. It builds their tables (~100 KB a row at
