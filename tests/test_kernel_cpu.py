@@ -133,6 +133,16 @@ def test_matches_reference(lib, isa, m, k, n, frac, g, r2, bias, dtype):
     _assert_close(y, _reference(w, x), FP32_RTOL if dtype == np.float32 else FP16_RTOL)
 
 
+@pytest.mark.parametrize("k,frac", [(132_000, 0.0), (33_000, 1.0)], ids=["binary", "salient"])
+def test_long_rows(lib, isa, k, frac):
+    """Rows of more than 4096 packed dwords: the AVX-512 lookup sums them in int32 a part at a
+    time (kSumDw), so that no sum can overflow."""
+    w = _weights(16, k, frac, 0, False, False, seed=13)
+    x = np.random.default_rng(14).standard_normal((1, k)).astype(np.float32)
+    sess = ort_session(bml_model(w, ["M", k]), lib)
+    _assert_close(sess.run(None, {"X": x})[0], _reference(w, x), FP32_RTOL)
+
+
 @pytest.mark.parametrize("kind", ["binary", "salient"])
 def test_outlier_activations(lib, isa, kind):
     """LLM activations have channels far above the rest ("massive activations"). The AVX-512

@@ -101,15 +101,17 @@ inline void StoreDigits(uint8_t* dst, __m512 d) {
 // whichever way a rounding near one half goes, and v is rounded to an integer once (d0).
 inline void StoreTable(uint8_t* tables, int64_t g, __m512 v) {
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 b = _mm512_set1_ps(kBase), b2 = _mm512_set1_ps(float(kBase) * kBase);
-  const __m512 d2 = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.0f / (float(kBase) * kBase))), kNearest);
-  const __m512 r = _mm512_fnmadd_ps(d2, b2, v);  // exact
-  const __m512 d1 = _mm512_roundscale_ps(_mm512_mul_ps(r, _mm512_set1_ps(1.0f / kBase)), kNearest);
+  const float base2 = float(kBase) * kBase;
+  const __m512 d2 =
+      _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.0f / base2)), kNearest);
+  const __m512 r = _mm512_fnmadd_ps(d2, _mm512_set1_ps(base2), v);  // exact
+  const __m512 d1 =
+      _mm512_roundscale_ps(_mm512_mul_ps(r, _mm512_set1_ps(1.0f / kBase)), kNearest);
   const int64_t j = g % kNibbles;
   uint8_t* part = tables + kLutDwBytes * (g / kNibbles) + 192 * (j & 1) + 16 * (j >> 1);
   StoreDigits(part, d2);
   StoreDigits(part + 64, d1);
-  StoreDigits(part + 128, _mm512_fnmadd_ps(d1, b, r));
+  StoreDigits(part + 128, _mm512_fnmadd_ps(d1, _mm512_set1_ps(kBase), r));
 }
 
 // The largest lane (not _mm512_reduce_max_ps: GCC 12 warns on its own header's code there).
