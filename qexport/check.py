@@ -115,15 +115,60 @@ def layer_report(packed: dict[str, MixedLinearWeights],
     return rows
 
 
-def decode_with_past(session, ids: np.ndarray, prefill: int, in_place: bool = True
-                     ) -> np.ndarray:
+def _median_ms(fn: Callable[[], object], budget_s: float, min_runs: int = 3) -> float:
+    """Median wall time of fn() in ms over at least `min_runs` runs and about `budget_s`
+    seconds, after one untimed run (which may pack weights or warm caches)."""
+    import statistics
+    import time
+
+    fn()
+    times, end = [], time.perf_counter() + budget_s
+    while len(times) < min_runs or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def speed(session, fp_module: torch.nn.Module, prompt: torch.Tensor, past_session=None,
+          budget_s: float = 0.3) -> dict:
+    """Latency on this machine, ms: the export through ONNX Runtime (qexport ops) against the
+    fp32 PyTorch model (eager, torch's thread setting), for a one-token forward and for
+    `prompt` [1, T]; with a KV-cache export also one token decoded after the prompt, the
+    cache updated in place. Medians over ~`budget_s` s each; a quick figure for the report,
+    not a benchmark (benchmarks/bench_model.py compares against fp32 ONNX Runtime)."""
+    one = prompt[:, :1]
+    name = session.get_inputs()[0].name
+    rows = {}
+    with torch.no_grad():
+        for label, ids in (("one_token", one), ("prompt", prompt)):
+            rows[label] = {
+                "ort_ms": _median_ms(lambda: session.run(None, {name: ids.numpy()}), budget_s),
+                "torch_fp32_ms": _median_ms(lambda: fp_module(ids), budget_s)}
+    out = {"threads": torch.get_num_threads(), "prompt_tokens": int(prompt.shape[1]), **rows}
+    if past_session is not None and prompt.shape[1] > 1:
+        t = int(prompt.shape[1])
+        prefill = max(1, t - 16)
+        decode_with_past(past_session, prompt[:, :2].numpy(), 1)  # packs the weights
+        steps: list[float] = []
+        decode_with_past(past_session, prompt.numpy(), prefill, step_ms=steps)
+        out["decoded_token"] = {"ort_ms": float(np.median(steps)), "cached_tokens": prefill,
+                                "tokens": len(steps)}
+    return out
+
+
+def decode_with_past(session, ids: np.ndarray, prefill: int, in_place: bool = True,
+                     step_ms: list | None = None) -> np.ndarray:
     """Logits [B, T - prefill + 1, V] of positions prefill-1 .. T-1 of `ids` [B, T] through a
     KV-cache export (api.export_with_past, which returns the last token's logits): the first
     `prefill` tokens in one call with an empty cache, then one token per call, as a
     generation loop does. `in_place`: one cache buffer of T positions per past input, bound
     as both that input and its present output (IOBinding), which ONNX Runtime updates in
     place; else each call's presents are fed back as the next call's pasts (ONNX Runtime
-    copies the whole cache every call)."""
+    copies the whole cache every call). `step_ms` (in place only): gets the wall time of each
+    one-token call, in ms."""
+    import time
+
     import onnxruntime as ort
 
     b, t = ids.shape
@@ -148,7 +193,10 @@ def decode_with_past(session, ids: np.ndarray, prefill: int, in_place: bool = Tr
     for stop in steps:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:stop]))
         binding.bind_cpu_input("attention_mask", np.ones((b, stop), np.int64))
+        t0 = time.perf_counter()
         session.run_with_iobinding(binding)
+        if step_ms is not None and start:
+            step_ms.append(1e3 * (time.perf_counter() - t0))
         out.append(binding.get_outputs()[0].numpy().copy())  # a view of a reused buffer
         start = stop
     return np.concatenate(out, axis=1)

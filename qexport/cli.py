@@ -363,6 +363,11 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
                                     providers=["CPUExecutionProvider"])
     layers = check.layer_report(qm.packed, qm.fp_weights, layer_inputs, layer_session)
     timings["check"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    say("timing: ONNX Runtime vs PyTorch fp32")
+    speed = check.speed(session, lm.module, parity_ids[:1].contiguous(),
+                        past_session if args.kv_cache else None)
+    timings["speed"] = time.perf_counter() - t0
 
     ppl = None
     if eval_ids is not None:
@@ -387,7 +392,7 @@ def _run_into(args, scheme, tmp: Path, out: Path, say) -> int:
         "size": {"onnx_bytes": onnx_bytes, "fp32_bytes": 4 * n_params, "fp16_bytes": 2 * n_params},
         "parity": {"ok": parity_ok, "min_cosine": check.PARITY_MIN_COSINE,
                    "min_top1": check.PARITY_MIN_TOP1},
-        "end_to_end": e2e, "layers": layers, "perplexity": ppl,
+        "end_to_end": e2e, "speed": speed, "layers": layers, "perplexity": ppl,
         "perplexity_skipped": ppl_skipped, "timings": timings, "notes": qm.notes,
     }
     report.write(rep, tmp)

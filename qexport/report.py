@@ -80,6 +80,23 @@ def markdown(r: dict) -> str:
             lines.append(f"| {label} | {_f(m['cosine'], 6)} | {_f(m.get('top1_agreement'))} | "
                          f"{m['rel_error']:.2e} | {m['max_abs_diff']:.2e} |")
     lines += [f"", f"Inputs: {e2e['inputs']}", ""]
+    sp = r.get("speed")
+    if sp:
+        lines += ["## Speed (this machine)", "",
+                  "| forward | ONNX Runtime + qexport ops | PyTorch fp32 (eager) | PyTorch ÷ ORT |",
+                  "|---|---|---|---|"]
+        for key, label in (("one_token", "1 token"),
+                           ("prompt", f"{sp['prompt_tokens']}-token prompt")):
+            row = sp[key]
+            lines.append(f"| {label} | {row['ort_ms']:.2f} ms | {row['torch_fp32_ms']:.2f} ms | "
+                         f"{row['torch_fp32_ms'] / row['ort_ms']:.2f}x |")
+        if "decoded_token" in sp:
+            d = sp["decoded_token"]
+            lines.append(f"| 1 token decoded after {d['cached_tokens']} cached (KV-cache "
+                         f"decoder, cache in place) | {d['ort_ms']:.2f} ms | | |")
+        lines += ["", f"Medians with {sp['threads']} thread(s). A quick figure, not a "
+                  "benchmark: `benchmarks/bench_model.py` compares with an fp32 ONNX model in "
+                  "ONNX Runtime.", ""]
     ppl = r.get("perplexity")
     if ppl:
         lines += ["## Perplexity (held-out text)", "",

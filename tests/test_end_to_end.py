@@ -39,6 +39,10 @@ def _check_folder(out, scheme, stacked=False):
     # PTQ1.61 learned an r2 per Linear (the default; --share-r2 shares it)
     assert any(n.name.endswith("q_proj+k_proj+v_proj") for n in q_nodes) == stacked
     assert all(r["parity"]["ok"] for r in report["layers"])
+    speed = report["speed"]  # latencies: present and positive (their values are the machine's)
+    assert all(speed[k]["ort_ms"] > 0 and speed[k]["torch_fp32_ms"] > 0
+               for k in ("one_token", "prompt"))
+    assert "## Speed (this machine)" in (out / "report.md").read_text()
     return report
 
 
@@ -183,6 +187,9 @@ def test_kv_cache_export(tmp_path):
     report = _check_folder(out, "w1.61a16", stacked=True)
     kv = report["end_to_end"]["kv_cache"]
     assert check_parity(kv["parity"]) and "model_with_past.onnx" in report["files"]
+    decoded = report["speed"]["decoded_token"]
+    assert decoded["ort_ms"] > 0 and decoded["tokens"] == 16
+    assert decoded["cached_tokens"] + 16 == report["speed"]["prompt_tokens"]
     names = [i.name for i in onnx.load(out / "model_with_past.onnx").graph.input]
     assert names == ["input_ids", "attention_mask"] + [
         f"past.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
