@@ -1,6 +1,6 @@
 // qexport::BinaryMixedLinear CPU kernel: lookup tables over the packed weights, or for
-// large M dequantized panels + GEMM; fp32 accumulation (docs/kernels.md has the design and
-// the measurements).
+// large M dequantized panels + GEMM; fp32 accumulation, or exact integer sums over the
+// AVX-512 path's integer tables (docs/kernels.md has the design and the measurements).
 //
 // Weights, packed once from layout 1 (PackWeights; the ORT glue caches them for constant
 // initializers):
@@ -19,7 +19,8 @@
 //   sum_c sign[n, c] x_b[c] is one table lookup and one add per 4 weights;
 // - salient: a 16-entry table per salient column holds q * x[j] for q = 0..15, so a 4-bit
 //   code is one lookup; per group, y += scale * sum_j q x[j] - scale * zero * sum_j x[j].
-// The per-ISA loops (bml_cpu_kernels_*.cpp) do 16 lookups per instruction (vpermps).
+// The per-ISA loops (bml_cpu_kernels_*.cpp) do 16 lookups per instruction (vpermps), or on
+// AVX-512 64 (vpermb over integer tables held as byte digits).
 // Dequantize + GEMM (RunGemm): per panel of output rows, W^T dequantized to fp32 in a
 // per-thread buffer (the packed form stays the only copy of the weights), then a
 // register-blocked FMA micro-kernel over the rows of X. It wins for large M where N is
