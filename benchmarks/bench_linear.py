@@ -19,9 +19,10 @@ Where the weights are (--weights):
   one run is one pass over them and the time per layer is the run's over the copies. Every
   layer then reads its weights from DRAM, and ONNX Runtime's pool threads stay awake
   between layers, as when a model too large for the cache decodes.
-- evict: one copy, a 64 MiB read evicts it before every run. The pool threads fall asleep
-  during that read, and a 2-thread run pays for waking one (4096x4096, M = 1: ~0.05 ms,
-  half of our op's time; docs/performance.md).
+- evict: one copy, a 64 MiB read evicts it before every run, which starts every run cold in
+  every respect: pool threads asleep after that read, the op's code, scratch and X evicted
+  too (4096x4096, M = 1, ours at 2 threads: 0.082-0.111 ms against 0.060-0.092 with layers;
+  docs/performance.md).
 - cached: one copy, nothing evicted.
 
     python benchmarks/bench_linear.py                      # everything (several minutes)
@@ -324,11 +325,12 @@ def main(argv=None):
         builders = {"ours": lambda i: _model_ours(n, k, seed=i),
                     "fp32": lambda i: _model_fp32(n, k, rng),
                     "nbits": lambda i: _model_nbits(n, k, rng)}
-        models, copies = {}, {}
+        models, copies, singles = {}, {}, {}
         for name, build in builders.items():
-            one = build(0)
-            copies[name] = copies_for(one[1], args.weights)
-            models[name] = one if copies[name] == 1 else _layers(build, copies[name])
+            singles[name] = build(0)
+            copies[name] = copies_for(singles[name][1], args.weights)
+            models[name] = (singles[name] if copies[name] == 1
+                            else _layers(build, copies[name]))
         if args.check:
             import torch
 
@@ -337,7 +339,7 @@ def main(argv=None):
 
             w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=0)
             x = rng.standard_normal((3, k), dtype=np.float32)
-            y = _session(models["ours"][0], 1, True).run(None, {"X": x})[0]  # layer 0
+            (y,) = _session(singles["ours"][0], 1, True).run(None, {"X": x})
             ref = binary_mixed_linear_reference(torch.from_numpy(x), *w.tensors(),
                                                 **w.attributes()).numpy()
             err = np.abs(y - ref).max() / np.abs(ref).max()

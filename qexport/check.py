@@ -149,7 +149,7 @@ def speed(session, fp_module: torch.nn.Module, prompt: torch.Tensor, past_sessio
     if past_session is not None and prompt.shape[1] > 1:
         t = int(prompt.shape[1])
         prefill = max(1, t - 16)
-        decode_with_past(past_session, prompt[:, :2].numpy(), 1)  # packs the weights
+        decode_with_past(past_session, prompt[:, :2].numpy(), 1)  # untimed warm-up
         steps: list[float] = []
         decode_with_past(past_session, prompt.numpy(), prefill, step_ms=steps)
         out["decoded_token"] = {"ort_ms": float(np.median(steps)), "cached_tokens": prefill,
