@@ -42,7 +42,7 @@ def main() -> int:
     import gpu_helpers
     from test_gpu_kernels import run_cuda
 
-    from qexport.ops import binary_mixed_linear_reference
+    from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
     from qexport.testing import random_mixed_linear
 
     if args.lib:

@@ -51,12 +51,13 @@ def _model_ours(n, k, seed=0):
     from onnx import TensorProto, helper, numpy_helper
 
     from qexport import contract as C
+    from qexport.ops.binary_mixed_linear import contract as B
     from qexport import ops
     from qexport.testing import random_mixed_linear
 
     ops.register_onnx_schema()
     w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=seed)
-    names = list(C.INPUT_NAMES)
+    names = list(B.INPUT_NAMES)
     inits, node_inputs, nbytes = [], ["X"], 0
     for i, t in enumerate(w.tensors(), start=1):
         if t is None:
@@ -68,7 +69,7 @@ def _model_ours(n, k, seed=0):
         node_inputs.append(names[i])
     while node_inputs[-1] == "":
         node_inputs.pop()
-    node = helper.make_node(C.OP_BINARY_MIXED_LINEAR, node_inputs, ["Y"], domain=C.DOMAIN,
+    node = helper.make_node(B.OP_NAME, node_inputs, ["Y"], domain=C.DOMAIN,
                             **w.attributes())
     graph = helper.make_graph([node], "ours",
                               [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
@@ -334,7 +335,7 @@ def main(argv=None):
         if args.check:
             import torch
 
-            from qexport.ops import binary_mixed_linear_reference
+            from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
             from qexport.testing import random_mixed_linear
 
             w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=0)

@@ -1,17 +1,49 @@
 """Graph passes over torch.fx GraphModules (from torch.export(...).module()).
 
-A pass is ``fn(gm, ...) -> PassResult``; ``PassManager`` runs passes in order and checks the
-graph after each one.
+A pass is ``fn(gm) -> PassResult``; ``PassManager`` runs passes in order and checks the graph
+after each one; ``build_passes`` is the one list of passes, built from a config. Passes import
+nothing from qexport but the op registry (qexport.ops), the contract and the graph helpers
+(qexport.graph): what they need from elsewhere (a quantizer, OS+'s choice of shift and
+scale) is handed in.
 """
-from .manager import PassManager, PassResult
-from .fold_outlier_shift_scale import (OutlierStats, choose_shift_scale, fold_outlier_shift_scale,
-                                       search_shift_scale)
-from .replace_linear import replace_linear
-from .fuse_shared_input import fuse_shared_input, layers_of
-from .embeddings_fp16 import embeddings_fp16
-from .graph import linear_nodes, layer_name, norm_fed
+from __future__ import annotations
 
-__all__ = ["PassManager", "PassResult", "OutlierStats", "fold_outlier_shift_scale",
-           "choose_shift_scale", "search_shift_scale", "replace_linear", "fuse_shared_input",
-           "layers_of", "embeddings_fp16", "linear_nodes", "layer_name",
-           "norm_fed"]
+import functools
+from typing import Callable
+
+from .embeddings_fp16 import embeddings_fp16
+from .fold_outlier_shift_scale import Choose, fold_outlier_shift_scale
+from .fuse_shared_input import fuse_shared_input
+from .manager import PassManager, PassResult
+from .replace_linear import Quantizer, replace_linear
+
+Pass = Callable[..., PassResult]
+
+
+def _bind(fn: Pass, **kwargs) -> Pass:
+    """fn with its arguments after gm bound, keeping fn's name (PassManager reports it)."""
+    return functools.update_wrapper(functools.partial(fn, **kwargs), fn)
+
+
+def build_passes(config, quantizer: Quantizer, *, choose: Choose | None = None,
+                 stats: dict | None = None, folded: dict | None = None,
+                 packed_out: dict | None = None, stack: bool = True) -> list[Pass]:
+    """The passes that turn a traced fp graph into the quantized one, in order:
+    1. fold_outlier_shift_scale (with `choose`, from `stats`; records `folded`),
+    2. replace_linear (`quantizer`; fills `packed_out`),
+    3. fuse_shared_input (`stack`),
+    4. embeddings_fp16 (config.embeddings_fp16).
+    `config` is a qexport QuantizeConfig (only its fields are read)."""
+    out: list[Pass] = []
+    if choose is not None:
+        out.append(_bind(fold_outlier_shift_scale, stats=stats, choose=choose, folded=folded))
+    out.append(_bind(replace_linear, quantizer=quantizer, packed_out=packed_out))
+    if stack:
+        out.append(fuse_shared_input)
+    if config.embeddings_fp16:
+        out.append(embeddings_fp16)
+    return out
+
+
+__all__ = ["PassManager", "PassResult", "build_passes", "fold_outlier_shift_scale",
+           "replace_linear", "fuse_shared_input", "embeddings_fp16"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from . import graph as G
+from qexport import graph as G
 from .manager import PassResult
 
 _EMBEDDING = torch.ops.aten.embedding.default

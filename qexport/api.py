@@ -1,9 +1,15 @@
-"""The public API: `quantize` a module into a rewritten graph, then `export` it."""
+"""The public API: `quantize` a module into a rewritten graph, then `export` it.
+
+    qm = quantize(module, example_inputs, calib_batches, QuantizeConfig())
+    export(qm, "out/model.onnx")
+
+`qexport.pipeline.run` is the whole out/-folder job of the CLI on top of these, with the same
+defaults (qexport/config.py).
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -11,64 +17,20 @@ from typing import Callable, Iterable
 import torch
 
 import passes
-from passes import OutlierStats
 
+from . import families
 from .calibrate import collect_linear_input_stats
+from .config import LearnConfig, QuantizeConfig
 from .contract import META_OS_FOLDED
-from .onnx_export import export_onnx, metadata, trace
-from .packing import MixedLinearWeights
-from .quantizers import quantize_mixed, select_salient
 from .errors import QexportError
 from .gptq import linear_input_hessians, refine_codes
-from .ptq161 import LearnConfig, find_blocks, learn_mixed_weights
-from .schemes import Scheme
+from .onnx_export import export_onnx, metadata, trace
+from .outlier import choose_shift_scale, search_shift_scale
+from .ptq161 import learn_mixed_weights
+from .quantizers import quantize_mixed, select_salient
 
-METHODS = ("closed-form", "ptq161")
-
-# Linears kept in floating point by default: the output head and embeddings-like projections.
-DEFAULT_SKIP = r"(^|\.)(lm_head|embed_out|output|classifier|score|embed_tokens)$"
-
-
-@dataclasses.dataclass
-class QuantizeConfig:
-    scheme: Scheme
-    outlier_suppression: bool = False
-    os_quantile: float | None = None  # None: search t (OS+); else t = this half-range quantile
-    os_grid: int = 20  # candidates of t in the search
-    os_sample_tokens: int = 512  # calibration tokens kept per norm output for the search
-    skip: str = DEFAULT_SKIP
-    head_scheme: Scheme | None = None  # quantize the skipped Linears (output head) with this
-    # An all-4-bit head_scheme (w4a16) gets GPTQ codes on its RTN grid (qexport/gptq.py), from
-    # the head input's Hessian over the calibration batches (one more forward pass)
-    head_gptq: bool = True
-    embeddings_fp16: bool = False
-    # Llama attention blocks as one com.microsoft GroupQueryAttention node each
-    # (qexport/attention.py); TensorRT cannot parse it
-    fused_attention: bool = True
-    method: str = "closed-form"  # or "ptq161": learned block-wise scales (qexport/ptq161.py)
-    learn: "LearnConfig | None" = None  # PTQ1.61 settings (None: the default preset)
-    # Quantization preprocessing (PTQ1.61's restorative LoRA is one): preprocess(module,
-    # calib_batches) -> the module to quantize, run before tracing; see docs/design.md
-    preprocess: Callable[[torch.nn.Module, list[tuple]], torch.nn.Module] | None = None
-
-    def is_head(self, layer_name: str) -> bool:
-        """Whether a Linear is one the --skip pattern keeps out of the main scheme."""
-        return bool(self.skip) and re.search(self.skip, layer_name) is not None
-
-    def as_dict(self) -> dict:
-        return {"scheme": self.scheme.label, "salient_ratio": self.scheme.salient_ratio,
-                "salient_group_size": self.scheme.salient_group_size,
-                "outlier_suppression": self.outlier_suppression,
-                "os_quantile": self.os_quantile,
-                "os_grid": self.os_grid if self.os_quantile is None else None,
-                "skip": self.skip,
-                "head_scheme": self.head_scheme.label if self.head_scheme else None,
-                "head_gptq": self.head_gptq if self.head_scheme else None,
-                "embeddings_fp16": self.embeddings_fp16, "method": self.method,
-                "fused_attention": self.fused_attention,
-                "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None,
-                "preprocess": getattr(self.preprocess, "__name__", repr(self.preprocess))
-                if self.preprocess else None}
+__all__ = ["QuantizeConfig", "LearnConfig", "QuantizedModel", "quantize", "export",
+           "export_with_past", "rebuild", "past_names"]
 
 
 @dataclasses.dataclass
@@ -76,20 +38,30 @@ class QuantizedModel:
     graph_module: torch.fx.GraphModule  # the rewritten graph (qexport ops, packed buffers)
     example_inputs: tuple
     config: QuantizeConfig
-    packed: dict[str, MixedLinearWeights]
+    packed: dict  # layer name -> packed weights (qexport.ops classes)
     fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # after OS+, before quant
-    stats: dict[str, OutlierStats]
+    stats: dict  # layer name -> qexport.outlier.OutlierStats of its input
     timings: dict[str, float]
     notes: dict[str, list[str]]
     # OS+: original name -> graph attribute (= ONNX initializer) of the folded tensors that
     # are not inside packed weights (norm γ/β, fp Linears); `qexport eval` reapplies them
     folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    family: str = families.GENERIC.name
+
+
+def fused_attention(config: QuantizeConfig) -> bool:
+    """Whether attention is swapped for single ops while tracing (None: on)."""
+    return config.fused_attention is not False
 
 
 def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iterable[tuple],
-             config: QuantizeConfig,
+             config: QuantizeConfig | None = None,
              progress: Callable[[str], None] | None = None) -> QuantizedModel:
-    """Trace `module`, calibrate, fold OS+ (optional) and replace Linears by qexport ops."""
+    """Trace `module`, calibrate, then run the passes (passes.build_passes): OS+ fold
+    (optional), Linears replaced by qexport ops (PTQ1.61-learned or closed form), stacking,
+    fp16 embeddings."""
+    config = config or QuantizeConfig()
+    config.validate()
     say = progress or (lambda msg: None)
     timings: dict[str, float] = {}
     batches = list(calib_batches)
@@ -98,9 +70,11 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         say(f"preprocessing: {getattr(config.preprocess, '__name__', 'preprocess')}")
         module = config.preprocess(module, batches)
         timings["preprocess"] = time.perf_counter() - t0
+    family = families.detect(module)
     t0 = time.perf_counter()
-    say("tracing with torch.export")
-    gm = trace(module, example_inputs, fused_attention=config.fused_attention)
+    say(f"tracing with torch.export ({family.name} family)")
+    gm = trace(module, example_inputs,
+               swap=family.swap_attention if fused_attention(config) else None)
     timings["trace"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -113,82 +87,126 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
 
     check = _runs_check(example_inputs)
     check("trace", gm)
-    notes: dict[str, list[str]] = {}
-
-    def run_passes(pipeline):
-        manager = passes.PassManager(pipeline, check=check)
-        say("rewriting the graph: " + ", ".join(p.__name__ for p in pipeline))
-        result = manager(gm).graph_module
-        timings.update({f"pass:{k}": v for k, v in manager.timings.items()})
-        notes.update(manager.notes)
-        return result
-
-    # 1. OS+ on the graph; `folded` lets the eager model used for learning follow it
-    folded: dict[str, str] = {}  # original tensor name -> its attribute in gm
-    if config.outlier_suppression:
-        choose = _os_search(config) if searching else (
-            lambda st, shift, weights: passes.choose_shift_scale(st, shift,
-                                                                 quantile=config.os_quantile))
-
-        def fold_outlier_shift_scale(g):
-            return passes.fold_outlier_shift_scale(g, stats, choose=choose, folded=folded)
-        gm = run_passes([fold_outlier_shift_scale])
-        for st in stats.values():
-            st.sample = None  # only the search needed them
-
-    # 2. PTQ1.61 learning on the eager module (with the folded tensors)
-    notes_learn: list[str] = []
-    with folded_into(module, {k: getattr(gm, a) for k, a in folded.items()}):
-        learned = _learn(module, batches, stats, config, say, timings, notes_learn)
-        head_hessians = _head_hessians(module, batches, stats, config, say, timings)
-    if notes_learn:
-        notes["learn_scales"] = notes_learn
-
-    # 3. Linears -> qexport ops
-    fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    scheme = config.scheme
-
-    def quantizer(name, weight, bias):
-        chosen = config.head_scheme if config.is_head(name) else scheme
-        if chosen is None or name not in stats:
-            return None
-        fp_weights[name] = (weight.detach().float().clone(),
-                            None if bias is None else bias.detach().float().clone())
-        if name in learned:
-            return learned[name]
-        salient = select_salient(stats[name].rms, chosen.salient_ratio)
-        packed = quantize_mixed(weight, bias, salient, chosen.salient_group_size)
-        if name in head_hessians:
-            packed = refine_codes(packed, weight, head_hessians[name])
-        return packed
-
-    packed: dict[str, MixedLinearWeights] = {}
-
-    def replace_linear(g):
-        return passes.replace_linear(g, quantizer, packed)
-    gm = run_passes([replace_linear, passes.fuse_shared_input]
-                    + ([passes.embeddings_fp16] if config.embeddings_fp16 else []))
+    quantizer = _Quantizer(module, batches, stats, config, say, timings)
+    packed: dict = {}
+    choose = _os_choose(config) if config.outlier_suppression else None
+    manager = passes.PassManager(passes.build_passes(
+        config, quantizer, choose=choose, stats=stats, folded=quantizer.folded,
+        packed_out=packed), check=check)
+    say("rewriting the graph: " + ", ".join(p.__name__ for p in manager.passes))
+    gm = manager(gm).graph_module
+    timings.update({f"pass:{k}": v for k, v in manager.timings.items()})
+    notes = dict(manager.notes)
+    if quantizer.notes:
+        notes["learn_scales"] = quantizer.notes
     if not packed:
         raise QexportError("the model has no Linear layers to quantize "
                            f"(none outside the skip pattern {config.skip!r})")
     kept = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    return QuantizedModel(gm, example_inputs, config, packed, fp_weights, stats, timings, notes,
-                          {k: a for k, a in folded.items() if a in kept})
+    return QuantizedModel(gm, example_inputs, config, packed, quantizer.fp_weights, stats,
+                          timings, notes,
+                          {k: a for k, a in quantizer.folded.items() if a in kept}, family.name)
 
 
-def _os_search(config: QuantizeConfig):
-    """OS+ `choose` that grid-searches t on the closed-form quantization error of the Linears
-    each norm feeds (their scheme, salient channels re-selected on the scaled activation)."""
+class _Quantizer:
+    """The quantizer handed to passes.replace_linear. `prepare(gm)` (after the OS+ fold, whose
+    pass fills `folded`) learns the PTQ1.61 scales and the head's Hessian on the eager module
+    with the folded tensors in place; each call then packs one Linear with its scheme."""
+
+    def __init__(self, module, batches, stats, config: QuantizeConfig, say, timings):
+        self.module, self.batches, self.stats = module, batches, stats
+        self.config, self.say, self.timings = config, say, timings
+        self.folded: dict[str, str] = {}  # original tensor name -> its attribute in gm
+        self.fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.learned: dict = {}
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.notes: list[str] = []
+
+    def prepare(self, gm: torch.fx.GraphModule) -> None:
+        for st in self.stats.values():
+            st.sample = None  # only the OS+ search needed them
+        with folded_into(self.module, {k: getattr(gm, a) for k, a in self.folded.items()}):
+            self.learned = self._learn()
+            self.hessians = self._head_hessians()
+
+    def __call__(self, name, weight, bias):
+        chosen = self.config.scheme_for(name)
+        if chosen is None or name not in self.stats:
+            return None
+        self.fp_weights[name] = (weight.detach().float().clone(),
+                                 None if bias is None else bias.detach().float().clone())
+        if name in self.learned:
+            return self.learned[name]
+        salient = select_salient(self.stats[name].rms, chosen.salient_ratio)
+        packed = quantize_mixed(weight, bias, salient, chosen.salient_group_size)
+        if name in self.hessians:
+            packed = refine_codes(packed, weight, self.hessians[name])
+        return packed
+
+    def _learn(self) -> dict:
+        """PTQ1.61 learned scales for the Linears of the main scheme (empty for closed form,
+        and for models whose transformer blocks can't be found, e.g. a flat .pt2 graph:
+        noted). Salient channels come from `stats`, i.e. after OS+ when it was folded."""
+        config = self.config
+        if config.method != "ptq161" or config.scheme.salient_ratio >= 1.0:
+            return {}  # nothing binary to learn scales for
+        try:
+            blocks = families.find_blocks(self.module)
+        except QexportError as e:
+            msg = f"PTQ1.61 learning skipped, closed-form scales used: {e}"
+            self.say(msg)
+            self.notes.append(msg)
+            return {}
+        t0 = time.perf_counter()
+        salient = {name: select_salient(st.rms, config.scheme.salient_ratio)
+                   for name, st in self.stats.items() if not config.is_head(name)}
+        calib_ids = torch.cat([b[0] for b in self.batches])
+        learned = learn_mixed_weights(self.module, calib_ids, salient,
+                                      config.scheme.salient_group_size,
+                                      config.learn or LearnConfig.preset("default"),
+                                      progress=self.say, include=lambda name: name in salient,
+                                      blocks=blocks)
+        self.timings["learn_scales"] = time.perf_counter() - t0
+        return learned
+
+    def _head_hessians(self) -> dict[str, torch.Tensor]:
+        """H of the input of each skipped Linear that head_scheme quantizes all-4-bit (the
+        head), for its GPTQ codes; {} when there is none, or no such nn.Linear in the module
+        (a flat .pt2 graph: the head keeps round-to-nearest codes)."""
+        config = self.config
+        if not config.head_gptq or config.head_scheme is None or \
+                config.head_scheme.salient_ratio < 1.0:
+            return {}
+        heads = {name for name in self.stats if config.is_head(name)}
+        if not heads:
+            return {}
+        t0 = time.perf_counter()
+        self.say(f"GPTQ codes for the 4-bit head: its input Hessian over {len(self.batches)} "
+                 "batches")
+        hessians = linear_input_hessians(self.module, torch.cat([b[0] for b in self.batches]),
+                                         include=heads.__contains__)
+        self.timings["head_hessian"] = time.perf_counter() - t0
+        return hessians
+
+
+def _os_choose(config: QuantizeConfig):
+    """OS+ `choose` for the fold pass: the fixed quantile, or the grid search of t on the
+    closed-form quantization error of the Linears each norm feeds (their scheme, salient
+    channels re-selected on the scaled activation)."""
+    if config.os_quantile is not None:
+        return lambda st, shift, weights: choose_shift_scale(st, shift,
+                                                             quantile=config.os_quantile)
+
     def error(name, weight, moved) -> float:
-        chosen = config.head_scheme if config.is_head(name) else config.scheme
+        chosen = config.scheme_for(name)
         if chosen is None:
             return 0.0  # stays fp: scaling it is exact
         salient = select_salient(moved.rms, chosen.salient_ratio)
         dq = quantize_mixed(weight, None, salient, chosen.salient_group_size).dequantize()
         return float((moved.sample @ (dq - weight).T).square().sum())
 
-    return lambda st, shift, weights: passes.search_shift_scale(st, shift, weights, error,
-                                                                grid=config.os_grid)
+    return lambda st, shift, weights: search_shift_scale(st, shift, weights, error,
+                                                         grid=config.os_grid)
 
 
 class folded_into:
@@ -225,51 +243,6 @@ class folded_into:
         return False
 
 
-def _learn(module, batches, stats, config: QuantizeConfig, say, timings, notes) -> dict:
-    """PTQ1.61 learned scales for the Linears of the main scheme (empty for closed form, and
-    for models whose transformer blocks can't be found, e.g. a flat .pt2 graph: noted).
-    Salient channels come from `stats`, i.e. after OS+ when it was folded."""
-    if config.method not in METHODS:
-        raise QexportError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
-    if config.method != "ptq161" or config.scheme.salient_ratio >= 1.0:
-        return {}  # nothing binary to learn scales for
-    try:
-        find_blocks(module)
-    except QexportError as e:
-        msg = f"PTQ1.61 learning skipped, closed-form scales used: {e}"
-        say(msg)
-        notes.append(msg)
-        return {}
-    t0 = time.perf_counter()
-    salient = {name: select_salient(st.rms, config.scheme.salient_ratio)
-               for name, st in stats.items() if not config.is_head(name)}
-    calib_ids = torch.cat([b[0] for b in batches])
-    learned = learn_mixed_weights(module, calib_ids, salient, config.scheme.salient_group_size,
-                                  config.learn or LearnConfig.preset("default"), progress=say,
-                                  include=lambda name: name in salient)
-    timings["learn_scales"] = time.perf_counter() - t0
-    return learned
-
-
-def _head_hessians(module, batches, stats, config: QuantizeConfig, say, timings
-                   ) -> dict[str, torch.Tensor]:
-    """H of the input of each skipped Linear that head_scheme quantizes all-4-bit (the head),
-    for its GPTQ codes; {} when there is none, or no such nn.Linear in `module` (a flat .pt2
-    graph: the head keeps round-to-nearest codes)."""
-    if not config.head_gptq or config.head_scheme is None or \
-            config.head_scheme.salient_ratio < 1.0:
-        return {}
-    heads = {name for name in stats if config.is_head(name)}
-    if not heads:
-        return {}
-    t0 = time.perf_counter()
-    say(f"GPTQ codes for the 4-bit head: its input Hessian over {len(batches)} batches")
-    hessians = linear_input_hessians(module, torch.cat([b[0] for b in batches]),
-                                     include=heads.__contains__)
-    timings["head_hessian"] = time.perf_counter() - t0
-    return hessians
-
-
 def _runs_check(example_inputs):
     """After each pass the graph must still run and keep its output shapes."""
     reference_shapes = {}
@@ -302,38 +275,41 @@ def export(qmodel: QuantizedModel, path: str | Path, extra_metadata: dict[str, s
     return files
 
 
+def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
+    """Why `export_with_past` cannot take `module`, or None (its family decides)."""
+    return families.detect(module).kv_cache_reason(module)
+
+
 def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, path: str | Path,
                      extra_metadata: dict[str, str] | None = None,
                      share_data_with: str | Path | None = None) -> list[Path]:
-    """Write the model as a decoder with a KV cache (`attention.WithPast`): inputs
-    `input_ids` [B, S], `attention_mask` [B, T] (per row, ones for its tokens so far) and
-    `past.{i}.key` / `past.{i}.value` [B, kv heads, P, head dim] per layer (P = T - S, 0 for
-    the prompt, or a buffer of P >= T positions updated in place), outputs `logits` [B, 1, V]
-    and `present.{i}.key` / `.value` [.., max(T, P), ..] (docs/format.md).
-    `module` is the Hugging Face causal LM wrapper (models.CausalLMLogits) `qmodel` was
-    quantized from; its graph is traced again with past inputs and gets the same packed
-    weights, passes and OS+-folded tensors (qmodel None: the floating-point model, for
+    """Write the model as a decoder with a KV cache (the family's `with_past` wrapper, e.g.
+    families.llama.WithPast): inputs `input_ids` [B, S], `attention_mask` [B, T] (per row,
+    ones for its tokens so far) and `past.{i}.key` / `past.{i}.value` [B, kv heads, P, head
+    dim] per layer (P = T - S, 0 for the prompt, or a buffer of P >= T positions updated in
+    place), outputs `logits` [B, 1, V] and `present.{i}.key` / `.value` [.., max(T, P), ..]
+    (docs/format.md). `module` is the Hugging Face causal LM wrapper (models.CausalLMLogits)
+    `qmodel` was quantized from; its graph is traced again with past inputs and gets the same
+    packed weights, passes and OS+-folded tensors (qmodel None: the floating-point model, for
     baselines). Weights whose bytes are already in `share_data_with`'s external data file
     (model.onnx) are referenced there, not copied. Returns the files written."""
-    from .attention import WithPast
-
-    reason = kv_cache_unsupported(module)
+    family = families.detect(module)
+    reason = family.kv_cache_reason(module)
     if reason:
         raise QexportError(f"no KV-cache export: {reason}")
-    wrapper = WithPast(module.model)
+    wrapper = family.with_past(module)
     cfg = module.model.config
     head_dim = wrapper.attention[0].head_dim
     past = [torch.zeros(2, cfg.num_key_value_heads, 4, head_dim)
             for _ in range(2 * len(wrapper.attention))]
     example = (torch.randint(0, 8, (2, 3)), torch.ones(2, 7, dtype=torch.int64), *past)
     if qmodel is None:
-        traced = trace(wrapper, example)
+        traced = trace(wrapper, example, swap=family.swap_attention)
         meta = {}
     else:
         gm = qmodel.graph_module
         traced = rebuild(module, wrapper, example, qmodel.packed,
-                         {k: getattr(gm, a) for k, a in qmodel.folded.items()},
-                         qmodel.config.embeddings_fp16)
+                         {k: getattr(gm, a) for k, a in qmodel.folded.items()}, qmodel.config)
         meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
     meta.update(extra_metadata or {})
     layers = range(len(wrapper.attention))
@@ -352,42 +328,25 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
 
 
 def rebuild(module: torch.nn.Module, traced: torch.nn.Module, example_inputs: tuple,
-            packed: dict[str, MixedLinearWeights], folded: dict[str, torch.Tensor],
-            embeddings_fp16: bool, stack: bool = True) -> torch.fx.GraphModule:
+            packed: dict, folded: dict[str, torch.Tensor], config: QuantizeConfig,
+            stack: bool = True) -> torch.fx.GraphModule:
     """The quantized graph again from packed weights, without quantizing: `traced` (`module`
-    itself, or a wrapper around it such as attention.WithPast) traced with `module`'s
-    OS+-folded tensors in place, then its Linears replaced by `packed` (keyed by layer name),
-    stacked where they share an input (`stack`) and the embedding tables in fp16 if asked.
-    Used by `qexport eval` (from a file's weights) and `export_with_past`."""
+    itself, or a wrapper around it such as a KV-cache decoder) traced with `module`'s
+    OS+-folded tensors in place, then the passes of `config` with `packed` (keyed by layer
+    name) as the quantizer, stacking where ops share an input (`stack`). Used by `qexport
+    eval` (from a file's weights) and `export_with_past`."""
+    family = families.detect(module)
     with folded_into(module, folded):  # the graph keeps the folded tensors
-        gm = trace(traced, example_inputs)
+        gm = trace(traced, example_inputs,
+                   swap=family.swap_attention if fused_attention(config) else None)
     used: dict = {}
-    gm = passes.replace_linear(gm, lambda name, w, b: packed.get(name), used).graph_module
+    manager = passes.PassManager(passes.build_passes(
+        config, lambda name, w, b: packed.get(name), packed_out=used, stack=stack))
+    gm = manager(gm).graph_module
     if len(used) != len(packed):
         raise QexportError(f"the model has {len(used)} of the {len(packed)} quantized layers: "
                            "is it the model they were made from?")
-    if stack:
-        gm = passes.fuse_shared_input(gm).graph_module
-    if embeddings_fp16:
-        gm = passes.embeddings_fp16(gm).graph_module
-    gm.recompile()
     return gm
-
-
-def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
-    """Why `export_with_past` cannot take `module`, or None."""
-    from .attention import WithPast
-
-    hf = getattr(module, "model", None)
-    cfg = getattr(hf, "config", None)
-    if hf is None or cfg is None or not all(hasattr(hf, a) for a in ("model", "lm_head")):
-        return "it needs a Hugging Face causal LM (a decoder stack `.model` and `.lm_head`)"
-    n = len(WithPast(hf).attention)
-    if n == 0 or n != getattr(cfg, "num_hidden_layers", -1):
-        return (f"{n} of its attention blocks are supported by the fused attention (Llama, "
-                "Mistral, Qwen2 without a sliding window, head size a multiple of 16); it "
-                "needs all of them")
-    return None
 
 
 def past_names(prefix: str, layers) -> list[str]:

@@ -7,14 +7,13 @@ from pathlib import Path
 import torch
 
 from . import contract as C
+from . import ops
 from .errors import QexportError
-from .packing import MixedLinearWeights
 
 
-def read_export(onnx_path: str | Path) -> tuple[dict[str, MixedLinearWeights], dict[str, str],
-                                               dict[str, torch.Tensor]]:
-    """(layer name -> packed weights, metadata_props, OS+-folded tensors: original tensor name
-    -> value, {} without OS+) of a qexport model.onnx."""
+def read_export(onnx_path: str | Path) -> tuple[dict, dict[str, str], dict[str, torch.Tensor]]:
+    """(layer name -> packed weights (of the op registry's classes), metadata_props, OS+-folded
+    tensors: original tensor name -> value, {} without OS+) of a qexport model.onnx."""
     import onnx
     from onnx import numpy_helper
 
@@ -34,16 +33,18 @@ def read_export(onnx_path: str | Path) -> tuple[dict[str, MixedLinearWeights], d
     inits = {t.name: t for t in model.graph.initializer}
     packed = {}
     for node in model.graph.node:
-        if node.domain != C.DOMAIN:
+        spec = ops.spec_of_onnx_node(node)
+        if spec is None:
             continue
         tensors = [torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
                    if name else None for name in node.input[1:]]
-        tensors += [None] * (C.NUM_INPUTS - 1 - len(tensors))
         attrs = {a.name: a.i for a in node.attribute}
-        w = MixedLinearWeights(attrs[C.ATTR_IN_FEATURES], attrs[C.ATTR_OUT_FEATURES],
-                               attrs[C.ATTR_SALIENT_GROUP_SIZE], *tensors,
-                               layout=attrs[C.ATTR_LAYOUT])
-        w.validate()
+        try:
+            w = spec.weights.from_inputs(tensors, attrs)
+            w.validate()
+        except (KeyError, ValueError, TypeError) as e:
+            raise QexportError(f"{path}: node {node.name} ({spec.name}) is damaged: "
+                               f"{type(e).__name__}: {e}") from e
         node_meta = {p.key: p.value for p in node.metadata_props}
         if C.META_NODE_LAYERS not in node_meta:
             packed[node.name] = w

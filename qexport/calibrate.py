@@ -6,7 +6,8 @@ from typing import Callable, Iterable
 import torch
 import torch.fx
 
-from passes import OutlierStats, layer_name, linear_nodes, norm_fed
+from .graph import layer_name, linear_nodes, norm_fed
+from .outlier import OutlierStats
 
 
 class _Recorder(torch.fx.Interpreter):

@@ -9,11 +9,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from passes import layers_of
-
-from . import contract as C
 from . import ops
-from .packing import MixedLinearWeights
+from .graph import layers_of
 
 # A backend agrees with the reference when both hold (issue contract; see docs/format.md).
 PARITY_MIN_COSINE = 0.999
@@ -49,7 +46,7 @@ class _OpInputs(torch.fx.Interpreter):
         self.max_rows, self.inputs = max_rows, {}
 
     def run_node(self, n):
-        if n.op == "call_function" and n.target == torch.ops.qexport.binary_mixed_linear.default:
+        if ops.spec_of_node(n) is not None:
             x = self.env[n.args[0]].detach()
             x = x.reshape(-1, x.shape[-1])
             for layer, _ in layers_of(n):  # a stacked op: each of its layers reads x
@@ -66,32 +63,7 @@ def op_inputs(gm: torch.fx.GraphModule, inputs: tuple, max_rows: int = 64
     return rec.inputs
 
 
-def single_op_model(w: MixedLinearWeights, dtype=np.float32):
-    """A one-node ONNX model computing `w` on X [rows, K] (used for per-layer parity)."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    ops.register_onnx_schema()
-    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    names, inits = ["X"], []
-    for name, t in zip(C.INPUT_NAMES[1:], w.tensors()):
-        if t is None:
-            names.append("")
-            continue
-        names.append(name)
-        inits.append(numpy_helper.from_array(t.numpy(), name))
-    node = helper.make_node(C.OP_BINARY_MIXED_LINEAR, names, ["Y"], domain=C.DOMAIN,
-                            **w.attributes())
-    graph = helper.make_graph(
-        [node], "layer", [helper.make_tensor_value_info("X", elem, ["rows", w.in_features])],
-        [helper.make_tensor_value_info("Y", elem, ["rows", w.out_features])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid(C.DOMAIN, C.OPSET_VERSION)])
-    model.ir_version = 10
-    return model
-
-
-def layer_report(packed: dict[str, MixedLinearWeights],
+def layer_report(packed: dict,
                  fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
                  inputs: dict[str, torch.Tensor],
                  make_session: Callable | None) -> list[dict]:
@@ -107,7 +79,7 @@ def layer_report(packed: dict[str, MixedLinearWeights],
             fp = torch.nn.functional.linear(x.float(), wf, bf)
             row["quant_error"] = compare(ref, fp)
             if make_session is not None:
-                sess = make_session(single_op_model(w).SerializeToString())
+                sess = make_session(ops.single_op_model(w).SerializeToString())
                 got = sess.run(None, {"X": x.float().numpy()})[0]
                 row["parity"] = compare(got, ref)
                 row["parity"]["ok"] = parity_ok(row["parity"])

@@ -78,3 +78,15 @@ def ort_logits_fn(session: Any) -> LogitsFn:
         arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
         return session.run(None, {name: arr})[0]
     return fn
+
+
+def perplexities(eval_ids: torch.Tensor, window: int, source: str,
+                 say: Callable[[str], None], **models) -> dict:
+    """Perplexity of each named model (a torch module or an ORT session) on the same tokens."""
+    window = min(window, eval_ids.numel())
+    out = {"text": source, "tokens": int(eval_ids.numel()), "window": window}
+    for key, m in models.items():
+        fn = ort_logits_fn(m) if hasattr(m, "get_inputs") else torch_logits_fn(m)
+        say(f"perplexity ({key}) on {eval_ids.numel()} tokens")
+        out[key] = perplexity(fn, eval_ids, window=window)
+    return out

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from . import contract as C
-from .packing import MixedLinearWeights, pack_nibbles
+from .ops.binary_mixed_linear import contract as C
+from .ops.binary_mixed_linear.packing import MixedLinearWeights, pack_nibbles
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 
 from . import contract as C
 from . import ops
+from .graph import layers_of
 
 # Above this many initializer bytes, weights go to an external data file `<model>.data`
 # (save_external_aligned): ONNX Runtime then maps that file instead of copying the weights out
@@ -58,16 +59,16 @@ def _quiet():
 
 
 def trace(module: torch.nn.Module, example_inputs: tuple,
-          fused_attention: bool = True) -> torch.fx.GraphModule:
+          swap=None) -> torch.fx.GraphModule:
     """torch.export the module and return the unlifted GraphModule (weights as get_attr).
-    fused_attention: supported attention blocks become one qexport::group_query_attention
-    node each (qexport/attention.py), exported as ONNX Runtime's GroupQueryAttention."""
-    from .attention import fused_attention as fuse
-
+    swap: module -> a context manager within which the module is traced, e.g. a family's
+    attention swap (qexport/families/: supported attention blocks become one
+    qexport::group_query_attention node each, exported as ONNX Runtime's
+    GroupQueryAttention)."""
     if isinstance(module, torch.fx.GraphModule) and getattr(module, "_qexport_traced", False):
         return module
     with _quiet(), torch.no_grad(), \
-            (fuse(module) if fused_attention else contextlib.nullcontext()):
+            (swap(module) if swap is not None else contextlib.nullcontext()):
         ep = torch.export.export(module, example_inputs,
                                  dynamic_shapes=dynamic_shapes_for(example_inputs, module))
     gm = ep.module()
@@ -90,7 +91,7 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
     torch.export's symbols (s0, s1, ...) throughout the graph."""
     import onnx
 
-    ops.register_onnx_schema()
+    ops.register_onnx_schemas()
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
             gm, example_inputs, dynamo=True, verbose=False,
@@ -231,17 +232,15 @@ def _name_layer_nodes(model, gm: torch.fx.GraphModule) -> None:
     so each node takes the layer most of its unshared inputs point to, once. A node stacking several
     layers (fuse_shared_input) is named 'a.q_proj+k_proj' and lists them with their rows in
     its metadata (C.META_NODE_LAYERS)."""
-    from passes import layers_of
-
     layer_of, stacked = {}, {}
     for n in gm.graph.nodes:
-        if n.op == "call_function" and "qexport_layer" in n.meta:
-            if "qexport_layers" in n.meta:
+        if ops.spec_of_node(n) is not None:
+            if len(layers_of(n)) > 1:
                 stacked[n.meta["qexport_layer"]] = layers_of(n)
             for arg in n.args[1:]:
                 if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
                     layer_of[str(arg.target)] = n.meta["qexport_layer"]
-    ours = [node for node in model.graph.node if node.domain == C.DOMAIN]
+    ours = [node for node in model.graph.node if ops.spec_of_onnx_node(node) is not None]
     # A merged initializer (e.g. the empty binary part of every all-4-bit layer) carries one
     # layer's name but is read by several nodes: only the inputs one node reads may vote.
     readers = collections.Counter(i for node in ours for i in set(node.input[1:]))

@@ -37,79 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .config import LearnConfig
 from .errors import QexportError
-from .packing import MixedLinearWeights, binary_channels, unpack_signs
+from .families import find_blocks
+from .ops.binary_mixed_linear.packing import MixedLinearWeights, binary_channels, unpack_signs
 from .quantizers import quantize_mixed
-
-# Paths (relative to the searched module) of the block lists of known architectures, tried first.
-KNOWN_BLOCK_PATHS = ("model.model.layers", "model.layers", "layers",  # Llama family
-                     "model.model.decoder.layers", "model.decoder.layers", "decoder.layers",  # OPT
-                     "model.transformer.h", "transformer.h")  # GPT-2 style
-
-
-@dataclasses.dataclass
-class LearnConfig:
-    """Settings of the block-wise learning (AdamW, weight decay 0)."""
-    epochs: int = 2
-    # Steps on a = α/α0, r1, r2 (all relative, start at 1). Tuned on SmolLM2 (docs/results.md):
-    # 2e-3 left most of the gain unrealised; fewer steps (the fast preset) want larger ones.
-    lr_alpha: float = 1e-2
-    lr_r1: float = 1e-2
-    lr_r2: float = 1e-2
-    weight_decay: float = 0.0
-    n_samples: int | None = None  # None: every row of calib_ids
-    batch_size: int = 1  # calibration sequences per optimizer step
-    mse_weight: float = 1.0  # weight of both MSE terms
-    cos_weight: float = 1.0  # weight of both −log cos terms
-    seed: int = 0
-    spill_dir: str | None = None  # keep activations in memory-mapped files there (large runs)
-    # One r2 for the Linears of a block that read the same activation with the same salient
-    # channels (q/k/v, gate/up), so that the exported ops stack into one
-    # (passes.fuse_shared_input). On SmolLM2: 8-26 % less time per decoded token, ~3 % higher
-    # perplexity (docs/results.md), hence off by default.
-    share_r2: bool = False
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "LearnConfig":
-        """"default": the paper's 2 epochs on all calibration rows; "fast": 16 rows, 1 epoch."""
-        presets = {"default": {}, "fast": {"n_samples": 16, "epochs": 1, "lr_alpha": 3e-2,
-                                           "lr_r1": 3e-2, "lr_r2": 3e-2}}
-        if name not in presets:
-            raise QexportError(f"unknown PTQ1.61 preset {name!r}; choose from {', '.join(presets)}")
-        return dataclasses.replace(cls(**presets[name]), **overrides)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- finding blocks
-
-def find_blocks(module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """(path, ModuleList) of the transformer blocks of `module`.
-
-    Known paths first (Llama family `model.model.layers`, OPT `model.model.decoder.layers`);
-    otherwise the single ModuleList of same-type blocks that hold Linears.
-    """
-    modules = dict(module.named_modules())
-    for path in KNOWN_BLOCK_PATHS:
-        m = modules.get(path)
-        if isinstance(m, torch.nn.ModuleList) and len(m) and _has_linear(m[0]):
-            return path, m
-    found = [(p, m) for p, m in modules.items()
-             if isinstance(m, torch.nn.ModuleList) and len(m)
-             and len({type(b) for b in m}) == 1 and _has_linear(m[0])]
-    if len(found) == 1:
-        return found[0]
-    what = ("no ModuleList of transformer blocks" if not found else
-            "several candidate block lists: " + ", ".join(p for p, _ in found))
-    raise QexportError(
-        f"PTQ1.61 learning needs the model's transformer blocks, but found {what} in "
-        f"{type(module).__name__}; supported layouts: {', '.join(KNOWN_BLOCK_PATHS)}")
-
-
-def _has_linear(m: torch.nn.Module) -> bool:
-    return any(isinstance(x, torch.nn.Linear) for x in m.modules())
-
 
 # --------------------------------------------------------------------------- one learned Linear
 
@@ -267,7 +199,8 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
                         salient: dict[str, torch.Tensor], salient_group_size: int,
                         config: LearnConfig | None = None,
                         progress: Callable[[str], None] | None = None,
-                        include: Callable[[str], bool] | None = None
+                        include: Callable[[str], bool] | None = None,
+                        blocks: tuple[str, torch.nn.ModuleList] | None = None
                         ) -> dict[str, MixedLinearWeights]:
     """Learn α, r1, r2 block by block; return the packed weights of every Linear in the blocks.
 
@@ -276,13 +209,14 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
     salient: layer name (module path in `module`) -> salient input channel indices.
     include: optional filter on layer names (a Linear it rejects keeps fp weights in the
         quantized model used to compute the following blocks' inputs, and is not returned).
+    blocks: (path, ModuleList) of the transformer blocks [default: families.find_blocks].
     """
     config = config or LearnConfig()
     say = progress or (lambda msg: None)
     ids = calib_ids[:config.n_samples] if config.n_samples else calib_ids
     if ids.dim() != 2 or ids.shape[0] < 1:
         raise QexportError(f"PTQ1.61 needs calibration ids of shape [n, L], got {tuple(ids.shape)}")
-    path, blocks = find_blocks(module)
+    path, blocks = blocks or find_blocks(module)
     names = [f"{path}.{bi}.{sub}" for bi, block in enumerate(blocks)
              for sub, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     names = [n for n in names if include is None or include(n)]

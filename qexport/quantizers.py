@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from . import contract as C
-from .packing import MixedLinearWeights, num_groups, pack_nibbles, pack_signs
+from .ops.binary_mixed_linear import contract as C
+from .ops.binary_mixed_linear.packing import MixedLinearWeights, num_groups, pack_nibbles, pack_signs
 
 
 def select_salient(importance: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -79,7 +79,7 @@ def markdown(r: dict) -> str:
         if m:
             lines.append(f"| {label} | {_f(m['cosine'], 6)} | {_f(m.get('top1_agreement'))} | "
                          f"{m['rel_error']:.2e} | {m['max_abs_diff']:.2e} |")
-    lines += [f"", f"Inputs: {e2e['inputs']}", ""]
+    lines += ["", f"Inputs: {e2e['inputs']}", ""]
     sp = r.get("speed")
     if sp:
         lines += ["## Speed (this machine)", "",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import MixedLinearWeights, num_groups
+from .ops.binary_mixed_linear.packing import MixedLinearWeights, num_groups
 
 
 def random_mixed_linear(out_features: int, in_features: int, num_salient: int,

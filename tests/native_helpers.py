@@ -48,14 +48,15 @@ def bml_model(weights, x_shape: Sequence[int | str], act_dtype=np.float32,
     from onnx import TensorProto, helper, numpy_helper
 
     from qexport import contract as C
+    from qexport.ops.binary_mixed_linear import contract as B
     from qexport import ops
 
     ops.register_onnx_schema()
     if tensors is None:
         tensors = [None if t is None else t.numpy() for t in weights.tensors()]
     attrs = dict(weights.attributes()) if attributes is None else attributes
-    names = list(C.INPUT_NAMES)
-    inits, node_inputs = [], [names[C.IN_X]]
+    names = list(B.INPUT_NAMES)
+    inits, node_inputs = [], [names[B.IN_X]]
     for i, t in enumerate(tensors, start=1):
         if t is None:
             node_inputs.append("")
@@ -65,8 +66,8 @@ def bml_model(weights, x_shape: Sequence[int | str], act_dtype=np.float32,
     while node_inputs[-1] == "":
         node_inputs.pop()
     elem = TensorProto.FLOAT if act_dtype == np.float32 else TensorProto.FLOAT16
-    n = attrs.get(C.ATTR_OUT_FEATURES, weights.out_features)
-    node = helper.make_node(C.OP_BINARY_MIXED_LINEAR, node_inputs, ["Y"], domain=C.DOMAIN,
+    n = attrs.get(B.ATTR_OUT_FEATURES, weights.out_features)
+    node = helper.make_node(B.OP_NAME, node_inputs, ["Y"], domain=C.DOMAIN,
                             name="bml0", **attrs)
     graph = helper.make_graph(
         [node], "bml",

@@ -26,7 +26,8 @@ def test_quantize_export_run(tmp_path):
     config = qexport.QuantizeConfig(qexport.parse_scheme("w1.61a16"), method="ptq161",
                                     learn=LearnConfig.preset("fast"))
     qm = qexport.quantize(module, (ids,), calib, config)
-    assert "learn_scales" in qm.timings and len(qm.packed) == 12
+    # The CLI's defaults: 12 block Linears learned, and the head at 4 bits (w4a16).
+    assert "learn_scales" in qm.timings and len(qm.packed) == 13 and "model.lm_head" in qm.packed
     files = qexport.export(qm, tmp_path / "model.onnx")
     session = native.make_session(files[0])
     test_ids = torch.randint(0, 128, (3, 5))
@@ -45,11 +46,12 @@ def test_export_writes_rmsnorm_that_onnxruntime_fuses(tmp_path):
     import onnxruntime as ort
 
     from qexport.onnx_export import export_onnx, trace
+    from qexport.families.llama import fused_attention
     from tiny_models import tiny_llama
 
     module = LogitsOnly(tiny_llama())
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    gm = trace(module, (ids,))
+    gm = trace(module, (ids,), swap=fused_attention)
     export_onnx(gm, (ids,), tmp_path / "fp.onnx", metadata={}, input_names=["input_ids"])
     ops = [n.op_type for n in onnx.load(tmp_path / "fp.onnx").graph.node]
     assert "Reciprocal" not in ops and ops.count("Div") >= 5  # 2 layers x 2 norms + final

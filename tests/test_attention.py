@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qexport import native
-from qexport.attention import fused_attention
+from qexport.families.llama import fused_attention
 from qexport.onnx_export import export_onnx, trace
 from tiny_models import LogitsOnly, tiny_llama, tiny_opt
 
@@ -41,7 +41,7 @@ def test_fused_attention_matches_eager(tmp_path, family, kv_heads, rope):
     """Rotary scaling (linear, Llama 3) holds: the angles come from the model's own module."""
     model = _llama(kv_heads, family, rope)
     example = (torch.randint(0, 128, (2, 8)),)
-    gm = trace(model, example)
+    gm = trace(model, example, swap=fused_attention)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.qexport.group_query_attention.default) == 2
     path = tmp_path / "model.onnx"
@@ -61,7 +61,7 @@ def test_fused_attention_matches_eager(tmp_path, family, kv_heads, rope):
 def test_unfused_and_unsupported_are_left_alone(tmp_path):
     example = (torch.randint(0, 128, (2, 8)),)
     path = tmp_path / "plain.onnx"
-    export_onnx(trace(LogitsOnly(tiny_llama()), example, fused_attention=False), example, path, {})
+    export_onnx(trace(LogitsOnly(tiny_llama()), example), example, path, {})
     assert "GroupQueryAttention" not in _ops(path)
     opt = LogitsOnly(tiny_opt())
     with fused_attention(opt) as swapped:

@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import onnx
 import pytest
@@ -143,7 +142,7 @@ def test_parity_failure_exits_3_and_says_so(tiny_llama_dir, tmp_path, monkeypatc
 
 
 def test_target_trt_without_tensorrt_says_what_is_missing(tiny_llama_dir, tmp_path):
-    from qexport import trt
+    from qexport.targets import trt
     reason = trt.engine_prerequisites()
     if reason is None:
         pytest.skip("TensorRT and a GPU are present: the engine is built instead")
@@ -168,8 +167,10 @@ def test_build_engine_refuses_contrib_ops(tmp_path):
     import torch
 
     from qexport.onnx_export import export_onnx, trace
+    from qexport.families.llama import fused_attention
     from tiny_models import LogitsOnly, tiny_llama
     example = (torch.randint(0, 128, (1, 8)),)
-    export_onnx(trace(LogitsOnly(tiny_llama()), example), example, tmp_path / "m.onnx", {})
+    export_onnx(trace(LogitsOnly(tiny_llama()), example, swap=fused_attention), example,
+                tmp_path / "m.onnx", {})
     assert_one_line_error(run_cli("build-engine", tmp_path / "m.onnx"),
                           "GroupQueryAttention", "--no-fused-attention")

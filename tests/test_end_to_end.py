@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from qexport import contract as C
+from qexport.ops.binary_mixed_linear import contract as B
 from test_cli import run_cli
 
 
@@ -25,7 +26,7 @@ def _check_folder(out, scheme, stacked=False):
     model = onnx.load(out / "model.onnx")
     onnx.checker.check_model(model)
     q_nodes = [n for n in model.graph.node if n.domain == C.DOMAIN]
-    assert q_nodes and all(n.op_type == C.OP_BINARY_MIXED_LINEAR for n in q_nodes)
+    assert q_nodes and all(n.op_type == B.OP_NAME for n in q_nodes)
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta[C.META_SCHEME] == scheme and meta[C.META_CONTRACT] == str(C.CONTRACT_VERSION)
     assert json.loads(meta[C.META_CONFIG])["scheme"] == scheme

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from gpu_helpers import cuda_testlib
-from qexport.ops import binary_mixed_linear_reference
-from qexport.packing import num_groups
+from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
+from qexport.ops.binary_mixed_linear.packing import num_groups
 from qexport.testing import random_mixed_linear
 
 TOL = {np.float32: 1e-4, np.float16: 2.0 ** -9}

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from qexport import trt
+from qexport.targets import trt
 from qexport.errors import QexportError
 
 
 def test_import_loads_nothing():
-    code = ("import sys, qexport.trt\n"
+    code = ("import sys, qexport.targets.trt\n"
             "assert 'tensorrt' not in sys.modules\n"
             "assert 'libqexport_trt' not in open('/proc/self/maps').read()\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -72,7 +72,7 @@ def test_engine_build_and_run(tmp_path):
     import torch
 
     from native_helpers import bml_model
-    from qexport.ops import binary_mixed_linear_reference
+    from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
     from qexport.testing import random_mixed_linear
 
     w = random_mixed_linear(64, 256, 51, 32, with_r2=True, with_bias=True, seed=3)

@@ -1,5 +1,5 @@
 """The index/unpack logic shared by the CUDA kernels (plugins/binary_mixed_linear/bml_unpack.h)
-against the Python reference (qexport/packing.py): compiled for the host with the C++ compiler,
+against the Python reference (qexport/ops/binary_mixed_linear/packing.py): compiled for the host with the C++ compiler,
 called through ctypes. Needs no GPU and no nvcc. Exact comparisons (integers, bit patterns)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qexport import packing
+from qexport.ops.binary_mixed_linear import packing
 from qexport.testing import random_mixed_linear
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def test_tc_kernel_emulation_matches_reference(lib, m, k, n, frac, g, with_r2):
     """GemmTcKernel's algorithm, emulated on the host with the same index/dequant functions,
     against the PyTorch reference (fp16 tolerance of tests/test_gpu_kernels.py): catches wrong
     tiles, fragment maps, sign expansion, row sums, tails and epilogues without a GPU."""
-    from qexport.ops import binary_mixed_linear_reference
+    from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
 
     s = int(round(frac * k))
     w = random_mixed_linear(n, k, s, g, with_r2=with_r2, with_bias=bool(k % 2), seed=k + n + m)

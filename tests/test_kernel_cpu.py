@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from native_helpers import bml_model, ort_errors, ort_session, require_library
-from qexport import contract as C
-from qexport.ops import binary_mixed_linear_reference, reference_evaluator_ops
+from qexport.ops.binary_mixed_linear import contract as B
+from qexport.ops import reference_evaluator_ops
+from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
 from qexport.testing import random_mixed_linear
 
 FP32_RTOL = 1e-4
@@ -188,7 +189,7 @@ def test_fp16_conversions_exact(lib, isa):
     One salient channel with code 1, zero 0, scale 1 makes y = x + bias: every fp16 value
     through X checks half->float->half; fp32 biases with x = 0 check float->half rounding
     (ties, subnormals, overflow to inf)."""
-    from qexport.packing import MixedLinearWeights
+    from qexport.ops.binary_mixed_linear.packing import MixedLinearWeights
 
     rng = np.random.default_rng(7)
     bias = np.concatenate([
@@ -472,7 +473,7 @@ def test_weights_fed_at_run_time(lib, isa):
     (y1,) = sess.run(None, {"X": x})
     _assert_close(y1, _reference(w1, x), FP32_RTOL)
     feed = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    names = list(C.INPUT_NAMES)
+    names = list(B.INPUT_NAMES)
     for i, t in enumerate(w2.tensors(), start=1):
         if t is not None:
             feed[names[i]] = t.numpy()
@@ -546,38 +547,38 @@ def _attr(name, value):
 
 
 def _idx(values):
-    return _set(C.IN_SALIENT_IDX, lambda a: np.array(values, dtype=np.int32))
+    return _set(B.IN_SALIENT_IDX, lambda a: np.array(values, dtype=np.int32))
 
 
 _SORTED = list(range(0, 40, 4))  # 10 salient channels
 _BAD = {
     # wrong dtype of every weight input
-    "dtype-sign_packed": (_wrong_dtype(C.IN_SIGN_PACKED, np.int8), "'sign_packed'", "expected uint8"),
-    "dtype-row_scale": (_wrong_dtype(C.IN_ROW_SCALE, np.float32), "'row_scale'", "expected float16"),
-    "dtype-row_offset": (_wrong_dtype(C.IN_ROW_OFFSET, np.float64), "'row_offset'", "expected float16"),
-    "dtype-salient_idx": (_wrong_dtype(C.IN_SALIENT_IDX, np.int64), "'salient_idx'", "expected int32"),
-    "dtype-salient_packed": (_wrong_dtype(C.IN_SALIENT_PACKED, np.int32), "'salient_packed'",
+    "dtype-sign_packed": (_wrong_dtype(B.IN_SIGN_PACKED, np.int8), "'sign_packed'", "expected uint8"),
+    "dtype-row_scale": (_wrong_dtype(B.IN_ROW_SCALE, np.float32), "'row_scale'", "expected float16"),
+    "dtype-row_offset": (_wrong_dtype(B.IN_ROW_OFFSET, np.float64), "'row_offset'", "expected float16"),
+    "dtype-salient_idx": (_wrong_dtype(B.IN_SALIENT_IDX, np.int64), "'salient_idx'", "expected int32"),
+    "dtype-salient_packed": (_wrong_dtype(B.IN_SALIENT_PACKED, np.int32), "'salient_packed'",
                              "expected uint8"),
-    "dtype-salient_scale": (_wrong_dtype(C.IN_SALIENT_SCALE, np.float32), "'salient_scale'",
+    "dtype-salient_scale": (_wrong_dtype(B.IN_SALIENT_SCALE, np.float32), "'salient_scale'",
                             "expected float16"),
-    "dtype-salient_zero": (_wrong_dtype(C.IN_SALIENT_ZERO, np.int8), "'salient_zero'", "expected uint8"),
-    "dtype-r2": (_wrong_dtype(C.IN_R2, np.float32), "'r2'", "expected float16"),
-    "dtype-bias": (_wrong_dtype(C.IN_BIAS, np.float16), "'bias'", "expected float"),
+    "dtype-salient_zero": (_wrong_dtype(B.IN_SALIENT_ZERO, np.int8), "'salient_zero'", "expected uint8"),
+    "dtype-r2": (_wrong_dtype(B.IN_R2, np.float32), "'r2'", "expected float16"),
+    "dtype-bias": (_wrong_dtype(B.IN_BIAS, np.float16), "'bias'", "expected float"),
     # shapes disagreeing with the attributes
-    "shape-sign_packed": (_set(C.IN_SIGN_PACKED, lambda a: a[:, :-1]), "'sign_packed'", "[6, 3]"),
-    "shape-row_scale": (_set(C.IN_ROW_SCALE, lambda a: np.concatenate([a, a[:1]])), "'row_scale'",
+    "shape-sign_packed": (_set(B.IN_SIGN_PACKED, lambda a: a[:, :-1]), "'sign_packed'", "[6, 3]"),
+    "shape-row_scale": (_set(B.IN_ROW_SCALE, lambda a: np.concatenate([a, a[:1]])), "'row_scale'",
                         "[7]"),
-    "shape-row_offset": (_set(C.IN_ROW_OFFSET, lambda a: a[None]), "'row_offset'", "[1, 6]"),
-    "shape-salient_packed": (_set(C.IN_SALIENT_PACKED, lambda a: a[:-1]), "'salient_packed'",
+    "shape-row_offset": (_set(B.IN_ROW_OFFSET, lambda a: a[None]), "'row_offset'", "[1, 6]"),
+    "shape-salient_packed": (_set(B.IN_SALIENT_PACKED, lambda a: a[:-1]), "'salient_packed'",
                              "[5, 5]"),
-    "shape-salient_scale": (_attr(C.ATTR_SALIENT_GROUP_SIZE, 5), "'salient_scale'",
+    "shape-salient_scale": (_attr(B.ATTR_SALIENT_GROUP_SIZE, 5), "'salient_scale'",
                             "expected float16 [6, 2]"),
-    "shape-salient_zero": (_set(C.IN_SALIENT_ZERO, lambda a: a[:, :2]), "'salient_zero'", "[6, 2]"),
-    "shape-r2": (_set(C.IN_R2, lambda a: a[:-1]), "'r2'", "[29]"),
-    "shape-bias": (_set(C.IN_BIAS, lambda a: a[:3]), "'bias'", "[3]"),
-    "shape-salient_idx-2d": (_set(C.IN_SALIENT_IDX, lambda a: a[None]), "'salient_idx'", "[1, 10]"),
-    "in_features": (_attr(C.ATTR_IN_FEATURES, 41), "'X'", "[2, 40]"),
-    "out_features": (_attr(C.ATTR_OUT_FEATURES, 5), "'sign_packed'", "out_features=5"),
+    "shape-salient_zero": (_set(B.IN_SALIENT_ZERO, lambda a: a[:, :2]), "'salient_zero'", "[6, 2]"),
+    "shape-r2": (_set(B.IN_R2, lambda a: a[:-1]), "'r2'", "[29]"),
+    "shape-bias": (_set(B.IN_BIAS, lambda a: a[:3]), "'bias'", "[3]"),
+    "shape-salient_idx-2d": (_set(B.IN_SALIENT_IDX, lambda a: a[None]), "'salient_idx'", "[1, 10]"),
+    "in_features": (_attr(B.ATTR_IN_FEATURES, 41), "'X'", "[2, 40]"),
+    "out_features": (_attr(B.ATTR_OUT_FEATURES, 5), "'sign_packed'", "out_features=5"),
     # salient_idx contents
     "idx-out-of-range": (_idx(_SORTED[:-1] + [40]), "'salient_idx'", "out of range"),
     "idx-negative": (_idx([-1] + _SORTED[1:]), "'salient_idx'", "out of range"),
@@ -586,12 +587,12 @@ _BAD = {
     "idx-duplicate": (_idx(_SORTED[:5] + [_SORTED[4]] + _SORTED[6:]), "'salient_idx'",
                       "not strictly increasing"),
     # zero point above 15
-    "zero-16": (_set(C.IN_SALIENT_ZERO, lambda a: np.where(np.arange(a.size).reshape(a.shape) == 7,
+    "zero-16": (_set(B.IN_SALIENT_ZERO, lambda a: np.where(np.arange(a.size).reshape(a.shape) == 7,
                                                           16, a).astype(np.uint8)),
                 "'salient_zero'", "16 at [2, 1]"),
     # attributes
-    "layout-2": (_attr(C.ATTR_LAYOUT, 2), "'layout'", "unknown"),
-    "group-size-negative": (_attr(C.ATTR_SALIENT_GROUP_SIZE, -1), "'salient_group_size'", ">= 0"),
+    "layout-2": (_attr(B.ATTR_LAYOUT, 2), "'layout'", "unknown"),
+    "group-size-negative": (_attr(B.ATTR_SALIENT_GROUP_SIZE, -1), "'salient_group_size'", ">= 0"),
 }
 
 
@@ -612,7 +613,7 @@ def test_rejects_bad_inputs(lib, case):
 def test_rejects_missing_attribute(lib):
     w = _bad_weights()
     attrs = dict(w.attributes())
-    del attrs[C.ATTR_IN_FEATURES]
+    del attrs[B.ATTR_IN_FEATURES]
     model = bml_model(w, ["M", K], attributes=attrs, check=False)
     with pytest.raises(ort_errors(), match="in_features"):
         ort_session(model, lib)

@@ -4,7 +4,7 @@ import torch
 
 from qexport import ops
 from qexport.errors import QexportError
-from qexport.packing import (MixedLinearWeights, pack_nibbles, pack_signs, unpack_nibbles,
+from qexport.ops.binary_mixed_linear.packing import (MixedLinearWeights, pack_nibbles, pack_signs, unpack_nibbles,
                              unpack_signs)
 from qexport.quantizers import expected_bits_per_weight, quantize_mixed, rtn4, select_salient
 from qexport.schemes import parse_scheme

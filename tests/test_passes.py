@@ -6,6 +6,8 @@ import torch
 
 import passes
 from qexport import api
+from qexport.graph import layers_of
+from qexport.outlier import OutlierStats, choose_shift_scale, search_shift_scale
 from qexport.calibrate import collect_linear_input_stats
 from qexport.onnx_export import trace
 from qexport.quantizers import quantize_mixed, select_salient
@@ -28,7 +30,7 @@ def _traced(family, sample_tokens=0):
 
 
 def _quantile(q):
-    return lambda st, shift, weights: passes.choose_shift_scale(st, shift, quantile=q)
+    return lambda st, shift, weights: choose_shift_scale(st, shift, quantile=q)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -90,30 +92,30 @@ def _group_error(stats, weights, z, s, ratio=0.2):
 def test_os_search_minimises_quantization_error_over_its_grid():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 48, generator=g) * (1 + 20 * (torch.arange(48) % 13 == 0)) + 2
-    st = passes.OutlierStats.empty(48)
+    st = OutlierStats.empty(48)
     st.update(x, sample_rows=400)
     weights = {"a": torch.randn(32, 48, generator=g), "b": torch.randn(16, 48, generator=g)}
 
     def error(name, w, moved):
         dq = quantize_mixed(w, None, select_salient(moved.rms, 0.2), 0).dequantize()
         return float((moved.sample @ (dq - w).T).square().sum())
-    z, s = passes.search_shift_scale(st, True, weights, error, grid=12)
+    z, s = search_shift_scale(st, True, weights, error, grid=12)
     assert torch.allclose(z.double(), (st.max + st.min) / 2)
     best = _group_error(st, weights, z, s)
     assert best <= _group_error(st, weights, z, torch.ones(48)) + 1e-6  # never worse than s = 1
     for q in (0.5, 0.9, 0.99):  # a quantile's t is off the grid: compare with some slack
-        zq, sq = passes.choose_shift_scale(st, True, quantile=q)
+        zq, sq = choose_shift_scale(st, True, quantile=q)
         assert best <= _group_error(st, weights, zq, sq) * 1.05, q
     with pytest.raises(ValueError, match="sample"):
-        passes.search_shift_scale(passes.OutlierStats.empty(48), True, weights, error)
+        search_shift_scale(OutlierStats.empty(48), True, weights, error)
 
 
 def test_os_stats_transform_matches_recomputed():
     x = torch.randn(500, 7) * torch.tensor([1, 2, 3, 50, 1, 1, 9.0]) + 3
-    st = passes.OutlierStats.empty(7)
+    st = OutlierStats.empty(7)
     st.update(x)
-    z, s = passes.choose_shift_scale(st, use_shift=True, quantile=0.5)
-    direct = passes.OutlierStats.empty(7)
+    z, s = choose_shift_scale(st, use_shift=True, quantile=0.5)
+    direct = OutlierStats.empty(7)
     direct.update((x - z) / s)
     t = st.transformed(z, s)
     for field in ("min", "max", "sum", "sumsq"):
@@ -171,7 +173,7 @@ def test_fuse_shared_input_stacks_exactly(family):
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), before, rtol=0, atol=0)
     qnodes = [n for n in gm.graph.nodes if n.target == torch.ops.qexport.binary_mixed_linear.default]
-    layers = {n.meta["qexport_layer"]: [name for name, _ in passes.layers_of(n)] for n in qnodes}
+    layers = {n.meta["qexport_layer"]: [name for name, _ in layers_of(n)] for n in qnodes}
     layer0 = odd.rsplit(".", 1)[0]
     assert layers[f"{layer0}.q_proj+v_proj"] == [f"{layer0}.q_proj", f"{layer0}.v_proj"]
     assert odd in layers  # alone
@@ -188,7 +190,7 @@ def test_quantize_api_with_outlier_suppression_runs(os_quantile):
     module = LogitsOnly(tiny_llama())
     ids = torch.randint(0, 128, (2, 12))
     cfg = api.QuantizeConfig(parse_scheme("w1.61a16"), outlier_suppression=True,
-                             os_quantile=os_quantile)
+                             os_quantile=os_quantile, method="closed-form", head_scheme=None)
     qm = api.quantize(module, (ids,), _calib(2), cfg)
     assert "fold_outlier_shift_scale" in qm.notes and qm.notes["fold_outlier_shift_scale"]
     assert len(qm.packed) == 14
@@ -209,7 +211,8 @@ def test_os_then_ptq161_learns_on_the_folded_model(family):
     state = {k: v.clone() for k, v in module.state_dict().items()}
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     cfg = api.QuantizeConfig(parse_scheme("w1.61a16"), outlier_suppression=True,
-                             method="ptq161", learn=LearnConfig.preset("fast", n_samples=2))
+                             method="ptq161", learn=LearnConfig.preset("fast", n_samples=2),
+                             head_scheme=None, embeddings_fp16=False)
     qm = api.quantize(module, (ids,), _calib(2), cfg)
     assert "learn_scales" not in qm.notes  # learned, not the closed-form fallback
     assert any(pk.r2 is not None for pk in qm.packed.values())
@@ -246,7 +249,7 @@ def test_preprocess_hook_replaces_the_module_quantized():
                 if "down_proj" in name:
                     p.mul_(2)
         return m
-    cfg = api.QuantizeConfig(parse_scheme("w4a16"), preprocess=double_mlp)
+    cfg = api.QuantizeConfig(parse_scheme("w4a16"), preprocess=double_mlp, method="closed-form")
     qm = api.quantize(module, (ids,), _calib(2), cfg)
     assert seen["batches"] == 2 and cfg.as_dict()["preprocess"] == "double_mlp"
     name = "model.model.layers.0.mlp.down_proj"

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from qexport.errors import QexportError
 from qexport.ops import apply
-from qexport.packing import MixedLinearWeights
-from qexport.ptq161 import (LearnConfig, LearnedLinear, find_blocks, learn_mixed_weights,
+from qexport.ops.binary_mixed_linear.packing import MixedLinearWeights
+from qexport.families import find_blocks
+from qexport.ptq161 import (LearnConfig, LearnedLinear, learn_mixed_weights,
                             linear_input_rms, substituted_weights)
 from qexport.quantizers import quantize_mixed, select_salient
 from tests.tiny_models import LogitsOnly, tiny_llama, tiny_opt

@@ -16,7 +16,7 @@ import torch
 
 from native_helpers import require_library
 from qexport import contract as C
-from qexport.ops import binary_mixed_linear_reference
+from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
 from qexport.testing import random_mixed_linear
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -175,6 +175,7 @@ def test_cpp_sample_kv_cache(tmp_path, lib, cpp_sample):
     the logits with the PyTorch reference's; a reference that disagrees makes it fail."""
     from qexport.api import export_with_past
     from qexport.onnx_export import export_onnx, trace
+    from qexport.families.llama import fused_attention
     from tiny_models import LogitsOnly, tiny_llama
 
     model = LogitsOnly(tiny_llama()).eval()
@@ -182,7 +183,7 @@ def test_cpp_sample_kv_cache(tmp_path, lib, cpp_sample):
     out.mkdir()
     ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
     example = (ids,)
-    export_onnx(trace(model, example), example, out / "model.onnx", {})
+    export_onnx(trace(model, example, swap=fused_attention), example, out / "model.onnx", {})
     export_with_past(model, None, out / "model_with_past.onnx")  # floating point
     shutil.copy2(lib, out / lib.name)
     with torch.no_grad():

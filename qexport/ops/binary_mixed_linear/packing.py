@@ -93,6 +93,14 @@ class MixedLinearWeights:
         return [self.sign_packed, self.row_scale, self.row_offset, self.salient_idx,
                 self.salient_packed, self.salient_scale, self.salient_zero, self.r2, self.bias]
 
+    @classmethod
+    def from_inputs(cls, tensors: list, attributes: dict[str, int]) -> "MixedLinearWeights":
+        """The inverse of `tensors()` + `attributes()` (missing trailing optionals: None)."""
+        tensors = list(tensors) + [None] * (C.NUM_INPUTS - 1 - len(tensors))
+        return cls(attributes[C.ATTR_IN_FEATURES], attributes[C.ATTR_OUT_FEATURES],
+                   attributes[C.ATTR_SALIENT_GROUP_SIZE], *tensors,
+                   layout=attributes[C.ATTR_LAYOUT])
+
     def attributes(self) -> dict[str, int]:
         return {C.ATTR_IN_FEATURES: self.in_features, C.ATTR_OUT_FEATURES: self.out_features,
                 C.ATTR_SALIENT_GROUP_SIZE: self.salient_group_size, C.ATTR_LAYOUT: self.layout}

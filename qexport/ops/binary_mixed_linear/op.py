@@ -1,9 +1,10 @@
-"""The reference semantics of the qexport ops, in three forms sharing one implementation:
+"""The reference semantics of qexport::BinaryMixedLinear, in three forms sharing one
+implementation:
 
 - `torch.ops.qexport.binary_mixed_linear`: a torch.library custom op, so a quantized model keeps
   one node per Linear through torch.fx / torch.export;
 - an ONNX schema + a translation for torch.onnx.export(dynamo=True);
-- `BinaryMixedLinearRun`, an onnx.reference OpRun, so exported graphs run in ReferenceEvaluator.
+- an onnx.reference OpRun (`op_run_class`), so exported graphs run in ReferenceEvaluator.
 
 The math is `binary_mixed_linear_reference`; docs/format.md states it in words.
 """
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ...contract import DOMAIN, OPSET_VERSION
 from . import contract as C
-from .packing import MixedLinearWeights, binary_channels, unpack_nibbles, unpack_signs
+from .packing import binary_channels, unpack_nibbles, unpack_signs
 
 
 def binary_mixed_linear_reference(x, sign_packed, row_scale, row_offset, salient_idx,
@@ -62,27 +64,14 @@ def _(x, sign_packed, row_scale, row_offset, salient_idx, salient_packed, salien
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def apply(x: torch.Tensor, w: MixedLinearWeights) -> torch.Tensor:
-    """Run the op on packed weights (eager convenience for tests and the report)."""
-    return torch.ops.qexport.binary_mixed_linear(x, *w.tensors(), w.in_features, w.out_features,
-                                                 w.salient_group_size, w.layout)
-
-
 # ---------------------------------------------------------------- ONNX schema and export
-_schema_registered = False
-
-
 def register_onnx_schema() -> None:
     """Declare qexport::BinaryMixedLinear to onnx (checker, shape inference, exporter)."""
-    global _schema_registered
-    if _schema_registered:
-        return
     import onnx
     from onnx.defs import OpSchema
 
     try:
-        onnx.defs.get_schema(C.OP_BINARY_MIXED_LINEAR, C.OPSET_VERSION, C.DOMAIN)
-        _schema_registered = True
+        onnx.defs.get_schema(C.OP_NAME, OPSET_VERSION, DOMAIN)
         return
     except onnx.defs.SchemaError:
         pass
@@ -94,8 +83,10 @@ def register_onnx_schema() -> None:
                                        param_option=optional if i in C.OPTIONAL_INPUTS else single)
               for i, name in enumerate(C.INPUT_NAMES)]
     int_attr = OpSchema.AttrType.INT
-    schema = OpSchema(
-        C.OP_BINARY_MIXED_LINEAR, C.DOMAIN, C.OPSET_VERSION,
+    docs = {C.ATTR_IN_FEATURES: "K", C.ATTR_OUT_FEATURES: "N",
+            C.ATTR_SALIENT_GROUP_SIZE: "G (0: per row)", C.ATTR_LAYOUT: "packed layout version"}
+    onnx.defs.register_schema(OpSchema(
+        C.OP_NAME, DOMAIN, OPSET_VERSION,
         doc="PTQ1.61 mixed binary / 4-bit linear; see qexport docs/format.md",
         inputs=inputs,
         outputs=[OpSchema.FormalParameter("Y", "T")],
@@ -104,41 +95,27 @@ def register_onnx_schema() -> None:
                           ("TH", ["tensor(float16)"], "scales"),
                           ("TI", ["tensor(int32)"], "indices"),
                           ("TF", ["tensor(float)"], "bias")],
-        attributes=[OpSchema.Attribute(C.ATTR_IN_FEATURES, int_attr, "K"),
-                    OpSchema.Attribute(C.ATTR_OUT_FEATURES, int_attr, "N"),
-                    OpSchema.Attribute(C.ATTR_SALIENT_GROUP_SIZE, int_attr, "G (0: per row)"),
-                    OpSchema.Attribute(C.ATTR_LAYOUT, int_attr, "packed layout version")],
-    )
-    onnx.defs.register_schema(schema)
-    _schema_registered = True
+        attributes=[OpSchema.Attribute(a, int_attr, docs[a]) for a in C.ATTRIBUTES]))
 
 
-def onnx_translation_table() -> dict:
-    """custom_translation_table for torch.onnx.export(dynamo=True)."""
-    register_onnx_schema()
+def translate(x, sign_packed, row_scale, row_offset, salient_idx, salient_packed,
+              salient_scale, salient_zero, r2, bias, in_features, out_features,
+              salient_group_size, layout):
+    """torch.onnx custom translation: one qexport::BinaryMixedLinear node."""
     from onnxscript.values import Opset
 
-    opset = Opset(C.DOMAIN, C.OPSET_VERSION)
-
-    def translate(x, sign_packed, row_scale, row_offset, salient_idx, salient_packed,
-                  salient_scale, salient_zero, r2, bias, in_features, out_features,
-                  salient_group_size, layout):
-        return getattr(opset, C.OP_BINARY_MIXED_LINEAR)(
-            x, sign_packed, row_scale, row_offset, salient_idx, salient_packed, salient_scale,
-            salient_zero, r2, bias, in_features=in_features, out_features=out_features,
-            salient_group_size=salient_group_size, layout=layout)
-
-    from .attention import onnx_translation
-    return {torch.ops.qexport.binary_mixed_linear.default: translate, **onnx_translation()}
+    return getattr(Opset(DOMAIN, OPSET_VERSION), C.OP_NAME)(
+        x, sign_packed, row_scale, row_offset, salient_idx, salient_packed, salient_scale,
+        salient_zero, r2, bias, in_features=in_features, out_features=out_features,
+        salient_group_size=salient_group_size, layout=layout)
 
 
-def reference_evaluator_ops() -> list:
-    """OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=...)."""
-    register_onnx_schema()
+def op_run_class() -> type:
+    """An onnx.reference OpRun, for ReferenceEvaluator(model, new_ops=[...])."""
     from onnx.reference.op_run import OpRun
 
     class BinaryMixedLinear(OpRun):
-        op_domain = C.DOMAIN
+        op_domain = DOMAIN
 
         def _run(self, x, sign_packed, row_scale, row_offset, salient_idx, salient_packed,
                  salient_scale, salient_zero, r2=None, bias=None, in_features=None,
@@ -151,4 +128,4 @@ def reference_evaluator_ops() -> list:
                 in_features, out_features, salient_group_size, layout)
             return (y.numpy(),)
 
-    return [BinaryMixedLinear]
+    return BinaryMixedLinear

@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import pathlib
 
-from . import contract as C
-from .errors import QexportError
+from .. import contract as C
+from ..errors import QexportError
+from . import Finish, Target, register
 
 ENV_TRT_LIBRARY = "QEXPORT_TRT_LIBRARY"
 TRT_LIBRARY_NAME = "libqexport_trt.so"
@@ -47,7 +48,7 @@ def _cuda_gpu_count() -> tuple[int, str]:
 
 
 def _trt_candidates() -> list[pathlib.Path]:
-    from . import native
+    from .. import native
 
     try:
         ops = native.library_path()
@@ -62,7 +63,7 @@ def _trt_candidates() -> list[pathlib.Path]:
 
 def trt_library_path() -> pathlib.Path:
     """Path of libqexport_trt.so: $QEXPORT_TRT_LIBRARY, else beside libqexport_ops.so."""
-    from . import native
+    from .. import native
 
     return native.find_library(
         ENV_TRT_LIBRARY, _trt_candidates,
@@ -179,6 +180,17 @@ def build_engine(onnx_path: str | os.PathLike, plugin_lib: str | os.PathLike | N
     return engine_path
 
 
+def _device_buffers():
+    """(to_device(np array) -> tensor, empty(shape, torch dtype) -> tensor, stream handle,
+    synchronize()): the CUDA buffers run_engine uses, from torch (one place, so that host
+    tests can stand in for the GPU)."""
+    import torch
+
+    return (lambda a: torch.from_numpy(a).cuda(),
+            lambda shape, dtype: torch.empty(shape, dtype=dtype, device="cuda"),
+            torch.cuda.current_stream().cuda_stream, torch.cuda.synchronize)
+
+
 def run_engine(engine_path: str | os.PathLike, plugin_lib: str | os.PathLike | None,
                feeds: dict) -> list:
     """Run a serialized engine once on numpy `feeds` (name -> array); returns the outputs as
@@ -187,33 +199,35 @@ def run_engine(engine_path: str | os.PathLike, plugin_lib: str | os.PathLike | N
     import tensorrt as trt
     import torch
 
-    onnx_path = pathlib.Path(onnx_path)
-    check_parsable(onnx_path)
     lib = pathlib.Path(plugin_lib) if plugin_lib is not None else trt_library_path()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     runtime.get_plugin_registry().load_library(str(lib))
     engine = runtime.deserialize_cuda_engine(pathlib.Path(engine_path).read_bytes())
     if engine is None:
         raise QexportError(f"TensorRT could not deserialize {engine_path}")
+    to_device, empty, stream, synchronize = _device_buffers()
     ctx = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    missing = [n for n in inputs if n not in feeds]
+    if missing:
+        raise QexportError(f"the engine {engine_path} takes input(s) {', '.join(missing)}, "
+                           f"which were not given (given: {', '.join(feeds) or 'none'})")
     keep, outputs = [], []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr())
-            keep.append(t)
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
+    for name in inputs:
+        t = to_device(np.ascontiguousarray(feeds[name]))
+        ctx.set_input_shape(name, tuple(t.shape))
+        ctx.set_tensor_address(name, t.data_ptr())
+        keep.append(t)
+    for name in names:
         if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
             dtype = torch.from_numpy(np.zeros(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
-            t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            t = empty(tuple(ctx.get_tensor_shape(name)), dtype)
             ctx.set_tensor_address(name, t.data_ptr())
             outputs.append(t)
-    if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+    if not ctx.execute_async_v3(stream):
         raise QexportError(f"TensorRT failed to run {engine_path}")
-    torch.cuda.synchronize()
+    synchronize()
     return [t.cpu().numpy() for t in outputs]
 
 
@@ -223,7 +237,7 @@ def build_and_check(onnx_path: pathlib.Path, engine_path: pathlib.Path, fp16: bo
     (PyTorch quantized logits); returns the comparison (qexport.check.compare)."""
     import numpy as np
 
-    from .check import compare
+    from ..check import compare
     build_engine(onnx_path, None, engine_path, fp16=fp16)
     ref_file = onnx_path.with_name("reference.npz")
     if not ref_file.exists():
@@ -231,3 +245,28 @@ def build_and_check(onnx_path: pathlib.Path, engine_path: pathlib.Path, fp16: bo
     ref = np.load(ref_file)
     got = run_engine(engine_path, None, {"input_ids": ref["input_ids"]})[0]
     return compare(got.astype(np.float32), ref["logits"], top1=True)
+
+
+def finish(out: pathlib.Path, say) -> Finish:
+    """After out/ is written: build out/model.engine and check it against reference.npz."""
+    reason = engine_prerequisites()
+    if reason:
+        return Finish("unavailable", f"no TensorRT engine built: {reason}; the ONNX and ONNX "
+                                     f"Runtime outputs in {out}/ are complete")
+    onnx_path, engine = out / "model.onnx", out / "model.engine"
+    metrics = build_and_check(onnx_path, engine)
+    say(f"wrote {engine}")
+    if not metrics:
+        return Finish("done", f"wrote {engine} (no reference.npz to check it against)")
+    from ..check import parity_ok
+    summary = (f"TensorRT vs PyTorch reference: cosine {metrics['cosine']:.6f}, "
+               f"top-1 {metrics['top1_agreement']:.4f}")
+    if not parity_ok(metrics):
+        return Finish("parity_failed", f"TensorRT parity check failed ({summary})", metrics)
+    return Finish("done", summary, metrics)
+
+
+TARGET = register(Target(
+    "trt", "ONNX + op library, then a TensorRT engine (needs TensorRT and a GPU; attention "
+    "exported as standard ops, which TensorRT's parser reads)",
+    fused_attention=False, finish=finish))

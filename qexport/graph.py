@@ -1,4 +1,6 @@
-"""Small adapter over the aten-level fx graph, so passes don't depend on its details."""
+"""Small adapter over the aten-level fx graph, so passes (and the checks that read a rewritten
+graph) don't depend on its details: constants, Linears, norms, and the layer names qexport
+keeps in node.meta."""
 from __future__ import annotations
 
 import re
@@ -111,3 +113,25 @@ def norm_fed(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> bool:
     x = linear.args[0]
     return isinstance(x, torch.fx.Node) and \
         norm_affine(gm, producer_through_passthrough(x)) is not None
+
+
+def layers_of(node: torch.fx.Node) -> list[tuple[str, int]]:
+    """(layer name, output rows) of every layer a qexport Linear op node computes, in row
+    order: one, or several for a node stacking layers (passes.fuse_shared_input). Set by
+    `set_layers` when the op node is made."""
+    return list(node.meta["qexport_layers"])
+
+
+def set_layers(node: torch.fx.Node, layers: list[tuple[str, int]]) -> None:
+    """Record on a qexport op node the layers it computes: its name is the layers' names
+    (fused_name), and `layers_of` gives them with their rows."""
+    node.meta["qexport_layer"] = fused_name([name for name, _ in layers])
+    node.meta["qexport_layers"] = [(name, int(rows)) for name, rows in layers]
+
+
+def fused_name(names: list[str]) -> str:
+    """'a.b.q_proj', 'a.b.k_proj' -> 'a.b.q_proj+k_proj': the shared module path once."""
+    prefix = names[0].rsplit(".", 1)[0] + "."
+    if all(n.startswith(prefix) for n in names):
+        return names[0] + "".join("+" + n[len(prefix):] for n in names[1:])
+    return "+".join(names)

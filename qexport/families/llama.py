@@ -1,4 +1,5 @@
-"""Each Llama attention block as one ONNX Runtime node (com.microsoft GroupQueryAttention).
+"""The Llama family (Llama, Mistral, Qwen2): each attention block as one ONNX Runtime node
+(com.microsoft GroupQueryAttention), and the KV-cache decoder `WithPast`.
 
 Exported as traced, a Llama attention block is ~30 small ONNX nodes (reshapes and transposes
 of q/k/v, rotary embedding, the repeat of the kv heads, the causal mask, two MatMuls and a
@@ -24,124 +25,13 @@ import types
 
 import torch
 
+from ..ops import group_query_attention as _gqa  # noqa: F401  (torch.ops.qexport.group_query_attention)
+from . import Family, register
+
 # Attention classes whose forward is q/k/v projections, rotate-half rotary embedding, grouped
 # kv heads, causal softmax attention (optionally over a sliding window: not swapped) and
 # o_proj: Llama's and its copies.
 SUPPORTED = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
-
-
-@torch.library.custom_op("qexport::group_query_attention", mutates_args=())
-def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          past_k: torch.Tensor | None, past_v: torch.Tensor | None,
-                          seqlens_k: torch.Tensor, total_length: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                          kv_num_heads: int, scale: float, total: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ONNX Runtime's GroupQueryAttention (the part qexport uses). q [B, S, num_heads*D], k
-    and v [B, S, kv_num_heads*D]; past_k and past_v [B, kv_num_heads, P, D] or None (P = 0):
-    a cache buffer whose first L_b - S positions hold row b's cached keys (rotated) and
-    values; seqlens_k int32 [B], L_b - 1, L_b being row b's length after this call (cached +
-    new tokens); total_length int32 scalar, the longest (`total` as an int, for the output
-    shapes); cos and sin [>= total, D/2], the rotary angles of positions 0, 1, ...
-    Returns the attention [B, S, num_heads*D] and the present keys and values
-    [B, kv_num_heads, max(total, P), D]: the past buffer with row b's new tokens written at
-    positions L_b - S .. L_b - 1 (0 .. S-1 when S = total: a prompt). The new tokens get
-    rotary embedding on q and k (halves rotated, not interleaved), and each group of
-    num_heads/kv_num_heads query heads attends to one kv head over positions up to its own,
-    softmax(q k^T * scale) v. With P >= total the present has the past's shape, and ONNX
-    Runtime writes it into the past buffer itself when both are bound to the same memory."""
-    b, s, _ = q.shape
-    d = q.shape[-1] // num_heads
-    p = 0 if past_k is None else past_k.shape[2]
-    groups = num_heads // kv_num_heads
-    present_k = q.new_zeros(b, kv_num_heads, max(total, p), d)
-    present_v = torch.zeros_like(present_k)
-    if past_k is not None:
-        present_k[:, :, :p], present_v[:, :, :p] = past_k, past_v
-    out = q.new_empty(b, s, num_heads * d)
-    for i in range(b):
-        start = 0 if s == total else int(seqlens_k[i]) + 1 - s  # the row's first new position
-        cos2 = torch.cat([cos[start:start + s]] * 2, -1).to(q.dtype)
-        sin2 = torch.cat([sin[start:start + s]] * 2, -1).to(q.dtype)
-
-        def rotary(x):
-            rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
-            return x * cos2 + rotated * sin2
-
-        def heads(x, n):
-            return x[i].view(s, n, d).transpose(0, 1)
-
-        present_k[i, :, start:start + s] = rotary(heads(k, kv_num_heads))
-        present_v[i, :, start:start + s] = heads(v, kv_num_heads)
-        keys = present_k[i, :, :start + s].repeat_interleave(groups, 0)
-        values = present_v[i, :, :start + s].repeat_interleave(groups, 0)
-        mask = torch.ones(s, start + s, dtype=torch.bool, device=q.device).tril(start)
-        att = torch.nn.functional.scaled_dot_product_attention(
-            rotary(heads(q, num_heads)), keys, values, attn_mask=mask, scale=scale)
-        out[i] = att.transpose(0, 1).reshape(s, num_heads * d)
-    return out, present_k, present_v
-
-
-@group_query_attention.register_fake
-def _(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads,
-      scale, total):
-    b, s, _ = q.shape
-    d = q.shape[-1] // num_heads
-    length = total if past_k is None else torch.sym_max(total, past_k.shape[2])
-    return q.new_empty(q.shape), k.new_empty(b, kv_num_heads, length, d), \
-        k.new_empty(b, kv_num_heads, length, d)
-
-
-def _register_onnx_schema() -> None:
-    """Declare the part of ONNX Runtime's com.microsoft GroupQueryAttention (contrib opset 1)
-    that the translation uses to onnx, which has no schema for it (the exporter and the
-    checker need one). Outputs: the attention, present key, present value."""
-    import onnx
-    from onnx.defs import OpSchema
-
-    try:
-        onnx.defs.get_schema("GroupQueryAttention", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
-    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
-    inputs = [OpSchema.FormalParameter(name, ty, param_option=opt) for name, ty, opt in (
-        ("query", "T", single), ("key", "T", single), ("value", "T", single),
-        ("past_key", "T", optional), ("past_value", "T", optional),
-        ("seqlens_k", "M", single), ("total_sequence_length", "M", single),
-        ("cos_cache", "T", optional), ("sin_cache", "T", optional))]
-    attr = OpSchema.Attribute
-    onnx.defs.register_schema(OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        doc="ONNX Runtime contrib op (declared by qexport for export; ORT runs it)",
-        inputs=inputs,
-        outputs=[OpSchema.FormalParameter(n, "T") for n in ("output", "present_key",
-                                                              "present_value")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
-                          ("M", ["tensor(int32)"], "lengths")],
-        attributes=[attr("num_heads", OpSchema.AttrType.INT, "query heads"),
-                    attr("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
-                    attr("scale", OpSchema.AttrType.FLOAT, "softmax scale"),
-                    attr("do_rotary", OpSchema.AttrType.INT, "rotary on q and k"),
-                    attr("rotary_interleaved", OpSchema.AttrType.INT, "0: halves rotated")]))
-
-
-def onnx_translation() -> dict:
-    """The torch.onnx custom_translation_table entry: one com.microsoft GroupQueryAttention
-    (past inputs and present outputs as the op has them)."""
-    from onnxscript.values import Opset
-
-    _register_onnx_schema()
-    ms = Opset("com.microsoft", 1)
-
-    def translate(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads,
-                  kv_num_heads, scale, total):  # total: total_length as an int, shapes only
-        return ms.GroupQueryAttention(
-            q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads=num_heads,
-            kv_num_heads=kv_num_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
-            _outputs=3)
-
-    return {torch.ops.qexport.group_query_attention.default: translate}
 
 
 def _supported(attn: torch.nn.Module) -> bool:
@@ -268,3 +158,23 @@ def fused_attention(module: torch.nn.Module):
             del m._qexport_past, m._qexport_present
             if id(m) in own:  # an instance-level forward (e.g. a hook wrapper) it had before
                 m.forward = own[id(m)]
+
+
+def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
+    """Why `WithPast` cannot wrap `module` (qexport's causal-LM wrapper), or None."""
+    hf = getattr(module, "model", None)
+    cfg = getattr(hf, "config", None)
+    if hf is None or cfg is None or not all(hasattr(hf, a) for a in ("model", "lm_head")):
+        return "it needs a Hugging Face causal LM (a decoder stack `.model` and `.lm_head`)"
+    n = len(WithPast(hf).attention)
+    if n == 0 or n != getattr(cfg, "num_hidden_layers", -1):
+        return (f"{n} of its attention blocks are supported by the fused attention (Llama, "
+                "Mistral, Qwen2 without a sliding window, head size a multiple of 16); it "
+                "needs all of them")
+    return None
+
+
+FAMILY = register(Family(
+    "llama", model_types=("llama", "mistral", "qwen2"), block_paths=("model.layers", "layers"),
+    attention_swap=fused_attention, with_past=lambda module: WithPast(module.model),
+    kv_cache_unsupported=kv_cache_unsupported))

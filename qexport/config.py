@@ -1,0 +1,166 @@
+"""The settings of a qexport run, declared once: the CLI's defaults are these defaults.
+
+`QuantizeConfig` (how to quantize: scheme, method, head, embeddings, OS+) and `LearnConfig`
+(PTQ1.61 learning) configure `qexport.quantize`; `RunConfig` is the whole out/-folder job of
+`qexport.pipeline.run` (model, data, target, checks), holding a QuantizeConfig. No heavy
+import here: building the CLI parser reads these defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+from .errors import QexportError
+from .schemes import Scheme, parse_scheme
+
+METHODS = ("ptq161", "closed-form")
+DEFAULT_SCHEME = "w1.61a16"
+DEFAULT_HEAD_SCHEME = "w4a16"
+
+# Linears kept out of the main scheme by default (the --skip pattern): output heads and
+# embedding-like projections, by their last name component.
+HEAD_NAMES = ("lm_head", "embed_out", "output", "classifier", "score", "embed_tokens")
+
+
+def head_pattern(names=HEAD_NAMES) -> str:
+    return r"(^|\.)(" + "|".join(map(re.escape, names)) + r")$"
+
+
+DEFAULT_SKIP = head_pattern()
+
+
+@dataclasses.dataclass
+class LearnConfig:
+    """Settings of the block-wise learning (AdamW, weight decay 0)."""
+    epochs: int = 2
+    # Steps on a = α/α0, r1, r2 (all relative, start at 1). Tuned on SmolLM2 (docs/results.md):
+    # 2e-3 left most of the gain unrealised; fewer steps (the fast preset) want larger ones.
+    lr_alpha: float = 1e-2
+    lr_r1: float = 1e-2
+    lr_r2: float = 1e-2
+    weight_decay: float = 0.0
+    n_samples: int | None = None  # None: every row of calib_ids
+    batch_size: int = 1  # calibration sequences per optimizer step
+    mse_weight: float = 1.0  # weight of both MSE terms
+    cos_weight: float = 1.0  # weight of both −log cos terms
+    seed: int = 0
+    spill_dir: str | None = None  # keep activations in memory-mapped files there (large runs)
+    # One r2 for the Linears of a block that read the same activation with the same salient
+    # channels (q/k/v, gate/up), so that the exported ops stack into one
+    # (passes.fuse_shared_input). On SmolLM2: 8-26 % less time per decoded token, ~3 % higher
+    # perplexity (docs/results.md), hence off by default.
+    share_r2: bool = False
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LearnConfig":
+        """"default": the paper's 2 epochs on all calibration rows; "fast": 16 rows, 1 epoch."""
+        presets = {"default": {}, "fast": {"n_samples": 16, "epochs": 1, "lr_alpha": 3e-2,
+                                           "lr_r1": 3e-2, "lr_r2": 3e-2}}
+        if name not in presets:
+            raise QexportError(f"unknown PTQ1.61 preset {name!r}; choose from {', '.join(presets)}")
+        return dataclasses.replace(cls(**presets[name]), **overrides)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class QuantizeConfig:
+    scheme: Scheme = dataclasses.field(default_factory=lambda: parse_scheme(DEFAULT_SCHEME))
+    method: str = "ptq161"  # or "closed-form" (no learning: α = mean|W - μ|)
+    learn: LearnConfig | None = dataclasses.field(default_factory=LearnConfig)  # PTQ1.61
+    outlier_suppression: bool = False
+    os_quantile: float | None = None  # None: search t (OS+); else t = this half-range quantile
+    os_grid: int = 20  # candidates of t in the search
+    os_sample_tokens: int = 512  # calibration tokens kept per norm output for the search
+    skip: str = DEFAULT_SKIP
+    # The scheme of the skipped Linears (the output head); None keeps them in floating point.
+    # An all-4-bit head_scheme (w4a16) gets GPTQ codes on its RTN grid (qexport/gptq.py), from
+    # the head input's Hessian over the calibration batches (one more forward pass)
+    head_scheme: Scheme | None = dataclasses.field(
+        default_factory=lambda: parse_scheme(DEFAULT_HEAD_SCHEME))
+    head_gptq: bool = True
+    embeddings_fp16: bool = True  # embedding tables stored in fp16
+    # Attention blocks as single runtime ops where the model's family has an attention swap
+    # (qexport/families/); None: the target's default (on for ONNX Runtime, off for TensorRT,
+    # whose parser lacks ONNX Runtime's contrib ops)
+    fused_attention: bool | None = None
+    # Quantization preprocessing (PTQ1.61's restorative LoRA is one): preprocess(module,
+    # calib_batches) -> the module to quantize, run before tracing; see docs/design.md
+    preprocess: Callable[[Any, list[tuple]], Any] | None = None
+
+    def is_head(self, layer_name: str) -> bool:
+        """Whether a Linear is one the skip pattern keeps out of the main scheme."""
+        return bool(self.skip) and re.search(self.skip, layer_name) is not None
+
+    def scheme_for(self, layer_name: str) -> Scheme | None:
+        """The scheme a Linear gets (None: kept in floating point)."""
+        return self.head_scheme if self.is_head(layer_name) else self.scheme
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise QexportError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.os_grid < 1:
+            raise QexportError("--os-grid must be at least 1")
+        if self.os_quantile is not None and not 0.0 < self.os_quantile <= 1.0:
+            raise QexportError(f"--os-quantile must be within (0, 1], got {self.os_quantile}")
+        learn = self.learn or LearnConfig()
+        if learn.epochs < 1:
+            raise QexportError("--epochs must be at least 1")
+        for lr in (learn.lr_alpha, learn.lr_r1, learn.lr_r2):
+            if not lr > 0:
+                raise QexportError(f"--lr must be positive, got {lr}")
+        try:
+            re.compile(self.skip or "")
+        except re.error as e:
+            raise QexportError(f"--skip {self.skip!r} is not a regular expression: {e}") from e
+
+    def as_dict(self) -> dict:
+        return {"scheme": self.scheme.label, "salient_ratio": self.scheme.salient_ratio,
+                "salient_group_size": self.scheme.salient_group_size,
+                "outlier_suppression": self.outlier_suppression,
+                "os_quantile": self.os_quantile,
+                "os_grid": self.os_grid if self.os_quantile is None else None,
+                "skip": self.skip,
+                "head_scheme": self.head_scheme.label if self.head_scheme else None,
+                "head_gptq": self.head_gptq if self.head_scheme else None,
+                "embeddings_fp16": self.embeddings_fp16, "method": self.method,
+                "fused_attention": self.fused_attention,
+                "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None,
+                "preprocess": getattr(self.preprocess, "__name__", repr(self.preprocess))
+                if self.preprocess else None}
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The out/-folder job (`qexport MODEL -o OUT`, `qexport.pipeline.run`)."""
+    model: str
+    output: str = "out"
+    quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
+    target: str = "ort"  # a name in qexport.targets
+    kv_cache: bool = False  # also write model_with_past.onnx
+    force: bool = False  # replace an output folder not written by qexport
+    trust_pickle: bool = False
+    calib: str | None = None  # calibration text (None: Brown, or random tokens)
+    calib_samples: int = 64
+    calib_seqlen: int = 512
+    eval_text: str | None = None  # held-out text (None: Brown from char 3,000,000)
+    eval_tokens: int = 4096
+    eval_window: int = 512
+    perplexity: bool = True
+    threads: int | None = None  # torch and ONNX Runtime threads (None: their defaults)
+
+    def validate(self) -> None:
+        for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window"):
+            if getattr(self, name) < 1:
+                raise QexportError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise QexportError("--threads must be at least 1")
+        self.quantize.validate()
+
+
+def default(cls, name: str):
+    """The declared default of field `name` of dataclass `cls` (factories called)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default

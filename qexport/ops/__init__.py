@@ -1,0 +1,171 @@
+"""The op registry: every op qexport writes into a graph, as one `OpSpec` row.
+
+An op module (``qexport/ops/<op>``) defines the op's torch custom op (under
+``torch.ops.qexport``), its reference implementation, ONNX schema and translation, an
+onnx.reference OpRun and, for ops that replace a Linear, its packed-weight class; it then
+calls `register(OpSpec(...))`. Passes, checks, the exporter and the artifact reader go through
+the spec (`spec_of_node`, `spec_of_weights`, `spec_of_onnx_node`, `apply`, ...), never through
+a concrete op. docs/extending.md lists what adding an op touches.
+
+Packed-weight classes share one interface (duck-typed; `MixedLinearWeights` is the model):
+``in_features``, ``out_features``, ``tensors()`` (the op's weight inputs, in order),
+``attributes()`` (name -> int), ``from_inputs(tensors, attributes)``, ``validate()``,
+``weight_nbytes()``, ``bits_per_weight()``, ``dequantize()``, ``stacks_with(other)``,
+``stack(parts)`` and ``rows(start, stop)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+
+# The op modules, imported (and so registered) by `_load`; one line per op.
+_OP_MODULES = ("binary_mixed_linear", "group_query_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One op: how it appears in torch graphs, in ONNX and to the runtimes."""
+    name: str  # ONNX op type
+    domain: str  # ONNX domain
+    torch_name: str  # torch.ops.qexport.<torch_name>
+    input_names: tuple[str, ...]  # ONNX inputs, in order (the torch op's tensor arguments)
+    attributes: tuple[str, ...]  # int/float attributes after the tensors, in order
+    register_schema: Callable[[], None]  # onnx.defs schema (checker, exporter)
+    translate: Callable  # torch.onnx custom_translation_table entry
+    reference: Callable  # the reference implementation (PyTorch)
+    op_run: Callable[[], type] | None = None  # -> onnx.reference OpRun class (None: ORT only)
+    weights: type | None = None  # packed-weight class of an op that replaces a Linear
+    library: bool = False  # runs from libqexport_ops (else a runtime's own op)
+    version: int = 1
+
+    @property
+    def torch_op(self):
+        return getattr(torch.ops.qexport, self.torch_name).default
+
+    @property
+    def num_weights(self) -> int:
+        """Weight inputs of a Linear op (every input but the activation)."""
+        return len(self.input_names) - 1
+
+
+_REGISTRY: dict[str, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
+        raise ValueError(f"op {spec.name} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load() -> None:
+    import importlib
+    for module in _OP_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+
+
+def specs() -> Iterator[OpSpec]:
+    _load()
+    return iter(list(_REGISTRY.values()))
+
+
+def get(name: str) -> OpSpec:
+    _load()
+    return _REGISTRY[name]
+
+
+def linear_specs() -> list[OpSpec]:
+    """The ops that replace a Linear (they have a packed-weight class)."""
+    return [s for s in specs() if s.weights is not None]
+
+
+def spec_of_weights(weights) -> OpSpec:
+    for s in linear_specs():
+        if isinstance(weights, s.weights):
+            return s
+    raise TypeError(f"no registered op packs {type(weights).__name__}")
+
+
+def spec_of_node(node: torch.fx.Node) -> OpSpec | None:
+    """The Linear op an fx node calls, or None."""
+    if node.op != "call_function":
+        return None
+    for s in linear_specs():
+        if node.target == s.torch_op:
+            return s
+    return None
+
+
+def spec_of_onnx_node(node) -> OpSpec | None:
+    """The Linear op of an onnx NodeProto, or None (also for ops of other domains)."""
+    for s in linear_specs():
+        if node.domain == s.domain and node.op_type == s.name:
+            return s
+    return None
+
+
+def node_args(spec: OpSpec, x, weight_inputs: list, attributes: dict) -> tuple:
+    """Arguments of a call to `spec`'s torch op: x, the weight inputs, the attributes."""
+    return (x, *weight_inputs, *(attributes[a] for a in spec.attributes))
+
+
+def weights_of_node(spec: OpSpec, node: torch.fx.Node, get_tensor: Callable):
+    """The packed weights an fx node of `spec` holds (get_tensor: get_attr node -> tensor)."""
+    n = spec.num_weights
+    tensors = [None if a is None else get_tensor(a) for a in node.args[1:1 + n]]
+    return spec.weights.from_inputs(tensors, dict(zip(spec.attributes, node.args[1 + n:])))
+
+
+def apply(x: torch.Tensor, weights) -> torch.Tensor:
+    """Run the op of `weights` on x (eager, the reference)."""
+    spec = spec_of_weights(weights)
+    return spec.torch_op(*node_args(spec, x, weights.tensors(), weights.attributes()))
+
+
+def register_onnx_schemas() -> None:
+    for s in specs():
+        s.register_schema()
+
+
+def onnx_translation_table() -> dict:
+    """custom_translation_table for torch.onnx.export(dynamo=True)."""
+    register_onnx_schemas()
+    return {s.torch_op: s.translate for s in specs()}
+
+
+def reference_evaluator_ops() -> list:
+    """OpRun classes for onnx.reference.ReferenceEvaluator(model, new_ops=...)."""
+    register_onnx_schemas()
+    return [s.op_run() for s in specs() if s.op_run is not None]
+
+
+def single_op_model(weights, dtype=None):
+    """A one-node ONNX model computing `weights`' op on X [rows, K] (per-layer parity)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from ..contract import OPSET_VERSION
+
+    spec = spec_of_weights(weights)
+    spec.register_schema()
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype or np.float32))
+    names, inits = ["X"], []
+    for name, t in zip(spec.input_names[1:], weights.tensors()):
+        names.append(name if t is not None else "")
+        if t is not None:
+            inits.append(numpy_helper.from_array(t.numpy(), name))
+    while names and names[-1] == "":
+        names.pop()
+    node = helper.make_node(spec.name, names, ["Y"], domain=spec.domain,
+                            **weights.attributes())
+    graph = helper.make_graph(
+        [node], "layer",
+        [helper.make_tensor_value_info("X", elem, ["rows", weights.in_features])],
+        [helper.make_tensor_value_info("Y", elem, ["rows", weights.out_features])], inits)
+    model = helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid(spec.domain, OPSET_VERSION)])
+    model.ir_version = 10
+    return model

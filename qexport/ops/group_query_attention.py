@@ -1,0 +1,131 @@
+"""ONNX Runtime's com.microsoft GroupQueryAttention, as a qexport torch op.
+
+`torch.ops.qexport.group_query_attention` is the reference (PyTorch) semantics of the part of
+ONNX Runtime's op that qexport uses; a family adapter's attention swap
+(qexport/families/) calls it while tracing, and the exporter writes it as one
+GroupQueryAttention node, which ONNX Runtime runs itself (no qexport library needed).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import OpSpec, register
+
+MS_DOMAIN = "com.microsoft"
+
+
+@torch.library.custom_op("qexport::group_query_attention", mutates_args=())
+def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          past_k: torch.Tensor | None, past_v: torch.Tensor | None,
+                          seqlens_k: torch.Tensor, total_length: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                          kv_num_heads: int, scale: float, total: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX Runtime's GroupQueryAttention (the part qexport uses). q [B, S, num_heads*D], k
+    and v [B, S, kv_num_heads*D]; past_k and past_v [B, kv_num_heads, P, D] or None (P = 0):
+    a cache buffer whose first L_b - S positions hold row b's cached keys (rotated) and
+    values; seqlens_k int32 [B], L_b - 1, L_b being row b's length after this call (cached +
+    new tokens); total_length int32 scalar, the longest (`total` as an int, for the output
+    shapes); cos and sin [>= total, D/2], the rotary angles of positions 0, 1, ...
+    Returns the attention [B, S, num_heads*D] and the present keys and values
+    [B, kv_num_heads, max(total, P), D]: the past buffer with row b's new tokens written at
+    positions L_b - S .. L_b - 1 (0 .. S-1 when S = total: a prompt). The new tokens get
+    rotary embedding on q and k (halves rotated, not interleaved), and each group of
+    num_heads/kv_num_heads query heads attends to one kv head over positions up to its own,
+    softmax(q k^T * scale) v. With P >= total the present has the past's shape, and ONNX
+    Runtime writes it into the past buffer itself when both are bound to the same memory."""
+    b, s, _ = q.shape
+    d = q.shape[-1] // num_heads
+    p = 0 if past_k is None else past_k.shape[2]
+    groups = num_heads // kv_num_heads
+    present_k = q.new_zeros(b, kv_num_heads, max(total, p), d)
+    present_v = torch.zeros_like(present_k)
+    if past_k is not None:
+        present_k[:, :, :p], present_v[:, :, :p] = past_k, past_v
+    out = q.new_empty(b, s, num_heads * d)
+    for i in range(b):
+        start = 0 if s == total else int(seqlens_k[i]) + 1 - s  # the row's first new position
+        cos2 = torch.cat([cos[start:start + s]] * 2, -1).to(q.dtype)
+        sin2 = torch.cat([sin[start:start + s]] * 2, -1).to(q.dtype)
+
+        def rotary(x):
+            rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+            return x * cos2 + rotated * sin2
+
+        def heads(x, n):
+            return x[i].view(s, n, d).transpose(0, 1)
+
+        present_k[i, :, start:start + s] = rotary(heads(k, kv_num_heads))
+        present_v[i, :, start:start + s] = heads(v, kv_num_heads)
+        keys = present_k[i, :, :start + s].repeat_interleave(groups, 0)
+        values = present_v[i, :, :start + s].repeat_interleave(groups, 0)
+        mask = torch.ones(s, start + s, dtype=torch.bool, device=q.device).tril(start)
+        att = torch.nn.functional.scaled_dot_product_attention(
+            rotary(heads(q, num_heads)), keys, values, attn_mask=mask, scale=scale)
+        out[i] = att.transpose(0, 1).reshape(s, num_heads * d)
+    return out, present_k, present_v
+
+
+@group_query_attention.register_fake
+def _(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads,
+      scale, total):
+    b, s, _ = q.shape
+    d = q.shape[-1] // num_heads
+    length = total if past_k is None else torch.sym_max(total, past_k.shape[2])
+    return q.new_empty(q.shape), k.new_empty(b, kv_num_heads, length, d), \
+        k.new_empty(b, kv_num_heads, length, d)
+
+
+def register_onnx_schema() -> None:
+    """Declare the part of ONNX Runtime's com.microsoft GroupQueryAttention (contrib opset 1)
+    that the translation uses to onnx, which has no schema for it (the exporter and the
+    checker need one). Outputs: the attention, present key, present value."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("GroupQueryAttention", 1, MS_DOMAIN)
+        return
+    except onnx.defs.SchemaError:
+        pass
+    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
+    inputs = [OpSchema.FormalParameter(name, ty, param_option=opt) for name, ty, opt in (
+        ("query", "T", single), ("key", "T", single), ("value", "T", single),
+        ("past_key", "T", optional), ("past_value", "T", optional),
+        ("seqlens_k", "M", single), ("total_sequence_length", "M", single),
+        ("cos_cache", "T", optional), ("sin_cache", "T", optional))]
+    attr = OpSchema.Attribute
+    onnx.defs.register_schema(OpSchema(
+        "GroupQueryAttention", MS_DOMAIN, 1,
+        doc="ONNX Runtime contrib op (declared by qexport for export; ORT runs it)",
+        inputs=inputs,
+        outputs=[OpSchema.FormalParameter(n, "T") for n in ("output", "present_key",
+                                                              "present_value")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
+                          ("M", ["tensor(int32)"], "lengths")],
+        attributes=[attr("num_heads", OpSchema.AttrType.INT, "query heads"),
+                    attr("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
+                    attr("scale", OpSchema.AttrType.FLOAT, "softmax scale"),
+                    attr("do_rotary", OpSchema.AttrType.INT, "rotary on q and k"),
+                    attr("rotary_interleaved", OpSchema.AttrType.INT, "0: halves rotated")]))
+
+
+def translate(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads,
+              kv_num_heads, scale, total):  # total: total_length as an int, shapes only
+    """torch.onnx custom translation: one com.microsoft GroupQueryAttention (past inputs and
+    present outputs as the op has them)."""
+    from onnxscript.values import Opset
+
+    return Opset(MS_DOMAIN, 1).GroupQueryAttention(
+        q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads=num_heads,
+        kv_num_heads=kv_num_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
+        _outputs=3)
+
+
+SPEC = register(OpSpec(
+    name="GroupQueryAttention", domain=MS_DOMAIN, torch_name="group_query_attention",
+    input_names=("query", "key", "value", "past_key", "past_value", "seqlens_k",
+                 "total_sequence_length", "cos_cache", "sin_cache"),
+    attributes=("num_heads", "kv_num_heads", "scale", "total"),
+    register_schema=register_onnx_schema, translate=translate,
+    reference=group_query_attention))

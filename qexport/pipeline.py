@@ -1,0 +1,286 @@
+"""The out/-folder job: load, data, quantize (trace, calibrate, passes), export, check,
+report, all written atomically (a temp folder renamed into place), then the target's own
+step (e.g. a TensorRT engine). `run(RunConfig(...))` is what `qexport MODEL` does; the CLI
+only parses its arguments into a RunConfig and prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import targets
+from .config import RunConfig
+from .contract import META_SOURCE, META_VOCAB_SIZE
+from .errors import QexportError
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class RunResult:
+    output: Path
+    report: dict
+    parity_ok: bool
+    finish: targets.Finish | None = None  # the target's step after the folder was written
+
+
+@dataclasses.dataclass
+class _Data:
+    calib: list  # [(input_ids [1, L],), ...]
+    calib_source: str
+    eval_ids: object = None  # held-out token ids [T] or None
+    eval_source: str | None = None
+    ppl_skipped: str | None = None
+
+
+def run(config: RunConfig, progress: Progress | None = None) -> RunResult:
+    """Quantize `config.model` and write `config.output`; see RunConfig for the settings.
+    Raises QexportError (one line) for anything the user's input or model causes; on any
+    failure the output folder is left as it was."""
+    say = progress or (lambda msg: None)
+    config.validate()
+    target = targets.get(config.target)
+    out = Path(config.output)
+    tmp = _prepare_output(out, config.force)
+    try:
+        report = _run_into(config, target, tmp, say)
+        _commit_output(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = RunResult(out, report, report["parity"]["ok"])
+    if result.parity_ok:
+        say(f"wrote {out}/ (model.onnx, op library, report.md)")
+        if target.finish is not None:
+            result.finish = target.finish(out, say)
+    return result
+
+
+def _run_into(config: RunConfig, target: targets.Target, tmp: Path, say: Progress) -> dict:
+    import torch
+
+    from . import api, models
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    qconfig = dataclasses.replace(config.quantize)
+    if qconfig.fused_attention is None:
+        qconfig.fused_attention = target.fused_attention
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say(f"loading {config.model}")
+    lm = models.load_model(config.model, trust_pickle=config.trust_pickle)
+    timings["load"] = time.perf_counter() - t0
+    data = _load_data(config, lm)
+    if config.kv_cache:
+        if not qconfig.fused_attention:
+            raise QexportError("--kv-cache needs the fused attention (not with "
+                               f"--no-fused-attention or --target {config.target})")
+        reason = api.kv_cache_unsupported(lm.module)
+        if reason:
+            raise QexportError(f"--kv-cache: {reason}")
+    example = lm.example_inputs(batch=2, seq=8)
+    qm = api.quantize(lm.module, example, data.calib, qconfig, progress=say)
+    timings.update(qm.timings)
+
+    files = _export(config, lm, qm, target, tmp, say, timings)
+    checks = _check(config, lm, qm, data, tmp, say, timings)
+    return _report(config, target, lm, qm, data, files, checks, tmp, say, timings)
+
+
+def _load_data(config: RunConfig, lm) -> _Data:
+    """Calibration batches and held-out tokens: text through the model's tokenizer, or random
+    tokens for a model without one."""
+    from . import data
+
+    if lm.tokenizer is None:
+        if config.calib:
+            raise QexportError(f"{config.model} has no tokenizer, so --calib text cannot be "
+                               "used; omit it to calibrate on random tokens")
+        if not lm.vocab_size:
+            raise QexportError(f"cannot calibrate {config.model}: no tokenizer and unknown "
+                               "vocabulary")
+        calib = data.random_token_batches(lm.vocab_size, config.calib_samples,
+                                          config.calib_seqlen)
+        return _Data([(b.unsqueeze(0),) for b in calib],
+                     f"random tokens (the model has no tokenizer), vocabulary {lm.vocab_size}",
+                     ppl_skipped="the model has no tokenizer")
+    held_out = None
+    if config.calib:
+        calib_text, calib_source = data.load_text(config.calib), config.calib
+    else:
+        calib_text, held_out = data.brown_splits()
+        calib_source = "Brown corpus (characters 0 to 3,000,000)"
+    calib = data.calibration_batches(lm.tokenizer, calib_text, config.calib_samples,
+                                     config.calib_seqlen)
+    out = _Data([(b.unsqueeze(0),) for b in calib], calib_source)
+    if not config.perplexity:
+        out.ppl_skipped = "--no-perplexity"
+    elif config.eval_text:
+        out.eval_ids = data.eval_tokens(lm.tokenizer, data.load_text(config.eval_text),
+                                        config.eval_tokens)
+        out.eval_source = config.eval_text
+    else:
+        if held_out is None:  # read once: calibration may have split Brown already
+            held_out = data.brown_splits()[1]
+        out.eval_ids = data.eval_tokens(lm.tokenizer, held_out, config.eval_tokens)
+        out.eval_source = "Brown corpus from character 3,000,000 (held out)"
+    return out
+
+
+def _export(config: RunConfig, lm, qm, target: targets.Target, tmp: Path, say: Progress,
+            timings: dict) -> list[Path]:
+    """model.onnx (+ model_with_past.onnx) and the target's runtime files, into tmp."""
+    from . import api
+
+    say("exporting to ONNX")
+    onnx_path = tmp / "model.onnx"
+    extra = {META_SOURCE: str(config.model)}
+    if lm.vocab_size:
+        extra[META_VOCAB_SIZE] = str(lm.vocab_size)
+    files = api.export(qm, onnx_path, extra, input_names=["input_ids"], output_names=["logits"])
+    timings["export"] = qm.timings["export"]
+    if config.kv_cache:
+        say("exporting the KV-cache decoder (model_with_past.onnx)")
+        t0 = time.perf_counter()
+        files += api.export_with_past(lm.module, qm, tmp / "model_with_past.onnx", extra,
+                                      share_data_with=onnx_path)
+        timings["export_with_past"] = time.perf_counter() - t0
+    return files + target.runtime_files(tmp)
+
+
+def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
+           timings: dict) -> dict:
+    """Parity (ONNX Runtime vs the PyTorch quantized graph, end to end, per layer and through
+    the KV-cache decoder), quantization error, speed and perplexity; writes reference.npz."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from . import check, evaluate, native
+    from .data import random_token_batches
+
+    t0 = time.perf_counter()
+    say("checking parity: ONNX Runtime vs PyTorch reference")
+    session = native.make_session(tmp / "model.onnx", threads=config.threads)
+    if data.eval_ids is not None and data.eval_ids.numel() >= 256:
+        parity_ids, parity_desc = data.eval_ids[:256].view(2, 128), "2×128 held-out tokens"
+    else:
+        parity_ids = random_token_batches(lm.vocab_size, 2, 64, seed=1)
+        parity_desc = "2×64 random tokens"
+    with torch.no_grad():
+        fp_logits = lm.module(parity_ids)
+        ref_logits = qm.graph_module(parity_ids)
+    ort_logits = session.run(None, {session.get_inputs()[0].name: parity_ids.numpy()})[0]
+    e2e = {"inputs": parity_desc,
+           "parity": check.compare(ort_logits, ref_logits, top1=True),
+           "quant_error": check.compare(ref_logits, fp_logits, top1=True),
+           "ort_vs_fp": check.compare(ort_logits, fp_logits, top1=True)}
+    # A small reference for the samples (full logits of the parity batch would be ~50 MB).
+    sample_ids = parity_ids[:1, :16].contiguous()
+    with torch.no_grad():
+        sample_logits = qm.graph_module(sample_ids)
+    np.savez(tmp / "reference.npz", input_ids=sample_ids.numpy(), logits=sample_logits.numpy())
+    past_session = None
+    if config.kv_cache:
+        say("checking the KV-cache decoder: prompt, then 8 tokens one at a time")
+        n = parity_ids.shape[1]
+        past_session = native.make_session(tmp / "model_with_past.onnx", threads=config.threads)
+        kv_logits = check.decode_with_past(past_session, parity_ids[:1].numpy(), n - 8)
+        e2e["kv_cache"] = {"inputs": f"the first row: {n - 8} tokens, then 8 decoded one by "
+                                     "one, the cache updated in place (the logits of the "
+                                     "prompt's last token and of each)",
+                           "parity": check.compare(kv_logits, ref_logits[:1, n - 9:],
+                                                   top1=True)}
+    layer_inputs = check.op_inputs(qm.graph_module, (parity_ids[:1, :32],))
+
+    def layer_session(model_bytes):
+        return ort.InferenceSession(model_bytes, sess_options=native.session_options(),
+                                    providers=["CPUExecutionProvider"])
+    layers = check.layer_report(qm.packed, qm.fp_weights, layer_inputs, layer_session)
+    timings["check"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    say("timing: ONNX Runtime vs PyTorch fp32")
+    speed = check.speed(session, lm.module, parity_ids[:1].contiguous(), past_session)
+    timings["speed"] = time.perf_counter() - t0
+    ppl = None
+    if data.eval_ids is not None:
+        t0 = time.perf_counter()
+        ppl = evaluate.perplexities(data.eval_ids, config.eval_window, data.eval_source, say,
+                                    fp=lm.module, quantized_torch=qm.graph_module,
+                                    quantized_ort=session)
+        timings["perplexity"] = time.perf_counter() - t0
+    parity_ok = check.parity_ok(e2e["parity"]) and \
+        check.parity_ok(e2e.get("kv_cache", e2e)["parity"]) and all(
+        row.get("parity", {}).get("ok", True) for row in layers)
+    return {"end_to_end": e2e, "layers": layers, "speed": speed, "perplexity": ppl,
+            "parity_ok": parity_ok}
+
+
+def _report(config: RunConfig, target: targets.Target, lm, qm, data: _Data, files: list[Path],
+            checks: dict, tmp: Path, say: Progress, timings: dict) -> dict:
+    """report.json and report.md into tmp; returns the report."""
+    from . import __version__, check, report
+
+    qconfig = qm.config
+    n_params = sum(p.numel() for p in {id(p): p for p in lm.module.parameters()}.values())
+    onnx_bytes = sum(f.stat().st_size for f in files if f.suffix != ".so")
+    e2e, ppl = checks["end_to_end"], checks["perplexity"]
+    rep = {
+        "qexport_version": __version__, "scheme": qconfig.scheme.label,
+        "config": qconfig.as_dict(), "target": target.name, "family": qm.family,
+        "model": {"name": lm.name, "source": str(config.model), "kind": lm.kind,
+                  "parameters": n_params},
+        "calibration": {"source": data.calib_source, "samples": config.calib_samples,
+                        "seq_len": config.calib_seqlen},
+        "files": [f.name for f in files] + ["reference.npz"],
+        "bits": report.bits_summary(checks["layers"], qm.packed, head=qconfig.is_head),
+        "size": {"onnx_bytes": onnx_bytes, "fp32_bytes": 4 * n_params,
+                 "fp16_bytes": 2 * n_params},
+        "parity": {"ok": checks["parity_ok"], "min_cosine": check.PARITY_MIN_COSINE,
+                   "min_top1": check.PARITY_MIN_TOP1},
+        "end_to_end": e2e, "speed": checks["speed"], "layers": checks["layers"],
+        "perplexity": ppl, "perplexity_skipped": data.ppl_skipped, "timings": timings,
+        "notes": qm.notes,
+    }
+    report.write(rep, tmp)
+    say(f"bits/weight {rep['bits']['bits_per_weight']:.3f}; parity cosine "
+        f"{e2e['parity']['cosine']:.6f}, top-1 {e2e['parity']['top1_agreement']:.4f}"
+        + (f"; perplexity fp {ppl['fp']:.2f} -> quantized {ppl['quantized_ort']:.2f}"
+           if ppl else ""))
+    return rep
+
+
+def _prepare_output(path: Path, force: bool) -> Path:
+    """Check the output folder can be (re)written; return a temp folder beside it."""
+    if path.exists():
+        if not path.is_dir():
+            raise QexportError(f"output {path} exists and is not a folder")
+        ours = (path / "report.json").exists() or not any(path.iterdir())
+        if not ours and not force:
+            raise QexportError(f"output folder {path} exists and was not written by qexport; "
+                               "use --force to replace it")
+    parent = path.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise QexportError(f"cannot write the output folder {path}: {e.strerror}") from e
+
+
+def _commit_output(tmp: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""Backend targets: what an export is made for, one row each.
+
+Every target gets the same out/ folder core (model.onnx with qexport-domain nodes, report,
+reference); a target adds what its runtime needs: the files it copies in (the ONNX Runtime
+op library), its default for the attention swap (ONNX Runtime's contrib ops or standard
+ops), and a step after the folder is written (a TensorRT engine build). `get(name)` is the
+one lookup; the CLI's --target choices are `names()`. docs/extending.md lists what adding a
+target touches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..errors import QexportError
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    """The outcome of a target's step after out/ is written."""
+    status: str  # "done" | "unavailable" (prerequisites missing) | "parity_failed"
+    message: str
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def copy_op_library(out: Path) -> list[Path]:
+    """libqexport_ops.so into out/, so the folder deploys on its own."""
+    from .. import native
+
+    lib = native.library_path()
+    shutil.copy2(lib, out / lib.name)
+    return [out / lib.name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    help: str
+    # default of QuantizeConfig.fused_attention: whether the runtime runs ONNX Runtime's
+    # contrib attention op
+    fused_attention: bool = True
+    runtime_files: Callable[[Path], list[Path]] = copy_op_library  # out -> files written
+    # (out, progress) -> Finish, after out/ is committed; None: nothing more to do
+    finish: Callable[[Path, Callable[[str], None]], Finish] | None = None
+
+
+_REGISTRY: dict[str, Target] = {}
+_TARGET_MODULES = ("ort", "trt")  # imported (and so registered) on first use
+
+
+def register(target: Target) -> Target:
+    _REGISTRY[target.name] = target
+    return target
+
+
+def _load() -> None:
+    import importlib
+    for module in _TARGET_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+
+
+def names() -> list[str]:
+    _load()
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Target:
+    _load()
+    if name not in _REGISTRY:
+        raise QexportError(f"unknown target {name!r}; choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
