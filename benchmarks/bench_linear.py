@@ -55,7 +55,7 @@ def _model_ours(n, k, seed=0):
     from qexport import ops
     from qexport.testing import random_mixed_linear
 
-    ops.register_onnx_schema()
+    ops.register_onnx_schemas()
     w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=seed)
     names = list(B.INPUT_NAMES)
     inits, node_inputs, nbytes = [], ["X"], 0

@@ -260,28 +260,8 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
                 _share_r2(block, learned, x_fp[s:e], *extras[e - s])
             run(block, {}, x_fp, y_fp)  # fp target; also the next block's fp input
             run(block, {}, x_q, y_fpq)
-            r2s = {id(mods.r2): mods.r2 for mods in learned.values() if mods.kb}  # shared: once
-            params = [(mods.a, config.lr_alpha) for mods in learned.values()] + \
-                [(mods.r1, config.lr_r1) for mods in learned.values()] + \
-                [(r2, config.lr_r2) for r2 in r2s.values()]
-            opt = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in params],
-                                    weight_decay=config.weight_decay) if learned else None
-            first = last = float("nan")  # first step's loss, mean loss of the last epoch
-            for epoch in range(config.epochs if learned else 0):
-                total = 0.0
-                for j in torch.randperm(len(batches), generator=gen).tolist():
-                    s, e = batches[j]
-                    args, kwargs = extras[e - s]
-                    weights = {f"{sub}.weight": ll.weight() for sub, ll in learned.items()}
-                    q = _out(functional_call(block, weights, (x_q[s:e],) + args, kwargs))
-                    loss = block_loss(q, y_fp[s:e], y_fpq[s:e], config)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * (e - s)
-                    if first != first:
-                        first = float(loss.detach())
-                last = total / n
+            first, last = _optimize(block, learned, batches, extras, x_q, y_fp, y_fpq, config,
+                                    gen)
             packs = {sub: ll.pack() for sub, ll in learned.items()}
             for sub, pk in packs.items():
                 out[prefix + sub] = pk
@@ -301,6 +281,36 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
         for p, r in requires.items():
             p.requires_grad_(r)
     return out
+
+
+def _optimize(block, learned: dict[str, "LearnedLinear"], batches, extras, x_q, y_fp, y_fpq,
+              config: LearnConfig, gen: torch.Generator) -> tuple[float, float]:
+    """AdamW on the block's α, r1, r2 for config.epochs epochs over the batches (in an order
+    drawn from `gen`); returns the first step's loss and the mean loss of the last epoch."""
+    r2s = {id(mods.r2): mods.r2 for mods in learned.values() if mods.kb}  # shared: once
+    params = [(mods.a, config.lr_alpha) for mods in learned.values()] + \
+        [(mods.r1, config.lr_r1) for mods in learned.values()] + \
+        [(r2, config.lr_r2) for r2 in r2s.values()]
+    opt = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in params],
+                            weight_decay=config.weight_decay) if learned else None
+    n = batches[-1][1] if batches else 0
+    first = last = float("nan")
+    for epoch in range(config.epochs if learned else 0):
+        total = 0.0
+        for j in torch.randperm(len(batches), generator=gen).tolist():
+            s, e = batches[j]
+            args, kwargs = extras[e - s]
+            weights = {f"{sub}.weight": ll.weight() for sub, ll in learned.items()}
+            q = _out(functional_call(block, weights, (x_q[s:e],) + args, kwargs))
+            loss = block_loss(q, y_fp[s:e], y_fpq[s:e], config)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * (e - s)
+            if first != first:
+                first = float(loss.detach())
+        last = total / n
+    return first, last
 
 
 # --------------------------------------------------------------------------- helpers

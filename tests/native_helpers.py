@@ -51,7 +51,7 @@ def bml_model(weights, x_shape: Sequence[int | str], act_dtype=np.float32,
     from qexport.ops.binary_mixed_linear import contract as B
     from qexport import ops
 
-    ops.register_onnx_schema()
+    ops.register_onnx_schemas()
     if tensors is None:
         tensors = [None if t is None else t.numpy() for t in weights.tensors()]
     attrs = dict(weights.attributes()) if attributes is None else attributes

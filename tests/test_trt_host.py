@@ -24,6 +24,13 @@ class _FakeTensorRT:
     def __init__(self, logits: np.ndarray):
         self.logits = logits.astype(np.float32)
         self.calls: list = []
+        self.module = types.SimpleNamespace(
+            MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
+            BuilderFlag=types.SimpleNamespace(FP16="fp16"),
+            TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
+            nptype=np.dtype, **self._builder_api(), **self._runtime_api())
+
+    def _builder_api(self) -> dict:
         fake = self
 
         class Logger:
@@ -90,6 +97,12 @@ class _FakeTensorRT:
             def build_serialized_network(self, network, config):
                 return b"fake engine"
 
+        return {"Logger": Logger, "Builder": Builder, "OnnxParser": Parser,
+                "_Registry": Registry}
+
+    def _runtime_api(self) -> dict:
+        fake = self
+
         class Context:
             def __init__(self):
                 self.addresses, self.shapes = {}, {}
@@ -130,17 +143,12 @@ class _FakeTensorRT:
                 pass
 
             def get_plugin_registry(self):
-                return Registry()
+                return fake.module._Registry()
 
             def deserialize_cuda_engine(self, data):
                 return Engine() if data == b"fake engine" else None
 
-        self.module = types.SimpleNamespace(
-            Logger=Logger, Builder=Builder, OnnxParser=Parser, Runtime=Runtime,
-            MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
-            BuilderFlag=types.SimpleNamespace(FP16="fp16"),
-            TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
-            nptype=np.dtype)
+        return {"Runtime": Runtime}
 
 
 @pytest.fixture
