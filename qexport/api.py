@@ -71,6 +71,8 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         module = config.preprocess(module, batches)
         timings["preprocess"] = time.perf_counter() - t0
     family = families.detect(module)
+    if config.skip is None:
+        config = dataclasses.replace(config, skip=family.skip_pattern)
     t0 = time.perf_counter()
     say(f"tracing with torch.export ({family.name} family)")
     gm = trace(module, example_inputs,

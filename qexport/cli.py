@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no OS+ search: t = this quantile of the channels' half-ranges")
     q.add_argument("--skip", default=q_default("skip"),
                    help="regex of Linear names that get --head-scheme instead of --scheme "
-                        "[default: the output head and embedding-like names]")
+                        "[default: the model family's output head and embedding names]")
     q.add_argument("--head-scheme", default=DEFAULT_HEAD_SCHEME,
                    help="scheme of the --skip Linears (the output head); an all-4-bit one gets "
                         "GPTQ codes; 'none' keeps them in floating point (~1.5%% lower "

@@ -74,7 +74,9 @@ class QuantizeConfig:
     os_quantile: float | None = None  # None: search t (OS+); else t = this half-range quantile
     os_grid: int = 20  # candidates of t in the search
     os_sample_tokens: int = 512  # calibration tokens kept per norm output for the search
-    skip: str = DEFAULT_SKIP
+    # Regex of the Linears kept out of the main scheme (they get head_scheme); None: the
+    # model family's head and embedding names (qexport/families/, default HEAD_NAMES)
+    skip: str | None = None
     # The scheme of the skipped Linears (the output head); None keeps them in floating point.
     # An all-4-bit head_scheme (w4a16) gets GPTQ codes on its RTN grid (qexport/gptq.py), from
     # the head input's Hessian over the calibration batches (one more forward pass)
@@ -91,8 +93,10 @@ class QuantizeConfig:
     preprocess: Callable[[Any, list[tuple]], Any] | None = None
 
     def is_head(self, layer_name: str) -> bool:
-        """Whether a Linear is one the skip pattern keeps out of the main scheme."""
-        return bool(self.skip) and re.search(self.skip, layer_name) is not None
+        """Whether a Linear is one the skip pattern keeps out of the main scheme (the default
+        pattern when `skip` is None: quantize resolves it to the family's)."""
+        pattern = DEFAULT_SKIP if self.skip is None else self.skip
+        return bool(pattern) and re.search(pattern, layer_name) is not None
 
     def scheme_for(self, layer_name: str) -> Scheme | None:
         """The scheme a Linear gets (None: kept in floating point)."""
