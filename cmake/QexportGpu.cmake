@@ -1,7 +1,7 @@
-# GPU parts of the qexport build (docs/gpu.md), included by the top-level CMakeLists.txt after
-# the qexport_ops target exists:
-#   QEXPORT_BUILD_CUDA  CUDA kernels (plugins/*/bml_cuda.cu) + the CUDAExecutionProvider ops,
-#                       compiled into libqexport_ops.so (static CUDA runtime).
+# GPU options and toolchain of the qexport build (docs/gpu.md), included by the top-level
+# CMakeLists.txt before the plugins/ folders, which add the GPU sources of each op:
+#   QEXPORT_BUILD_CUDA  CUDA kernels + the CUDAExecutionProvider ops, compiled into
+#                       libqexport_ops.so (static CUDA runtime).
 #                       Default: $ENV{QEXPORT_BUILD_CUDA} if set; OFF under pip/scikit-build-core
 #                       (the default `pip install` stays CPU-only and fast); else ON when
 #                       check_language(CUDA) finds a compiler.
@@ -9,6 +9,9 @@
 #                       CUDA, when the TensorRT headers are found or fetched; ON: required.
 #   QEXPORT_BUILD_TESTS C++ test programs of tests/cpp (run by tests/test_gpu_build.py).
 # Architectures: CMAKE_CUDA_ARCHITECTURES, else $ENV{QEXPORT_CUDA_ARCHS}, else "80;86;89;90".
+# Sets QEXPORT_WITH_TRT (ON/OFF): whether libqexport_trt.so is built. With CUDA on, the CUDA
+# language is enabled and CUDA::cudart_static / CUDA::toolkit exist; with TensorRT on, the
+# INTERFACE target qexport::tensorrt_headers (cmake/TensorRTHeaders.cmake).
 include_guard(GLOBAL)
 include(CheckLanguage)
 include(${CMAKE_CURRENT_LIST_DIR}/QexportCommon.cmake)
@@ -29,6 +32,7 @@ option(QEXPORT_BUILD_CUDA "Build the CUDA kernels and ORT CUDA ops" ${_qexport_c
 set(QEXPORT_BUILD_TRT "AUTO" CACHE STRING "Build libqexport_trt.so (ON, OFF, AUTO)")
 set_property(CACHE QEXPORT_BUILD_TRT PROPERTY STRINGS ON OFF AUTO)
 option(QEXPORT_BUILD_TESTS "Build the C++ test programs of tests/cpp" OFF)
+set(QEXPORT_WITH_TRT OFF)
 
 if(NOT QEXPORT_BUILD_CUDA)
   message(STATUS "qexport: CUDA kernels off (QEXPORT_BUILD_CUDA=OFF); CPU op library only")
@@ -47,64 +51,27 @@ find_package(CUDAToolkit REQUIRED)
 message(STATUS "qexport: CUDA kernels on: nvcc ${CMAKE_CUDA_COMPILER_VERSION}, "
                "architectures ${CMAKE_CUDA_ARCHITECTURES}")
 
-# The kernels once, as PIC objects shared by the ORT op library and the TensorRT plugins.
-add_library(qexport_bml_cuda OBJECT plugins/binary_mixed_linear/bml_cuda.cu)
-target_include_directories(qexport_bml_cuda PRIVATE
-  "${CMAKE_CURRENT_SOURCE_DIR}/plugins" "${CMAKE_CURRENT_SOURCE_DIR}/plugins/common")
-set_target_properties(qexport_bml_cuda PROPERTIES
-  CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON POSITION_INDEPENDENT_CODE ON
-  CUDA_VISIBILITY_PRESET hidden)
-target_compile_options(qexport_bml_cuda PRIVATE
-  $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra --expt-relaxed-constexpr>)
+# CUDA code of the plugins (each op's kernels, an OBJECT library shared by libqexport_ops.so,
+# libqexport_trt.so and the test library): PIC, hidden visibility, warnings, C++17.
+function(qexport_cuda_code target)
+  target_include_directories(${target} PRIVATE
+    "${PROJECT_SOURCE_DIR}/plugins" "${PROJECT_SOURCE_DIR}/plugins/common")
+  set_target_properties(${target} PROPERTIES
+    CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON POSITION_INDEPENDENT_CODE ON
+    CUDA_VISIBILITY_PRESET hidden)
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra --expt-relaxed-constexpr>)
+endfunction()
 
-target_sources(qexport_ops PRIVATE plugins/binary_mixed_linear/ort_cuda_op.cpp
-                                   $<TARGET_OBJECTS:qexport_bml_cuda>)
-target_compile_definitions(qexport_ops PRIVATE QEXPORT_WITH_CUDA)
-# qexport_ops was created before CMAKE_CUDA_ARCHITECTURES was set here.
-set_target_properties(qexport_ops PROPERTIES CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}")
-target_link_libraries(qexport_ops PRIVATE CUDA::cudart_static)
-
-# ---- TensorRT plugin library
-set(_qexport_trt_build OFF)
+# ---- TensorRT headers (libqexport_trt.so links no TensorRT library)
 if(QEXPORT_BUILD_TRT STREQUAL "ON" OR QEXPORT_BUILD_TRT STREQUAL "AUTO")
   include(TensorRTHeaders)
   if(QEXPORT_TRT_HEADERS_FOUND)
-    set(_qexport_trt_build ON)
+    set(QEXPORT_WITH_TRT ON)
   elseif(QEXPORT_BUILD_TRT STREQUAL "ON")
     message(FATAL_ERROR "qexport: QEXPORT_BUILD_TRT=ON but no TensorRT headers were found or "
                         "fetched; set TensorRT_INCLUDE_DIR or TensorRT_ROOT")
   else()
     message(STATUS "qexport: TensorRT headers not found: libqexport_trt.so is not built")
-  endif()
-endif()
-if(_qexport_trt_build)
-  add_library(qexport_trt SHARED
-    plugins/trt/trt_register.cpp
-    plugins/binary_mixed_linear/trt_plugin.cpp
-    $<TARGET_OBJECTS:qexport_bml_cuda>)
-  target_include_directories(qexport_trt PRIVATE
-    "${CMAKE_CURRENT_SOURCE_DIR}/plugins" "${CMAKE_CURRENT_SOURCE_DIR}/plugins/common")
-  # No libnvinfer: the library talks to TensorRT only through the interfaces it hands over.
-  target_link_libraries(qexport_trt PRIVATE qexport::tensorrt_headers CUDA::cudart_static)
-  qexport_plugin_library(qexport_trt "${CMAKE_CURRENT_SOURCE_DIR}/plugins/trt/qexport_trt.map")
-  install(TARGETS qexport_trt LIBRARY DESTINATION qexport/lib RUNTIME DESTINATION qexport/lib)
-endif()
-
-# ---- C++ tests (tests/cpp): no GPU needed except where a program says so
-if(QEXPORT_BUILD_TESTS)
-  # ctypes entry points into the CUDA launchers (tests/test_gpu_kernels.py; needs a GPU to run).
-  add_library(qexport_cuda_testlib SHARED tests/cpp/bml_cuda_capi.cpp
-              $<TARGET_OBJECTS:qexport_bml_cuda>)
-  target_include_directories(qexport_cuda_testlib PRIVATE
-    "${CMAKE_CURRENT_SOURCE_DIR}/plugins" "${CMAKE_CURRENT_SOURCE_DIR}/plugins/common")
-  target_link_libraries(qexport_cuda_testlib PRIVATE CUDA::cudart_static)
-  if(_qexport_trt_build)
-    # Loads libqexport_trt.so with dlopen and drives the plugin through TensorRT's interfaces.
-    add_executable(qexport_test_trt_plugin tests/cpp/test_trt_plugin.cpp)
-    target_include_directories(qexport_test_trt_plugin PRIVATE
-      "${CMAKE_CURRENT_SOURCE_DIR}/plugins/common")
-    target_link_libraries(qexport_test_trt_plugin PRIVATE qexport::tensorrt_headers
-                          CUDA::toolkit ${CMAKE_DL_LIBS})
-    add_dependencies(qexport_test_trt_plugin qexport_trt)
   endif()
 endif()

@@ -372,10 +372,11 @@ def test_same_session_many_runs(lib, isa):
 
 
 def test_small_layers_share_chunks(lib):
-    """Packed weights under 16 MiB are pieces of shared 32 MiB chunks (bml_cpu_lut.cpp
-    SmallArena; 16 of these 1.9 MB layers fill one). Layers released and packed again in
-    turn, so that a full chunk is unmapped, a partly used one is filled on, and the newest is
-    reused from its start once empty: every live session still computes its own layer."""
+    """Packed weights under 16 MiB are pieces of shared 32 MiB chunks (SmallArena in
+    plugins/common/qexport_arena.cpp; 16 of these 1.9 MB layers fill one). Layers released
+    and packed again in turn, so that a full chunk is unmapped, a partly used one is filled
+    on, and the newest is reused from its start once empty: every live session still
+    computes its own layer."""
     import gc
 
     rng = np.random.default_rng(8)
@@ -407,7 +408,7 @@ def test_small_layers_share_chunks(lib):
 
 
 def test_large_layer_maps_its_own(lib):
-    """Packed weights of 16 MiB and more get a mapping of their own (WeightBytes), next to
+    """Packed weights of 16 MiB and more get a mapping of their own (HugePageBuffer), next to
     small layers in a chunk."""
     rng = np.random.default_rng(9)
     x = rng.standard_normal((2, 8192)).astype(np.float32)

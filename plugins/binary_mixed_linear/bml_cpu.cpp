@@ -1,7 +1,8 @@
 // qexport::BinaryMixedLinear CPU kernel, plain form: C++ in the reference's order of
-// operations, fp32 accumulation (docs/format.md); the fp16 helpers. The fast kernels are
-// bml_cpu_lut.cpp (driver) and bml_cpu_kernels_*.cpp (per-ISA inner loops); this one serves
-// inputs that are not finite (see RunCpuPlain in bml_cpu.h).
+// operations, fp32 accumulation (docs/format.md). The fast kernels are bml_cpu_lut.cpp and
+// bml_cpu_gemm.cpp (drivers, chosen by bml_cpu_dispatch.cpp) and bml_cpu_kernels_*.cpp
+// (per-ISA inner loops); this one serves inputs that are not finite (see RunCpuPlain in
+// bml_cpu.h).
 //
 // Per call: the binary-channel list, the fp16 parameters converted to float. Per row of X:
 // gather the binary channels (times r2) into a zero-padded buffer and the salient channels,
@@ -16,60 +17,10 @@
 #include <string>
 #include <vector>
 
+#include "qexport_fp16.h"
+
 namespace qexport {
 namespace bml {
-
-float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    // Zero or subnormal: mant * 2^-24, exact in float.
-    float f = static_cast<float>(mant) * 5.9604644775390625e-08f;
-    return sign ? -f : f;
-  } else if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (mant << 13);  // inf / nan (payload kept)
-  } else {
-    bits = sign | ((exp + 112u) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-uint16_t FloatToHalf(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof x);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  const uint32_t absx = x & 0x7fffffffu;
-  if (absx >= 0x7f800000u) {  // inf or nan
-    if (absx == 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u);
-    return static_cast<uint16_t>(sign | 0x7e00u | ((absx >> 13) & 0x3ffu));
-  }
-  if (absx >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
-  if (absx >= 0x38800000u) {  // normal half
-    uint32_t h = (((absx >> 23) - 112u) << 10) | ((absx >> 13) & 0x3ffu);
-    const uint32_t rem = absx & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // carry may reach the exponent
-    return static_cast<uint16_t>(sign | h);
-  }
-  const uint32_t e = absx >> 23;
-  if (e < 102u) return static_cast<uint16_t>(sign);  // below half of the smallest subnormal
-  const uint32_t m24 = (absx & 0x7fffffu) | 0x800000u;
-  const uint32_t shift = 126u - e;  // 14..24
-  uint32_t q = m24 >> shift;
-  const uint32_t rem = m24 & ((1u << shift) - 1u);
-  const uint32_t half = 1u << (shift - 1u);
-  if (rem > half || (rem == half && (q & 1u))) ++q;
-  return static_cast<uint16_t>(sign | q);
-}
-
-int64_t NumGroups(int64_t s, int64_t group_size) {
-  if (s <= 0) return 0;
-  const int64_t g = group_size > 0 ? group_size : s;
-  return (s + g - 1) / g;
-}
 
 namespace {
 

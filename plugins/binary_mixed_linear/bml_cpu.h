@@ -1,5 +1,7 @@
 // qexport::BinaryMixedLinear, CPU kernel launcher (docs/format.md, layout 1).
 // Raw pointers and sizes only: no ONNX Runtime types, so the same launcher serves any glue.
+// Implemented by bml_cpu_pack.cpp (PackWeights), bml_cpu_dispatch.cpp (ISA and algorithm
+// choice, RunCpuPacked, RunCpu) and bml_cpu.cpp (RunCpuPlain); docs/kernels.md.
 #pragma once
 
 #include <cstddef>
@@ -8,7 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "binary_mixed_linear/bml_status.h"
+#include "qexport_parallel.h"
+#include "qexport_status.h"
 
 namespace qexport {
 namespace bml {
@@ -40,7 +43,11 @@ struct Args {
 };
 
 // Number of salient groups per row: ceil(s / g) with g = group_size or s; 0 when s == 0.
-int64_t NumGroups(int64_t s, int64_t group_size);
+inline int64_t NumGroups(int64_t s, int64_t group_size) {
+  if (s <= 0) return 0;
+  const int64_t g = group_size > 0 ? group_size : s;
+  return (s + g - 1) / g;
+}
 
 // Instruction-set paths of the CPU kernel (docs/kernels.md). kAuto: the best the CPU has.
 enum class Isa { kAuto, kPortable, kAvx2, kAvx512 };
@@ -76,14 +83,7 @@ struct CpuPath {
 // variable, its value and what is allowed.
 Status CpuPathFromEnvironment(CpuPath* out);
 
-// A generic parallel-for: calls task(data, i) once for every i in [0, total), possibly from
-// several threads at once, and returns when all are done. Null run: serial.
-struct ParallelFor {
-  void (*run)(void* pool, void (*task)(void* data, size_t i), size_t total, void* data) = nullptr;
-  void* pool = nullptr;
-};
-
-// Weights rearranged for the lookup-table kernels (bml_cpu_lut.cpp): built once from layout 1
+// Weights rearranged for the fast kernels (layout: bml_cpu_internal.h): built once from layout 1
 // (constant initializers: once per kernel) and read by every call.
 struct PackedWeights;
 using PackedPtr = std::shared_ptr<const PackedWeights>;
@@ -98,8 +98,8 @@ using PackedPtr = std::shared_ptr<const PackedWeights>;
 Status PackWeights(const Args& args, PackedPtr* out, bool release_source = false) noexcept;
 
 // Runs the kernel on weights packed by PackWeights from the same weight inputs, on the given
-// path (kAuto: best ISA, measured crossover), spreading the work with `parallel`. Never
-// throws.
+// path (kAuto: best ISA, measured crossover), spreading the work with `parallel`
+// (qexport_parallel.h). Never throws.
 Status RunCpuPacked(const Args& args, const PackedWeights& packed, const CpuPath& path,
                     const ParallelFor& parallel) noexcept;
 
@@ -113,10 +113,6 @@ Status RunCpu(const Args& args) noexcept;
 // parameters that are not finite, where the table kernels' reordering would turn an
 // infinity into NaN. Never throws.
 Status RunCpuPlain(const Args& args) noexcept;
-
-// IEEE 754 binary16 <-> binary32, round to nearest even; NaN and infinities kept.
-float HalfToFloat(uint16_t h);
-uint16_t FloatToHalf(float f);
 
 }  // namespace bml
 }  // namespace qexport

@@ -1,7 +1,7 @@
 // Inner loops of the BinaryMixedLinear CPU kernel, one table per instruction set
 // (bml_cpu_kernels_{portable,avx2,avx512}.cpp; the x86 ones are compiled with their own
 // -m flags and only called after __builtin_cpu_supports says the CPU has them). Internal to
-// the CPU kernel: see bml_cpu_lut.cpp for the data layout.
+// the CPU kernel: see bml_cpu_internal.h for the data layout.
 //
 // Packed weight layout both paths read (built by PackWeights): output rows in blocks of 16,
 // blocks in groups of 8 (the last group holds what is left: `width` blocks, 1..8); per
@@ -70,7 +70,7 @@ struct CpuKernels {
   // Panel of W^T for gemm_nr output rows: panel[c * gemm_nr + o], c < K (input channel),
   // o < gemm_nr (output row within the panel).
   int gemm_nr;
-  // Cost model choosing between the paths (bml_cpu_lut.cpp UseGemm), fit to measurements
+  // Cost model choosing between the paths (bml_cpu_dispatch.cpp UseGemm), fit to measurements
   // on the path (docs/kernels.md), in units of one GEMM step (one input channel x 16
   // output rows x one row of X).
   GemmCosts gemm_costs;

@@ -10,7 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "binary_mixed_linear/bml_status.h"
+#include "qexport_status.h"
 
 namespace qexport {
 namespace bml {

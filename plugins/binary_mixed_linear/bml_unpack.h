@@ -1,5 +1,5 @@
 // qexport::BinaryMixedLinear, layout 1 (docs/format.md): index and unpack logic shared by the
-// CUDA kernels (bml_cuda.cu), the host tests (tests/cpp/test_unpack.cpp) and, if it wants,
+// CUDA kernels (bml_cuda*.cu), the host tests (tests/cpp/unpack_capi.cpp) and, if it wants,
 // the CPU kernel. Header only, no dependencies: every function is `inline` and, under nvcc,
 // `__host__ __device__`, so one definition serves both sides.
 #pragma once
@@ -145,8 +145,8 @@ QEXPORT_HD uint16_t SalientWeightHalfBits(const uint8_t* packed_row, const uint1
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core GEMM (bml_cuda.cu, GemmTcKernel): tile geometry, the mma.sync.m16n8k16 fragment
-// layouts and the per-element staging/dequant steps, shared with the host emulation in
+// Tensor-core GEMM (bml_cuda_gemm_tc.cu, GemmTcKernel): tile geometry, the mma.sync.m16n8k16
+// fragment layouts and the per-element staging/dequant steps, shared with the host emulation in
 // tests/cpp/unpack_capi.cpp (tests/test_gpu_unpack.py checks them against the PTX ISA layout,
 // numpy and the PyTorch reference).
 //

@@ -3,53 +3,120 @@
 
 #include <algorithm>
 #include <initializer_list>
-#include <sstream>
+#include <string>
 
 namespace qexport {
 namespace bml {
 
 namespace {
 
-static_assert(kNumInputs == 10, "update kInputNames with the contract");
+static_assert(kNumInputs == 10, "update kInputNames and kInputDTypes with the contract");
 const char* const kInputNames[kNumInputs] = {
     "X", "sign_packed", "row_scale", "row_offset", "salient_idx",
     "salient_packed", "salient_scale", "salient_zero", "r2", "bias"};
-
-const char* DTypeName(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "float";
-    case DType::kFloat16: return "float16";
-    case DType::kUint8: return "uint8";
-    case DType::kInt32: return "int32";
-    default: return "other";
-  }
-}
-
-std::string Describe(const TensorView& t) {
-  const std::string name = t.dtype == DType::kOther && !t.dtype_name.empty()
-                               ? t.dtype_name : std::string(DTypeName(t.dtype));
-  return name + " " + ShapeString(t.shape);
-}
+// The element type of each input; X (kOther here) is float or float16.
+constexpr DType kInputDTypes[kNumInputs] = {
+    DType::kOther, DType::kUint8,   DType::kFloat16, DType::kFloat16, DType::kInt32,
+    DType::kUint8, DType::kFloat16, DType::kUint8,   DType::kFloat16, DType::kFloat32};
 
 std::string Label(int i) {
   return std::string("input '") + InputName(i) + "' (#" + std::to_string(i) + ")";
 }
 
-// why() -> std::string is only called to build an error message (this runs on every call:
-// nothing is allocated on success).
+// A size for messages: "?" when unknown (< 0).
+std::string Size(int64_t v) { return v < 0 ? std::string("?") : std::to_string(v); }
+
+int64_t CeilDiv(int64_t a, int64_t b) { return a < 0 ? -1 : (a + b - 1) / b; }
+
+// Whether `shape` has the rank of `want` and equal dims wherever both are known (>= 0).
+bool DimsMatch(const std::vector<int64_t>& shape, std::initializer_list<int64_t> want) {
+  return shape.size() == want.size() &&
+         std::equal(want.begin(), want.end(), shape.begin(),
+                    [](int64_t w, int64_t d) { return w < 0 || d < 0 || w == d; });
+}
+
+// Input i has its contract dtype and the shape `shape`. why() -> std::string is only called
+// to build an error message (this runs on every call: nothing is allocated on success).
 template <typename Why>
-Status Expect(const std::vector<TensorView>& in, int i, DType dtype,
-              std::initializer_list<int64_t> shape, Why why) {
+Status Expect(const std::vector<TensorView>& in, int i, std::initializer_list<int64_t> shape,
+              Why why) {
   const TensorView& t = in[i];
-  if (t.dtype != dtype || t.shape.size() != shape.size() ||
-      !std::equal(shape.begin(), shape.end(), t.shape.begin())) {
+  const DType dtype = kInputDTypes[i];
+  if (t.dtype != dtype || !DimsMatch(t.shape, shape)) {
     return Status::Error(Label(i) + " is " + Describe(t) + ", expected " + DTypeName(dtype) +
                          " " + ShapeString(std::vector<int64_t>(shape)) + " (" + why() + ")");
   }
   return Status::Ok();
 }
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// X: float or float16, [..., K]; salient_idx: int32 [S] with S <= K. Sets *s (-1: unknown).
+Status ExpectXAndSalientIdx(const std::vector<TensorView>& in, int64_t k, int64_t* s) {
+  const TensorView& x = in[kInX];
+  if (x.dtype != DType::kFloat32 && x.dtype != DType::kFloat16)
+    return Status::Error(Label(kInX) + " is " + Describe(x) + ", expected float or float16");
+  if (x.shape.empty() || (x.shape.back() >= 0 && x.shape.back() != k))
+    return Status::Error(Label(kInX) + " is " + Describe(x) + ", expected shape [..., " +
+                         std::to_string(k) + "] (in_features=" + std::to_string(k) + ")");
+  const TensorView& idx = in[kInSalientIdx];
+  if (idx.dtype != DType::kInt32 || idx.shape.size() != 1)
+    return Status::Error(Label(kInSalientIdx) + " is " + Describe(idx) +
+                         ", expected int32 [S] (a 1-D list of salient channels)");
+  *s = idx.shape[0] < 0 ? -1 : idx.shape[0];
+  if (*s > k)
+    return Status::Error(Label(kInSalientIdx) + " is " + Describe(idx) + ", more channels than "
+                         "in_features=" + std::to_string(k));
+  return Status::Ok();
+}
+
+// salient_idx strictly increasing within [0, K); zero points <= 15.
+Status ExpectContents(const Attributes& attrs, const std::vector<TensorView>& in, int64_t s) {
+  const int64_t k = attrs.in_features, n = attrs.out_features;
+  const int64_t groups = NumGroups(s, attrs.salient_group_size);
+  const int32_t* sidx = static_cast<const int32_t*>(in[kInSalientIdx].data);
+  const uint8_t* zero = static_cast<const uint8_t*>(in[kInSalientZero].data);
+  for (int64_t j = 0; j < s; ++j) {
+    const int64_t c = sidx[j];
+    if (c < 0 || c >= k)
+      return Status::Error(Label(kInSalientIdx) + " [" + std::to_string(s) + "]: value " +
+                           std::to_string(c) + " at position " + std::to_string(j) +
+                           " is out of range [0, in_features=" + std::to_string(k) + ")");
+    if (j > 0 && c <= sidx[j - 1])
+      return Status::Error(Label(kInSalientIdx) + " [" + std::to_string(s) +
+                           "]: not strictly increasing: " + std::to_string(sidx[j - 1]) +
+                           " then " + std::to_string(c) + " at position " + std::to_string(j));
+  }
+  for (int64_t i = 0; i < n * groups; ++i) {
+    if (zero[i] > kSalientQmax)
+      return Status::Error(Label(kInSalientZero) + " " + ShapeString({n, groups}) + ": value " +
+                           std::to_string(zero[i]) + " at [" + std::to_string(i / groups) + ", " +
+                           std::to_string(i % groups) + "] is above " +
+                           std::to_string(kSalientQmax));
+  }
+  return Status::Ok();
+}
+
+void FillArgs(const Attributes& attrs, const std::vector<TensorView>& in, int64_t s,
+              Args* args) {
+  const TensorView& x = in[kInX];
+  int64_t m = 1;
+  for (size_t d = 0; d + 1 < x.shape.size(); ++d) m *= x.shape[d];
+  args->m = m;
+  args->k = attrs.in_features;
+  args->n = attrs.out_features;
+  args->s = s;
+  args->group_size = attrs.salient_group_size;
+  args->act = x.dtype == DType::kFloat32 ? ActType::kFloat32 : ActType::kFloat16;
+  args->x = x.data;
+  args->sign_packed = static_cast<const uint8_t*>(in[kInSignPacked].data);
+  args->row_scale = static_cast<const uint16_t*>(in[kInRowScale].data);
+  args->row_offset = static_cast<const uint16_t*>(in[kInRowOffset].data);
+  args->salient_idx = static_cast<const int32_t*>(in[kInSalientIdx].data);
+  args->salient_packed = static_cast<const uint8_t*>(in[kInSalientPacked].data);
+  args->salient_scale = static_cast<const uint16_t*>(in[kInSalientScale].data);
+  args->salient_zero = static_cast<const uint8_t*>(in[kInSalientZero].data);
+  args->r2 = in[kInR2].present ? static_cast<const uint16_t*>(in[kInR2].data) : nullptr;
+  args->bias = in[kInBias].present ? static_cast<const float*>(in[kInBias].data) : nullptr;
+}
 
 }  // namespace
 
@@ -57,12 +124,9 @@ const char* InputName(int index) {
   return index >= 0 && index < kNumInputs ? kInputNames[index] : "?";
 }
 
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::ostringstream os;
-  os << '[';
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << ']';
-  return os.str();
+bool InputDTypeOk(int index, DType dtype) {
+  if (index == kInX) return dtype == DType::kFloat32 || dtype == DType::kFloat16;
+  return index > 0 && index < kNumInputs && dtype == kInputDTypes[index];
 }
 
 Status ValidateAttributes(const Attributes& a) {
@@ -82,8 +146,8 @@ Status ValidateAttributes(const Attributes& a) {
   return Status::Ok();
 }
 
-Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& in, Args* args,
-                      bool check_contents) {
+Status ValidateShapes(const Attributes& attrs, const std::vector<TensorView>& in,
+                      int64_t* salient_channels) {
   Status st = ValidateAttributes(attrs);
   if (!st) return st;
   if (in.size() != static_cast<size_t>(kNumInputs))
@@ -94,91 +158,46 @@ Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& in
       return Status::Error(Label(i) + " is missing; it is required");
   }
   const int64_t k = attrs.in_features, n = attrs.out_features;
+  int64_t s = -1;
+  if (!(st = ExpectXAndSalientIdx(in, k, &s))) return st;
+  // Sizes that depend on S: -1 (unknown) when S is.
+  const int64_t kb = s < 0 ? -1 : k - s;
+  const int64_t groups = s < 0 ? -1 : NumGroups(s, attrs.salient_group_size);
   auto nk = [&] { return "out_features=" + std::to_string(n); };
-
-  // X: float or float16, [..., K]
-  const TensorView& x = in[kInX];
-  if (x.dtype != DType::kFloat32 && x.dtype != DType::kFloat16)
-    return Status::Error(Label(kInX) + " is " + Describe(x) + ", expected float or float16");
-  if (x.shape.empty() || x.shape.back() != k)
-    return Status::Error(Label(kInX) + " is " + Describe(x) + ", expected shape [..., " +
-                         std::to_string(k) + "] (in_features=" + std::to_string(k) + ")");
-
-  // salient_idx fixes S.
-  const TensorView& idx = in[kInSalientIdx];
-  if (idx.dtype != DType::kInt32 || idx.shape.size() != 1)
-    return Status::Error(Label(kInSalientIdx) + " is " + Describe(idx) +
-                         ", expected int32 [S] (a 1-D list of salient channels)");
-  const int64_t s = idx.shape[0];
-  if (s > k)
-    return Status::Error(Label(kInSalientIdx) + " is " + Describe(idx) + ", more channels than "
-                         "in_features=" + std::to_string(k));
-  const int64_t kb = k - s;
-  const int64_t groups = NumGroups(s, attrs.salient_group_size);
-  auto ks = [&] { return "in_features=" + std::to_string(k) + ", S=" + std::to_string(s); };
+  auto ks = [&] { return "in_features=" + std::to_string(k) + ", S=" + Size(s); };
   auto gs = [&] {
-    return nk() + ", groups=" + std::to_string(groups) + " for S=" + std::to_string(s) +
+    return nk() + ", groups=" + Size(groups) + " for S=" + Size(s) +
            " and salient_group_size=" + std::to_string(attrs.salient_group_size);
   };
 
-  if (!(st = Expect(in, kInSignPacked, DType::kUint8, {n, CeilDiv(kb, 8)},
-                    [&] {
-                      return nk() + ", ceil((" + ks() + " binary columns = " +
-                             std::to_string(kb) + ") / 8)";
-                    })))
+  if (!(st = Expect(in, kInSignPacked, {n, CeilDiv(kb, 8)}, [&] {
+          return nk() + ", ceil((" + ks() + " binary columns = " + Size(kb) + ") / 8)";
+        })))
     return st;
-  if (!(st = Expect(in, kInRowScale, DType::kFloat16, {n}, nk))) return st;
-  if (!(st = Expect(in, kInRowOffset, DType::kFloat16, {n}, nk))) return st;
-  if (!(st = Expect(in, kInSalientPacked, DType::kUint8, {n, CeilDiv(s, 2)},
-                    [&] { return nk() + ", ceil(S=" + std::to_string(s) + " / 2)"; })))
+  if (!(st = Expect(in, kInRowScale, {n}, nk))) return st;
+  if (!(st = Expect(in, kInRowOffset, {n}, nk))) return st;
+  if (!(st = Expect(in, kInSalientPacked, {n, CeilDiv(s, 2)},
+                    [&] { return nk() + ", ceil(S=" + Size(s) + " / 2)"; })))
     return st;
-  if (!(st = Expect(in, kInSalientScale, DType::kFloat16, {n, groups}, gs))) return st;
-  if (!(st = Expect(in, kInSalientZero, DType::kUint8, {n, groups}, gs))) return st;
+  if (!(st = Expect(in, kInSalientScale, {n, groups}, gs))) return st;
+  if (!(st = Expect(in, kInSalientZero, {n, groups}, gs))) return st;
   if (in[kInR2].present &&
-      !(st = Expect(in, kInR2, DType::kFloat16, {kb}, [&] { return "binary columns: " + ks(); })))
+      !(st = Expect(in, kInR2, {kb}, [&] { return "binary columns: " + ks(); })))
     return st;
-  if (in[kInBias].present && !(st = Expect(in, kInBias, DType::kFloat32, {n}, nk))) return st;
+  if (in[kInBias].present && !(st = Expect(in, kInBias, {n}, nk))) return st;
+  if (salient_channels) *salient_channels = s;
+  return Status::Ok();
+}
 
-  // Contents.
-  const int32_t* sidx = static_cast<const int32_t*>(idx.data);
-  const uint8_t* zero = static_cast<const uint8_t*>(in[kInSalientZero].data);
-  for (int64_t j = 0; check_contents && j < s; ++j) {
-    const int64_t c = sidx[j];
-    if (c < 0 || c >= k)
-      return Status::Error(Label(kInSalientIdx) + " [" + std::to_string(s) + "]: value " +
-                           std::to_string(c) + " at position " + std::to_string(j) +
-                           " is out of range [0, in_features=" + std::to_string(k) + ")");
-    if (j > 0 && c <= sidx[j - 1])
-      return Status::Error(Label(kInSalientIdx) + " [" + std::to_string(s) +
-                           "]: not strictly increasing: " + std::to_string(sidx[j - 1]) +
-                           " then " + std::to_string(c) + " at position " + std::to_string(j));
-  }
-  for (int64_t i = 0; check_contents && i < n * groups; ++i) {
-    if (zero[i] > kSalientQmax)
-      return Status::Error(Label(kInSalientZero) + " " + ShapeString({n, groups}) + ": value " +
-                           std::to_string(zero[i]) + " at [" + std::to_string(i / groups) + ", " +
-                           std::to_string(i % groups) + "] is above " +
-                           std::to_string(kSalientQmax));
-  }
-
-  int64_t m = 1;
-  for (size_t d = 0; d + 1 < x.shape.size(); ++d) m *= x.shape[d];
-  args->m = m;
-  args->k = k;
-  args->n = n;
-  args->s = s;
-  args->group_size = attrs.salient_group_size;
-  args->act = x.dtype == DType::kFloat32 ? ActType::kFloat32 : ActType::kFloat16;
-  args->x = x.data;
-  args->sign_packed = static_cast<const uint8_t*>(in[kInSignPacked].data);
-  args->row_scale = static_cast<const uint16_t*>(in[kInRowScale].data);
-  args->row_offset = static_cast<const uint16_t*>(in[kInRowOffset].data);
-  args->salient_idx = sidx;
-  args->salient_packed = static_cast<const uint8_t*>(in[kInSalientPacked].data);
-  args->salient_scale = static_cast<const uint16_t*>(in[kInSalientScale].data);
-  args->salient_zero = zero;
-  args->r2 = in[kInR2].present ? static_cast<const uint16_t*>(in[kInR2].data) : nullptr;
-  args->bias = in[kInBias].present ? static_cast<const float*>(in[kInBias].data) : nullptr;
+Status ValidateInputs(const Attributes& attrs, const std::vector<TensorView>& in, Args* args,
+                      bool check_contents) {
+  int64_t s = -1;
+  Status st = ValidateShapes(attrs, in, &s);
+  if (!st) return st;
+  if (s < 0)  // a runtime with data has every dim
+    return Status::Error(Label(kInSalientIdx) + " has an unknown length");
+  if (check_contents && !(st = ExpectContents(attrs, in, s))) return st;
+  FillArgs(attrs, in, s, args);
   return Status::Ok();
 }
 

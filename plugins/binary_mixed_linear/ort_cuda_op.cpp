@@ -23,11 +23,13 @@
 #include <utility>
 #include <vector>
 
+#include "binary_mixed_linear/bml_contract.h"
 #include "binary_mixed_linear/bml_cuda.cuh"
-#include "binary_mixed_linear/ort_common.h"
-#include "qexport_contract.h"
+#include "binary_mixed_linear/ort_op_base.h"
 
 namespace qexport {
+namespace bml {
+namespace ort {
 namespace {
 
 std::string CudaMessage(const char* what, cudaError_t e) {
@@ -54,8 +56,8 @@ struct WeightCache {
   size_t bc_bytes = 0;
 };
 
-struct BmlCudaKernel : bml_ort::KernelBase<BmlCudaKernel> {
-  BmlCudaKernel(const OrtApi& api, bml_ort::Node node) : KernelBase(api, std::move(node)) {}
+struct BmlCudaKernel : KernelBase<BmlCudaKernel> {
+  BmlCudaKernel(const OrtApi& api, Node node) : KernelBase(api, std::move(node)) {}
 
   ~BmlCudaKernel() {
     if (cache_.binary_channel) {
@@ -69,7 +71,7 @@ struct BmlCudaKernel : bml_ort::KernelBase<BmlCudaKernel> {
   }
 
   // Returns an error message, empty on success.
-  std::string Compute(OrtKernelContext* ctx, const std::vector<bml::TensorView>& in) {
+  std::string Compute(OrtKernelContext* ctx, const std::vector<TensorView>& in) {
     std::string err;
     Ort::KernelContext kctx(ctx);
     cudaStream_t stream = static_cast<cudaStream_t>(kctx.GetGPUComputeStream());
@@ -79,8 +81,8 @@ struct BmlCudaKernel : bml_ort::KernelBase<BmlCudaKernel> {
     if (ce != cudaSuccess) return CudaMessage("cudaGetDevice", ce);
 
     // Value checks on a host copy (once per weight address), then the shared validator.
-    const bml::TensorView& idx = in[kInSalientIdx];
-    const bml::TensorView& zero = in[kInSalientZero];
+    const TensorView& idx = in[kInSalientIdx];
+    const TensorView& zero = in[kInSalientZero];
     std::lock_guard<std::mutex> lock(mutex_);
     WeightCache& c = cache_;
     const int64_t s = idx.present ? Elements(idx.shape) : 0;
@@ -94,12 +96,12 @@ struct BmlCudaKernel : bml_ort::KernelBase<BmlCudaKernel> {
       c.zero_host.assign(static_cast<size_t>(zero_count), 0);
       // Copy only when the dtype is the expected one (else the validator rejects the dtype
       // before reading, and the byte count could exceed the tensor).
-      if (idx.present && idx.dtype == bml::DType::kInt32 && s > 0) {
+      if (idx.present && idx.dtype == DType::kInt32 && s > 0) {
         ce = cudaMemcpyAsync(c.idx_host.data(), idx.data, s * sizeof(int32_t),
                              cudaMemcpyDeviceToHost, stream);
         if (ce != cudaSuccess) return CudaMessage("cudaMemcpyAsync(salient_idx to host)", ce);
       }
-      if (zero.present && zero.dtype == bml::DType::kUint8 && zero_count > 0) {
+      if (zero.present && zero.dtype == DType::kUint8 && zero_count > 0) {
         ce = cudaMemcpyAsync(c.zero_host.data(), zero.data, zero_count, cudaMemcpyDeviceToHost,
                              stream);
         if (ce != cudaSuccess) return CudaMessage("cudaMemcpyAsync(salient_zero to host)", ce);
@@ -107,11 +109,11 @@ struct BmlCudaKernel : bml_ort::KernelBase<BmlCudaKernel> {
       ce = cudaStreamSynchronize(stream);
       if (ce != cudaSuccess) return CudaMessage("cudaStreamSynchronize (weight check)", ce);
     }
-    std::vector<bml::TensorView> host_in = in;
+    std::vector<TensorView> host_in = in;
     host_in[kInSalientIdx].data = c.idx_host.data();
     host_in[kInSalientZero].data = c.zero_host.data();
-    bml::Args args;
-    if (!(err = bml_ort::ValidateInputs(node_, host_in, &args)).empty()) return err;
+    Args args;
+    if (!(err = ValidateInputs(node_, host_in, &args)).empty()) return err;
 
     if (!hit) {
       const int64_t k = node_.attrs.in_features;
@@ -143,7 +145,7 @@ struct BmlCudaKernel : bml_ort::KernelBase<BmlCudaKernel> {
     }
 
     void* y = nullptr;
-    if (!(err = bml_ort::AllocateOutput(api_, ctx, node_, in[kInX], &y)).empty()) return err;
+    if (!(err = AllocateOutput(api_, ctx, node_, in[kInX], &y)).empty()) return err;
 
     bml::cuda::CudaArgs a;
     a.m = args.m;
@@ -151,8 +153,8 @@ struct BmlCudaKernel : bml_ort::KernelBase<BmlCudaKernel> {
     a.n = args.n;
     a.s = args.s;
     a.group_size = args.group_size;
-    a.act = in[kInX].dtype == bml::DType::kFloat16 ? bml::cuda::Act::kFloat16
-                                                    : bml::cuda::Act::kFloat32;
+    a.act = in[kInX].dtype == DType::kFloat16 ? bml::cuda::Act::kFloat16
+                                              : bml::cuda::Act::kFloat32;
     a.x = in[kInX].data;
     a.y = y;
     a.sign_packed = static_cast<const uint8_t*>(in[kInSignPacked].data);
@@ -174,21 +176,23 @@ struct BmlCudaKernel : bml_ort::KernelBase<BmlCudaKernel> {
   WeightCache cache_;
 };
 
-struct BmlCudaOp : bml_ort::OpBase<BmlCudaOp, BmlCudaKernel> {
+struct BmlCudaOp : OpBase<BmlCudaOp, BmlCudaKernel> {
   explicit BmlCudaOp(ONNXTensorElementDataType act)
       : OpBase(act, "CUDAExecutionProvider", " (CUDA)") {}
 
   static std::string MakeKernel(const OrtApi& api, const OrtKernelInfo* /*info*/,
-                                const bml_ort::Node& node, BmlCudaKernel** kernel) {
+                                const Node& node, BmlCudaKernel** kernel) {
     *kernel = new BmlCudaKernel(api, node);
     return std::string();
   }
 };
 
 }  // namespace
+}  // namespace ort
+}  // namespace bml
 
 void AddBinaryMixedLinearCudaOps(Ort::CustomOpDomain& domain) {
-  bml_ort::AddOps<BmlCudaOp>(domain);
+  bml::ort::AddOps<bml::ort::BmlCudaOp>(domain);
 }
 
 }  // namespace qexport

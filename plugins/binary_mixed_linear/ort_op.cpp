@@ -11,7 +11,12 @@
 // the tables or the large-M GEMM); the weights are
 // packed for the table kernel once and cached when every weight input is a constant
 // initializer (else packed on every call); the work is spread with ORT's intra-op thread pool
-// (KernelContext_ParallelFor), so the session's intra_op_num_threads governs it.
+// (KernelContext_ParallelFor, qexport::ort::OrtThreadPool), so the session's
+// intra_op_num_threads governs it.
+//
+// AddBinaryMixedLinearOps, called by plugins/common/ort_register.cpp, also adds the CUDA
+// execution provider variants (ort_cuda_op.cpp) when the library is built with
+// QEXPORT_BUILD_CUDA (QEXPORT_WITH_CUDA, defined by this folder's CMakeLists.txt).
 #include "binary_mixed_linear/ort_op.h"
 
 #include <array>
@@ -20,60 +25,45 @@
 #include <utility>
 #include <vector>
 
+#include "binary_mixed_linear/bml_contract.h"
 #include "binary_mixed_linear/bml_cpu.h"
-#include "binary_mixed_linear/ort_common.h"
-#include "qexport_contract.h"
+#include "binary_mixed_linear/ort_op_base.h"
+#ifdef QEXPORT_WITH_CUDA
+#include "binary_mixed_linear/ort_cuda_op.h"
+#endif
+#include "qexport_ort.h"
 
 namespace qexport {
+namespace bml {
+namespace ort {
 namespace {
 
-using bml_ort::TakeError;
-
-// ParallelFor callback of the launcher over the kernel context's thread pool.
-struct OrtPool {
-  const OrtApi* api;
-  OrtKernelContext* ctx;
-};
-
-void OrtParallelFor(void* pool, void (*task)(void*, size_t), size_t total, void* data) {
-  OrtPool* p = static_cast<OrtPool*>(pool);
-  OrtStatus* status = p->api->KernelContext_ParallelFor(p->ctx, task, total, 0, data);
-  if (status) {
-    // No pool to run on: run serially (tasks write disjoint outputs and may be rerun).
-    p->api->ReleaseStatus(status);
-    for (size_t i = 0; i < total; ++i) task(data, i);
-  }
-}
-
-struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
-  BmlKernel(const OrtApi& api, bml_ort::Node node, bml::CpuPath path, std::vector<bool> constant)
+struct BmlKernel : KernelBase<BmlKernel> {
+  BmlKernel(const OrtApi& api, Node node, CpuPath path, std::vector<bool> constant)
       : KernelBase(api, std::move(node)), path_(path), constant_(std::move(constant)) {}
 
   // Returns an error message, empty on success.
-  std::string Compute(OrtKernelContext* ctx, const std::vector<bml::TensorView>& in) {
+  std::string Compute(OrtKernelContext* ctx, const std::vector<TensorView>& in) {
     std::string err;
-    bml::Args args;
+    Args args;
     // Cached packed weights: their contents (salient_idx, zero points) were validated on the
     // call that built them, so only shapes and dtypes are checked again.
-    bml::PackedPtr packed = CachedPacked(in);
-    if (!(err = bml_ort::ValidateInputs(node_, in, &args, /*check_contents=*/!packed)).empty())
+    PackedPtr packed = CachedPacked(in);
+    if (!(err = ValidateInputs(node_, in, &args, /*check_contents=*/!packed)).empty())
       return err;
-    if (!(err = bml_ort::AllocateOutput(api_, ctx, node_, in[kInX], &args.y)).empty())
+    if (!(err = AllocateOutput(api_, ctx, node_, in[kInX], &args.y)).empty())
       return err;
     if (args.m == 0 || args.n == 0) return std::string();
     if (!packed && !(err = Packed(in, args, &packed)).empty()) return err;
-    OrtPool pool{&api_, ctx};
-    bml::ParallelFor par;
-    par.run = &OrtParallelFor;
-    par.pool = &pool;
-    Status st = bml::RunCpuPacked(args, *packed, path_, par);
+    ::qexport::ort::OrtThreadPool pool(api_, ctx);
+    Status st = RunCpuPacked(args, *packed, path_, pool.parallel_for());
     return st ? std::string() : st.message;
   }
 
  private:
   // Whether every present weight input is a constant initializer; *key: their data pointers.
   using Key = std::array<const void*, kNumInputs - 1>;
-  bool Cacheable(const std::vector<bml::TensorView>& in, Key* key) const {
+  bool Cacheable(const std::vector<TensorView>& in, Key* key) const {
     bool cacheable = true;
     for (int i = 1; i < kNumInputs; ++i) {
       (*key)[i - 1] = in[i].present ? in[i].data : nullptr;
@@ -83,7 +73,7 @@ struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
   }
 
   // The cached packed weights for these inputs, or null.
-  bml::PackedPtr CachedPacked(const std::vector<bml::TensorView>& in) {
+  PackedPtr CachedPacked(const std::vector<TensorView>& in) {
     Key key;
     if (!Cacheable(in, &key)) return nullptr;
     std::lock_guard<std::mutex> lock(cache_mutex_);
@@ -94,11 +84,10 @@ struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
   // (keyed on their data pointers, which stay put for the session's life), else built now.
   // Constant inputs are read only here, so once packed their pages are handed back to the
   // OS (bml::PackWeights' release_source: a hint; see docs/kernels.md).
-  std::string Packed(const std::vector<bml::TensorView>& in, const bml::Args& args,
-                     bml::PackedPtr* out) {
+  std::string Packed(const std::vector<TensorView>& in, const Args& args, PackedPtr* out) {
     Key key;
     const bool cacheable = Cacheable(in, &key);
-    Status st = bml::PackWeights(args, out, /*release_source=*/cacheable);
+    Status st = PackWeights(args, out, /*release_source=*/cacheable);
     if (!st) return st.message;
     if (cacheable) {
       std::lock_guard<std::mutex> lock(cache_mutex_);
@@ -108,45 +97,37 @@ struct BmlKernel : bml_ort::KernelBase<BmlKernel> {
     return std::string();
   }
 
-  bml::CpuPath path_;
+  CpuPath path_;
   std::vector<bool> constant_;  // per input: a constant initializer
   std::mutex cache_mutex_;
-  bml::PackedPtr cache_;
+  PackedPtr cache_;
   Key cache_key_{};
 };
 
-// Per input: whether it is a constant initializer (X, input 0, never counts).
-std::vector<bool> ConstantInputs(const OrtApi& api, const OrtKernelInfo* info) {
-  std::vector<bool> constant(kNumInputs, false);
-  size_t input_count = 0;
-  if (TakeError(api, api.KernelInfo_GetInputCount(info, &input_count)).empty()) {
-    for (size_t i = 1; i < input_count && i < constant.size(); ++i) {
-      int is_constant = 0;
-      const OrtValue* value = nullptr;
-      if (TakeError(api, api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &value))
-              .empty())
-        constant[i] = is_constant != 0 && value != nullptr;
-    }
-  }
-  return constant;
-}
-
-struct BmlOp : bml_ort::OpBase<BmlOp, BmlKernel> {
+struct BmlOp : OpBase<BmlOp, BmlKernel> {
   explicit BmlOp(ONNXTensorElementDataType act) : OpBase(act, "CPUExecutionProvider", "") {}
 
   // The ISA path and algorithm choice are fixed here, for the kernel's life.
-  static std::string MakeKernel(const OrtApi& api, const OrtKernelInfo* info,
-                                const bml_ort::Node& node, BmlKernel** kernel) {
-    bml::CpuPath path;
-    Status st = bml::CpuPathFromEnvironment(&path);
+  static std::string MakeKernel(const OrtApi& api, const OrtKernelInfo* info, const Node& node,
+                                BmlKernel** kernel) {
+    CpuPath path;
+    Status st = CpuPathFromEnvironment(&path);
     if (!st) return st.message;
-    *kernel = new BmlKernel(api, node, path, ConstantInputs(api, info));
+    *kernel = new BmlKernel(api, node, path,
+                            ::qexport::ort::ConstantInputs(api, info, kNumInputs));
     return std::string();
   }
 };
 
 }  // namespace
+}  // namespace ort
+}  // namespace bml
 
-void AddBinaryMixedLinearOps(Ort::CustomOpDomain& domain) { bml_ort::AddOps<BmlOp>(domain); }
+void AddBinaryMixedLinearOps(Ort::CustomOpDomain& domain) {
+  bml::ort::AddOps<bml::ort::BmlOp>(domain);
+#ifdef QEXPORT_WITH_CUDA
+  AddBinaryMixedLinearCudaOps(domain);  // same op, CUDAExecutionProvider
+#endif
+}
 
 }  // namespace qexport

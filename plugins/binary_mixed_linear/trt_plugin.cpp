@@ -9,87 +9,70 @@
 // enqueue must not synchronize, so salient_idx / salient_zero contents are not validated here
 // (they are by the exporter, and by the ORT op). The kernels clamp every index they read with,
 // so a bad value gives wrong numbers, never an out-of-bounds access. Shapes and types are
-// checked at build time (configurePlugin) and on every shape change.
+// checked at build time (configurePlugin) and on every shape change, by the shared validator
+// (bml::ValidateShapes, bml_validate.h) on the inputs mapped to their contract slots; the
+// TensorRT parts are here: the 8/9/10-input mapping (ContractIndex) and TensorRT types
+// (kINT8 taken as a byte type, plugins/common/qexport_trt.h).
 #include "binary_mixed_linear/trt_plugin.h"
 
-#include <atomic>
 #include <cstring>
 #include <exception>
 #include <new>
 
+#include "binary_mixed_linear/bml_contract.h"
 #include "binary_mixed_linear/bml_cuda.cuh"
-#include "binary_mixed_linear/bml_unpack.h"
 #include "qexport_contract.h"
+#include "qexport_tensor.h"
+#include "qexport_trt.h"
 
 namespace qexport {
+namespace bml {
 namespace trt {
 
 using nvinfer1::DataType;
 using nvinfer1::PluginField;
 using nvinfer1::PluginFieldType;
 using nvinfer1::TensorFormat;
+using ::qexport::trt::TypeName;
 
 namespace {
-
-std::atomic<nvinfer1::ILoggerFinder*> g_logger_finder{nullptr};
 
 const char* const kFieldNames[4] = {kAttrInFeatures, kAttrOutFeatures, kAttrSalientGroupSize,
                                     kAttrLayout};
 
-std::string Prefix() {
-  return std::string(kDomain) + "::" + kOpBinaryMixedLinear + " (TensorRT plugin): ";
-}
-
-std::string DimsString(const nvinfer1::Dims& d) {
-  std::string s = "[";
-  for (int32_t i = 0; i < d.nbDims; ++i) s += (i ? ", " : "") + std::to_string(d.d[i]);
-  return s + "]";
-}
-
-const char* TypeName(DataType t) {
-  switch (t) {
-    case DataType::kFLOAT: return "float";
-    case DataType::kHALF: return "half";
-    case DataType::kINT8: return "int8";
-    case DataType::kINT32: return "int32";
-    case DataType::kUINT8: return "uint8";
-    case DataType::kINT64: return "int64";
-    case DataType::kBOOL: return "bool";
-    case DataType::kBF16: return "bf16";
-    default: return "other";
+// Logs through the TensorRT logger, prefixed with the op.
+void LogError(const std::string& msg) noexcept {
+  try {
+    ::qexport::trt::LogError(std::string(kDomain) + "::" + kOpName + " (TensorRT plugin): " +
+                             msg);
+  } catch (...) {
   }
 }
 
-bool IsByte(DataType t) { return t == DataType::kUINT8 || t == DataType::kINT8; }
-
-// Expected type of input `pos` given the input count and the type seen at input 8.
+// Whether TensorRT input `pos` of `nb_inputs` may have type t (input 8 with 9 inputs: r2 when
+// half, bias when float, so either).
 bool InputTypeOk(int32_t pos, DataType t, int32_t nb_inputs) {
-  switch (pos) {
-    case kInX: return t == DataType::kFLOAT || t == DataType::kHALF;
-    case kInSignPacked:
-    case kInSalientPacked:
-    case kInSalientZero: return IsByte(t);
-    case kInRowScale:
-    case kInRowOffset:
-    case kInSalientScale: return t == DataType::kHALF;
-    case kInSalientIdx: return t == DataType::kINT32;
-    case kInR2: return t == DataType::kHALF || (nb_inputs == 9 && t == DataType::kFLOAT);
-    case kInBias: return t == DataType::kFLOAT;
-    default: return false;
-  }
+  const int index = ContractIndex(pos, nb_inputs, t);
+  return index >= 0 && InputDTypeOk(index, ::qexport::trt::ToDType(t));
 }
 
-int64_t BinaryColumns(const BmlParams& p, int64_t s) { return p.in_features - s; }
+// Reads one int field (kINT32 or kINT64, length 1) into *value.
+Status ReadIntField(const PluginField& f, int64_t* value) {
+  if (f.length != 1 || !f.data)
+    return Status::Error("field '" + std::string(f.name) + "' has length " +
+                         std::to_string(f.length) + ", expected one integer");
+  if (f.type == PluginFieldType::kINT32)
+    *value = *static_cast<const int32_t*>(f.data);
+  else if (f.type == PluginFieldType::kINT64)
+    *value = *static_cast<const int64_t*>(f.data);
+  else
+    return Status::Error("field '" + std::string(f.name) + "' has PluginFieldType " +
+                         std::to_string(static_cast<int>(f.type)) +
+                         ", expected kINT32 or kINT64");
+  return Status::Ok();
+}
 
 }  // namespace
-
-void SetLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept { g_logger_finder = finder; }
-
-void LogError(const std::string& msg) noexcept {
-  nvinfer1::ILoggerFinder* finder = g_logger_finder.load();
-  nvinfer1::ILogger* logger = finder ? finder->findLogger() : nullptr;
-  if (logger) logger->log(nvinfer1::ILogger::Severity::kERROR, (Prefix() + msg).c_str());
-}
 
 Status ParseFields(const nvinfer1::PluginFieldCollection* fc, BmlParams* out) noexcept {
   try {
@@ -103,35 +86,22 @@ Status ParseFields(const nvinfer1::PluginFieldCollection* fc, BmlParams* out) no
       if (!f.name) continue;
       for (int a = 0; a < 4; ++a) {
         if (std::strcmp(f.name, kFieldNames[a]) != 0) continue;
-        if (f.length != 1 || !f.data)
-          return Status::Error("field '" + std::string(f.name) + "' has length " +
-                               std::to_string(f.length) + ", expected one integer");
-        if (f.type == PluginFieldType::kINT32)
-          *slots[a] = *static_cast<const int32_t*>(f.data);
-        else if (f.type == PluginFieldType::kINT64)
-          *slots[a] = *static_cast<const int64_t*>(f.data);
-        else
-          return Status::Error("field '" + std::string(f.name) + "' has PluginFieldType " +
-                               std::to_string(static_cast<int>(f.type)) +
-                               ", expected kINT32 or kINT64");
+        Status st = ReadIntField(f, slots[a]);
+        if (!st) return st;
         seen[a] = true;
       }
     }
     for (int a = 0; a < 4; ++a)
       if (!seen[a]) return Status::Error("missing field '" + std::string(kFieldNames[a]) + "'");
-    if (p.layout != kLayoutRowMajor)
-      return Status::Error("field 'layout' = " + std::to_string(p.layout) +
-                           " is an unknown packed layout; supported: " +
-                           std::to_string(kLayoutRowMajor));
-    if (p.in_features < 1 || p.in_features > 0x7fffffff)
+    Status st = ValidateAttributes(p);
+    if (!st) return st;
+    // Serialized as kINT32 (getFieldsToSerialize).
+    if (p.in_features > 0x7fffffff)
       return Status::Error("field 'in_features' = " + std::to_string(p.in_features) +
-                           " must be in [1, 2^31)");
-    if (p.out_features < 1 || p.out_features > 0x7fffffff)
+                           " must be below 2^31");
+    if (p.out_features > 0x7fffffff)
       return Status::Error("field 'out_features' = " + std::to_string(p.out_features) +
-                           " must be in [1, 2^31)");
-    if (p.salient_group_size < 0)
-      return Status::Error("field 'salient_group_size' = " +
-                           std::to_string(p.salient_group_size) + " must be >= 0");
+                           " must be below 2^31");
     *out = p;
     return Status::Ok();
   } catch (...) {
@@ -139,64 +109,28 @@ Status ParseFields(const nvinfer1::PluginFieldCollection* fc, BmlParams* out) no
   }
 }
 
+int ContractIndex(int32_t pos, int32_t nb_inputs, DataType input_8_type) noexcept {
+  if (pos < 0 || pos >= nb_inputs || nb_inputs < 8 || nb_inputs > kNumInputs) return -1;
+  if (pos == kInR2 && nb_inputs == 9 && input_8_type == DataType::kFLOAT) return kInBias;
+  return pos;
+}
+
 Status CheckInputs(const BmlParams& p, const nvinfer1::Dims* dims, const DataType* types,
                    int32_t nb) noexcept {
   try {
     if (nb < 8 || nb > kNumInputs)
       return Status::Error("got " + std::to_string(nb) + " inputs, expected 8, 9 or 10");
-    for (int32_t i = 0; i < nb; ++i)
-      if (!InputTypeOk(i, types[i], nb))
-        return Status::Error("input #" + std::to_string(i) + " has type " + TypeName(types[i]) +
-                             ", not accepted at that position (docs/format.md)");
-    const nvinfer1::Dims& x = dims[kInX];
-    if (x.nbDims < 1)
-      return Status::Error("input 'X' has rank 0, expected [..., in_features]");
-    const int64_t xk = x.d[x.nbDims - 1];
-    if (xk >= 0 && xk != p.in_features)
-      return Status::Error("input 'X' is " + DimsString(x) + ", expected [..., " +
-                           std::to_string(p.in_features) + "] (in_features)");
-    const nvinfer1::Dims& idx = dims[kInSalientIdx];
-    if (idx.nbDims != 1)
-      return Status::Error("input 'salient_idx' is " + DimsString(idx) + ", expected [S]");
-    const int64_t s = idx.d[0];
-    if (s < 0) return Status::Ok();  // not known yet
-    if (s > p.in_features)
-      return Status::Error("input 'salient_idx' is " + DimsString(idx) +
-                           ", more channels than in_features=" + std::to_string(p.in_features));
-    const int64_t n = p.out_features, kb = BinaryColumns(p, s);
-    const int64_t groups = bml::unpack::NumGroups(s, p.salient_group_size);
-    struct Want {
-      int index;
-      const char* name;
-      std::vector<int64_t> shape;
-    };
-    std::vector<Want> want = {
-        {kInSignPacked, "sign_packed", {n, bml::unpack::CeilDiv(kb, 8)}},
-        {kInRowScale, "row_scale", {n}},
-        {kInRowOffset, "row_offset", {n}},
-        {kInSalientPacked, "salient_packed", {n, bml::unpack::CeilDiv(s, 2)}},
-        {kInSalientScale, "salient_scale", {n, groups}},
-        {kInSalientZero, "salient_zero", {n, groups}}};
-    if (nb == 10 || (nb == 9 && types[kInR2] == DataType::kHALF))
-      want.push_back({kInR2, "r2", {kb}});
-    if (nb == 10) want.push_back({kInBias, "bias", {n}});
-    if (nb == 9 && types[kInR2] == DataType::kFLOAT) want.push_back({kInR2, "bias", {n}});
-    for (const Want& w : want) {
-      const nvinfer1::Dims& d = dims[w.index];
-      bool ok = d.nbDims == static_cast<int32_t>(w.shape.size());
-      for (int32_t i = 0; ok && i < d.nbDims; ++i) ok = d.d[i] < 0 || d.d[i] == w.shape[i];
-      if (!ok) {
-        std::string expect = "[";
-        for (size_t i = 0; i < w.shape.size(); ++i)
-          expect += (i ? ", " : "") + std::to_string(w.shape[i]);
-        return Status::Error("input '" + std::string(w.name) + "' (#" +
-                             std::to_string(w.index) + ") is " + DimsString(d) + ", expected " +
-                             expect + "] (in_features=" + std::to_string(p.in_features) +
-                             ", out_features=" + std::to_string(n) + ", S=" + std::to_string(s) +
-                             ", salient_group_size=" + std::to_string(p.salient_group_size) + ")");
-      }
+    // The contract's input slots (r2, bias: !present when TensorRT has no such input).
+    std::vector<TensorView> in(kNumInputs);
+    const DataType input_8_type = nb > kInR2 ? types[kInR2] : DataType::kHALF;
+    for (int32_t i = 0; i < nb; ++i) {
+      TensorView& t = in[ContractIndex(i, nb, input_8_type)];
+      t.present = true;
+      t.dtype = ::qexport::trt::ToDType(types[i]);
+      t.dtype_name = TypeName(types[i]);
+      t.shape = ::qexport::trt::Shape(dims[i]);
     }
-    return Status::Ok();
+    return ValidateShapes(p, in);
   } catch (...) {
     return Status::Error("out of memory while checking inputs");
   }
@@ -226,7 +160,7 @@ nvinfer1::IPluginV3* BmlPlugin::clone() noexcept {
   return p;
 }
 
-const char* BmlPlugin::getPluginName() const noexcept { return kOpBinaryMixedLinear; }
+const char* BmlPlugin::getPluginName() const noexcept { return kOpName; }
 const char* BmlPlugin::getPluginVersion() const noexcept { return "1"; }
 const char* BmlPlugin::getPluginNamespace() const noexcept { return namespace_; }
 
@@ -355,11 +289,9 @@ int32_t BmlPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc,
   }
   const void* r2 = nullptr;
   const void* bias = nullptr;
-  if (nb_inputs >= 9) {
-    if (input_desc[kInR2].type == DataType::kHALF) r2 = inputs[kInR2];
-    else bias = inputs[kInR2];
-  }
-  if (nb_inputs == 10) bias = inputs[kInBias];
+  const DataType input_8_type = nb_inputs > kInR2 ? input_desc[kInR2].type : DataType::kHALF;
+  for (int32_t i = kInR2; i < nb_inputs; ++i)
+    (ContractIndex(i, nb_inputs, input_8_type) == kInBias ? bias : r2) = inputs[i];
 
   bml::cuda::CudaArgs a;
   a.m = m;
@@ -447,9 +379,10 @@ nvinfer1::IPluginV3* BmlPluginCreator::createPlugin(const char* name,
 }
 
 const nvinfer1::PluginFieldCollection* BmlPluginCreator::getFieldNames() noexcept { return &fc_; }
-const char* BmlPluginCreator::getPluginName() const noexcept { return kOpBinaryMixedLinear; }
+const char* BmlPluginCreator::getPluginName() const noexcept { return kOpName; }
 const char* BmlPluginCreator::getPluginVersion() const noexcept { return "1"; }
 const char* BmlPluginCreator::getPluginNamespace() const noexcept { return namespace_; }
 
 }  // namespace trt
+}  // namespace bml
 }  // namespace qexport

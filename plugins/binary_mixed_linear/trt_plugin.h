@@ -1,9 +1,10 @@
 // TensorRT glue of qexport::BinaryMixedLinear: an IPluginV3 (OneCore/OneBuild/OneRuntime) and
 // its IPluginCreatorV3One, exported by libqexport_trt.so through getCreators()
-// (plugins/trt/trt_register.cpp). Plugin name "BinaryMixedLinear", version "1", namespace
-// "qexport" (from qexport_contract.h); see docs/gpu.md for how TensorRT's ONNX parser finds it.
-// Every method is noexcept; failures are logged through the ILoggerFinder TensorRT hands to
-// setLoggerFinder and reported as -1 / nullptr / false.
+// (plugins/common/trt_register.cpp). Plugin name "BinaryMixedLinear" (bml_contract.h), version
+// "1", namespace "qexport" (qexport_contract.h) or ""; see docs/gpu.md for how TensorRT's ONNX
+// parser finds it. Every method is noexcept; failures are logged through the ILoggerFinder
+// TensorRT hands to setLoggerFinder (plugins/common/qexport_trt.h) and reported as -1 /
+// nullptr / false. Attribute and shape rules are the shared validator's (bml_validate.h).
 #pragma once
 
 #include <NvInferRuntime.h>
@@ -12,32 +13,30 @@
 #include <string>
 #include <vector>
 
-#include "binary_mixed_linear/bml_status.h"
+#include "binary_mixed_linear/bml_validate.h"
+#include "qexport_status.h"
 
 namespace qexport {
+namespace bml {
 namespace trt {
 
-// Attributes of the op, as plugin fields.
-struct BmlParams {
-  int64_t in_features = 0;
-  int64_t out_features = 0;
-  int64_t salient_group_size = 0;
-  int64_t layout = 0;
-};
+// The op's attributes, as plugin fields.
+using BmlParams = Attributes;
 
 // Reads the four attribute fields (kINT32 or kINT64, length 1) from `fc`; unknown fields
 // (e.g. plugin_namespace, plugin_version from the ONNX parser) are ignored. Checks the values
-// against docs/format.md (layout 1, in/out_features >= 1, group size >= 0).
+// with bml::ValidateAttributes, and that in/out_features fit in int32 (serialized as kINT32).
 Status ParseFields(const nvinfer1::PluginFieldCollection* fc, BmlParams* out) noexcept;
 
-// Shapes and types of the inputs, when known at build time (-1 dims are skipped).
-// nb_inputs is 8 (no r2, no bias), 9 (r2 if input 8 is half, bias if it is float) or 10.
+// Contract index of TensorRT input `pos`: TensorRT passes only the inputs that exist, so with
+// nb_inputs = 9 input 8 is r2 when half and bias when float (input_8_type); -1 out of range.
+int ContractIndex(int32_t pos, int32_t nb_inputs, nvinfer1::DataType input_8_type) noexcept;
+
+// Types and shapes of the inputs, checked by bml::ValidateShapes (-1 dims, unknown at build
+// time, accepted). nb_inputs is 8 (no r2, no bias), 9 (r2 if input 8 is half, bias if it is
+// float) or 10.
 Status CheckInputs(const BmlParams& p, const nvinfer1::Dims* dims,
                    const nvinfer1::DataType* types, int32_t nb_inputs) noexcept;
-
-// Logs through the TensorRT logger when one was handed over by setLoggerFinder.
-void SetLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;
-void LogError(const std::string& msg) noexcept;
 
 class BmlPlugin final : public nvinfer1::IPluginV3,
                         public nvinfer1::IPluginV3OneCore,
@@ -114,4 +113,5 @@ class BmlPluginCreator final : public nvinfer1::IPluginCreatorV3One {
 };
 
 }  // namespace trt
+}  // namespace bml
 }  // namespace qexport

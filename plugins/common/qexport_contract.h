@@ -1,37 +1,15 @@
-// The qexport op contract, C++ side. Mirrors qexport/contract.py constant by constant
-// (tests/test_contract.py parses this file and compares). Format: docs/format.md.
+// The qexport contract every op shares, C++ side: ONNX domain, op-set and contract versions.
+// Mirrors qexport/contract.py constant by constant (tests/test_contract.py parses this file and
+// compares). Each op's own constants (inputs, attributes, layout) are in its folder:
+// plugins/<op>/*_contract.h. Format: docs/format.md.
 #pragma once
-
-#include <cstdint>
 
 namespace qexport {
 
 constexpr const char* kDomain = "qexport";
 constexpr int kOpsetVersion = 1;
+// Bump when any op's inputs, attributes or packed bit order change meaning; the libraries
+// report it (qexport_contract_version) and qexport.native checks it at load time.
 constexpr int kContractVersion = 1;
-
-constexpr const char* kOpBinaryMixedLinear = "BinaryMixedLinear";
-
-constexpr int kLayoutRowMajor = 1;
-
-constexpr int kSalientBits = 4;
-constexpr int kSalientQmax = 15;
-
-constexpr int kInX = 0;
-constexpr int kInSignPacked = 1;
-constexpr int kInRowScale = 2;
-constexpr int kInRowOffset = 3;
-constexpr int kInSalientIdx = 4;
-constexpr int kInSalientPacked = 5;
-constexpr int kInSalientScale = 6;
-constexpr int kInSalientZero = 7;
-constexpr int kInR2 = 8;
-constexpr int kInBias = 9;
-constexpr int kNumInputs = 10;
-
-constexpr const char* kAttrInFeatures = "in_features";
-constexpr const char* kAttrOutFeatures = "out_features";
-constexpr const char* kAttrSalientGroupSize = "salient_group_size";
-constexpr const char* kAttrLayout = "layout";
 
 }  // namespace qexport

@@ -18,6 +18,7 @@ import torch
 
 from ..config import HEAD_NAMES, head_pattern
 from ..errors import QexportError
+from ..registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,34 +101,22 @@ def hf_config(module: torch.nn.Module):
 
 
 GENERIC = Family("generic")
-_REGISTRY: dict[str, Family] = {}
 # The adapter modules, imported (and so registered) on first use; one line per module.
-_FAMILY_MODULES = ("llama", "opt", "gpt2")
+_REGISTRY: Registry[Family] = Registry(__name__, ("llama", "opt", "gpt2"), "model_type")
 
 
 def register(family: Family) -> Family:
     for model_type in family.model_types:
-        if model_type in _REGISTRY:
-            raise ValueError(f"model_type {model_type} claimed by {_REGISTRY[model_type].name} "
-                             f"and {family.name}")
-        _REGISTRY[model_type] = family
+        _REGISTRY.add(model_type, family)
     return family
 
 
-def _load() -> None:
-    import importlib
-    for module in _FAMILY_MODULES:
-        importlib.import_module(f"{__name__}.{module}")
-
-
 def families() -> list[Family]:
-    _load()
-    return list({id(f): f for f in _REGISTRY.values()}.values())
+    return _REGISTRY.rows()
 
 
 def detect(module: torch.nn.Module) -> Family:
     """The adapter of `module`'s family (by its Hugging Face model_type), else GENERIC."""
-    _load()
     cfg = hf_config(module)
     return _REGISTRY.get(getattr(cfg, "model_type", None), GENERIC)
 

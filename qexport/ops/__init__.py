@@ -16,11 +16,13 @@ Packed-weight classes share one interface (duck-typed; `MixedLinearWeights` is t
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-# The op modules, imported (and so registered) by `_load`; one line per op.
+from ..registry import Registry
+
+# The op modules, imported (and so registered) on first use; one line per op.
 _OP_MODULES = ("binary_mixed_linear", "group_query_attention")
 
 
@@ -50,30 +52,22 @@ class OpSpec:
         return len(self.input_names) - 1
 
 
-_REGISTRY: dict[str, OpSpec] = {}
+_REGISTRY: Registry[OpSpec] = Registry(__name__, _OP_MODULES, "op")
 
 
 def register(spec: OpSpec) -> OpSpec:
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
-        raise ValueError(f"op {spec.name} registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.add(spec.name, spec)
 
 
-def _load() -> None:
-    import importlib
-    for module in _OP_MODULES:
-        importlib.import_module(f"{__name__}.{module}")
-
-
-def specs() -> Iterator[OpSpec]:
-    _load()
-    return iter(list(_REGISTRY.values()))
+def specs() -> list[OpSpec]:
+    return _REGISTRY.rows()
 
 
 def get(name: str) -> OpSpec:
-    _load()
-    return _REGISTRY[name]
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise KeyError(f"no op {name!r}; registered: {', '.join(_REGISTRY.keys())}")
+    return spec
 
 
 def linear_specs() -> list[OpSpec]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import QexportError
+from ..registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,28 +47,20 @@ class Target:
     finish: Callable[[Path, Callable[[str], None]], Finish] | None = None
 
 
-_REGISTRY: dict[str, Target] = {}
-_TARGET_MODULES = ("ort", "trt")  # imported (and so registered) on first use
+# The target modules, imported (and so registered) on first use; one line per module.
+_REGISTRY: Registry[Target] = Registry(__name__, ("ort", "trt"), "target")
 
 
 def register(target: Target) -> Target:
-    _REGISTRY[target.name] = target
-    return target
-
-
-def _load() -> None:
-    import importlib
-    for module in _TARGET_MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+    return _REGISTRY.add(target.name, target)
 
 
 def names() -> list[str]:
-    _load()
-    return list(_REGISTRY)
+    return _REGISTRY.keys()
 
 
 def get(name: str) -> Target:
-    _load()
-    if name not in _REGISTRY:
-        raise QexportError(f"unknown target {name!r}; choose from {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise QexportError(f"unknown target {name!r}; choose from {', '.join(names())}")
+    return target

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "qexport_contract.h"
+#include "binary_mixed_linear/bml_contract.h"
 
 using namespace nvinfer1;
 
@@ -81,8 +81,9 @@ struct Fields {
   std::vector<PluginField> f;
   PluginFieldCollection fc{};
   Fields(int64_t k, int64_t n, int64_t g, int64_t layout, bool as64 = false) {
-    const char* names[4] = {qexport::kAttrInFeatures, qexport::kAttrOutFeatures,
-                            qexport::kAttrSalientGroupSize, qexport::kAttrLayout};
+    namespace bml = qexport::bml;
+    const char* names[4] = {bml::kAttrInFeatures, bml::kAttrOutFeatures,
+                            bml::kAttrSalientGroupSize, bml::kAttrLayout};
     const int64_t vals[4] = {k, n, g, layout};
     v32.assign(vals, vals + 4);
     v64.assign(vals, vals + 4);
@@ -145,33 +146,21 @@ std::vector<DynamicPluginTensorDesc> Descs(int nb, DataType act, bool r2_in_9 = 
   return out;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  if (argc < 2) {
-    std::printf("usage: %s libqexport_trt.so\n", argv[0]);
-    return 2;
-  }
-  void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-  if (!lib) {
-    std::printf("dlopen failed: %s\n", dlerror());
-    return 2;
-  }
-  using GetCreators = IPluginCreatorInterface* const* (*)(int32_t&);
-  using SetLoggerFinder = void (*)(ILoggerFinder*);
-  auto get_creators = reinterpret_cast<GetCreators>(dlsym(lib, "getCreators"));
-  auto set_finder = reinterpret_cast<SetLoggerFinder>(dlsym(lib, "setLoggerFinder"));
-  CHECK(get_creators != nullptr);
-  CHECK(set_finder != nullptr);
-  CHECK(dlsym(lib, "qexport_contract_version") != nullptr);
-  if (!get_creators || !set_finder) return 1;
-  set_finder(&g_finder);
-
-  // ---- creators
+// What the checks share: the library's creators, the canonical one and its field names.
+struct Library {
+  IPluginCreatorInterface* const* creators = nullptr;
   int32_t nb = 0;
-  IPluginCreatorInterface* const* creators = get_creators(nb);
+  IPluginCreatorV3One* creator = nullptr;  // namespace "qexport"
+  const PluginFieldCollection* names = nullptr;
+};
+
+// ---- creators: "qexport" and "", the plugin's name, version and fields. False: no
+// canonical creator (nothing else can be checked).
+bool CheckCreators(Library* lib) {
+  IPluginCreatorInterface* const* creators = lib->creators;
+  const int32_t nb = lib->nb;
   CHECK(nb == 2);
-  IPluginCreatorV3One* creator = nullptr;
+  IPluginCreatorV3One*& creator = lib->creator;
   bool saw_default = false;
   for (int32_t i = 0; i < nb; ++i) {
     InterfaceInfo info = creators[i]->getInterfaceInfo();
@@ -184,8 +173,9 @@ int main(int argc, char** argv) {
   }
   CHECK(creator != nullptr);
   CHECK(saw_default);
-  if (!creator) return 1;
+  if (!creator) return false;
   const PluginFieldCollection* names = creator->getFieldNames();
+  lib->names = names;
   CHECK(names && names->nbFields == 4);
   if (names && names->nbFields == 4) {
     CHECK(std::strcmp(names->fields[0].name, "in_features") == 0);
@@ -193,12 +183,16 @@ int main(int argc, char** argv) {
     CHECK(std::strcmp(names->fields[2].name, "salient_group_size") == 0);
     CHECK(std::strcmp(names->fields[3].name, "layout") == 0);
   }
+  return true;
+}
 
-  // ---- field parsing
-  Fields good(13, 7, 2, 1);
+// ---- field parsing: good fields (int32, int64, extra fields), bad ones (each logged with the
+// field named). Returns the plugin made from `good`, or null.
+IPluginV3* CheckFieldParsing(const Library& lib, Fields& good) {
+  IPluginCreatorV3One* creator = lib.creator;
   IPluginV3* plugin = creator->createPlugin("bml0", &good.fc, TensorRTPhase::kBUILD);
   CHECK(plugin != nullptr);
-  if (!plugin) return 1;
+  if (!plugin) return nullptr;
   CHECK(std::strcmp(plugin->getInterfaceInfo().kind, "PLUGIN") == 0);
   CHECK(std::strcmp(Core(plugin)->getPluginName(), "BinaryMixedLinear") == 0);
   CHECK(std::strcmp(Core(plugin)->getPluginVersion(), "1") == 0);
@@ -254,8 +248,15 @@ int main(int argc, char** argv) {
     CHECK(logged);
   }
   CHECK(creator->createPlugin("null", nullptr, TensorRTPhase::kBUILD) == nullptr);
+  return plugin;
+}
 
-  // ---- serialize / deserialize / clone
+// ---- serialize / deserialize / clone / attach, in both namespaces
+void CheckSerialization(const Library& lib, IPluginV3* plugin, const Fields& good) {
+  IPluginCreatorV3One* creator = lib.creator;
+  const PluginFieldCollection* names = lib.names;
+  IPluginCreatorInterface* const* creators = lib.creators;
+  const int32_t nb = lib.nb;
   const PluginFieldCollection* ser = Runtime(plugin)->getFieldsToSerialize();
   CHECK(ser != nullptr && ser->nbFields == 4);
   IPluginV3* restored = creator->createPlugin("bml0", ser, TensorRTPhase::kRUNTIME);
@@ -295,9 +296,10 @@ int main(int argc, char** argv) {
     }
     delete p;
   }
+}
 
-  // ---- output types
-  IPluginV3OneBuild* build = Build(plugin);
+// ---- output types, and output shapes through a mock IExprBuilder
+void CheckOutputTypesAndShapes(IPluginV3OneBuild* build) {
   DataType out_t = DataType::kINT8;
   DataType in_f[1] = {DataType::kFLOAT}, in_h[1] = {DataType::kHALF}, in_i[1] = {DataType::kINT32};
   CHECK(build->getOutputDataTypes(&out_t, 1, in_f, 10) == 0 && out_t == DataType::kFLOAT);
@@ -324,8 +326,10 @@ int main(int argc, char** argv) {
   ins[0].nbDims = 0;
   CHECK(build->getOutputShapes(ins.data(), 10, nullptr, 0, &out, 1, builder) != 0);
   CHECK(build->getOutputShapes(ins.data(), 7, nullptr, 0, &out, 1, builder) != 0);
+}
 
-  // ---- format combinations
+// ---- format combinations: every position's type and format, the 9-input r2/bias case
+void CheckFormats(IPluginV3OneBuild* build) {
   for (int nbi : {8, 9, 10}) {
     for (DataType act : {DataType::kFLOAT, DataType::kHALF}) {
       auto d = Descs(nbi, act);
@@ -352,8 +356,12 @@ int main(int argc, char** argv) {
     CHECK(!build->supportsFormatCombination(0, d10.data(), 7, 1));
     CHECK(!build->supportsFormatCombination(11, d10.data(), 10, 1));
   }
+}
 
-  // ---- build-time shape checks (configurePlugin) and workspace
+// ---- build-time shape checks (configurePlugin, the shared validator) and workspace; the same
+// checks on concrete shapes in onShapeChange
+void CheckBuildShapes(IPluginV3* plugin) {
+  IPluginV3OneBuild* build = Build(plugin);
   for (int nbi : {8, 9, 10}) {
     auto d = Descs(nbi, DataType::kHALF);
     CHECK(build->configurePlugin(d.data(), nbi, d.data() + nbi, 1) == 0);
@@ -363,10 +371,19 @@ int main(int argc, char** argv) {
     auto d = Descs(9, DataType::kFLOAT, false);
     CHECK(build->configurePlugin(d.data(), 9, d.data() + 9, 1) == 0);
     struct Case { int pos; std::vector<int64_t> dims; const char* expect; };
-    std::vector<Case> cases = {{1, {7, 3}, "sign_packed"}, {2, {6}, "row_scale"},
-                               {5, {7, 1}, "salient_packed"}, {6, {7, 1}, "salient_scale"},
-                               {7, {7, 3}, "salient_zero"}, {0, {5, 12}, "'X'"},
-                               {4, {14}, "salient_idx"}, {8, {6}, "bias"}};
+    // The shared validator's messages (bml_validate.cpp): input, contract position, shapes.
+    // (With 9 inputs TensorRT's #8 is bias, the contract's #9.)
+    std::vector<Case> cases = {
+        {1, {7, 3}, "'sign_packed' (#1) is uint8 [7, 3], expected uint8 [7, 2]"},
+        {2, {6}, "'row_scale' (#2) is float16 [6], expected float16 [7]"},
+        {5, {7, 1}, "'salient_packed' (#5) is uint8 [7, 1], expected uint8 [7, 2]"},
+        {6, {7, 1}, "'salient_scale' (#6) is float16 [7, 1], expected float16 [7, 2]"},
+        {7, {7, 3}, "'salient_zero' (#7) is uint8 [7, 3], expected uint8 [7, 2]"},
+        {0, {5, 12}, "'X' (#0) is float [5, 12], expected shape [..., 13]"},
+        {0, {}, "'X' (#0) is float [], expected shape [..., 13]"},
+        {4, {14}, "'salient_idx' (#4) is int32 [14], more channels than in_features=13"},
+        {4, {3, 1}, "'salient_idx' (#4) is int32 [3, 1], expected int32 [S]"},
+        {8, {6}, "'bias' (#9) is float [6], expected float [7]"}};
     for (const Case& c : cases) {
       auto bad = Descs(9, DataType::kFLOAT, false);
       bad[c.pos].desc.dims = MakeDims(c.dims);
@@ -381,9 +398,33 @@ int main(int argc, char** argv) {
     g_logger.last.clear();
     CHECK(build->configurePlugin(r2bad.data(), 10, r2bad.data() + 10, 1) != 0);
     CHECK(g_logger.last.find("'r2'") != std::string::npos);
+    auto rs_float = Descs(10, DataType::kFLOAT);
+    rs_float[2].desc.type = DataType::kFLOAT;
+    g_logger.last.clear();
+    CHECK(build->configurePlugin(rs_float.data(), 10, rs_float.data() + 10, 1) != 0);
+    CHECK(g_logger.last.find("'row_scale' (#2) is float [7], expected float16 [7]") !=
+          std::string::npos);
+    auto int8 = Descs(10, DataType::kFLOAT);  // int8 is a byte type too
+    for (int pos : {1, 5, 7}) int8[pos].desc.type = DataType::kINT8;
+    CHECK(build->configurePlugin(int8.data(), 10, int8.data() + 10, 1) == 0);
+    // Unknown dims (-1) are accepted, and so are the dims that depend on an unknown S; the
+    // known ones are still checked.
+    auto unknown = Descs(10, DataType::kFLOAT);
+    unknown[1].desc.dims = MakeDims({-1, 2});
+    unknown[4].desc.dims = MakeDims({-1});
+    unknown[5].desc.dims = MakeDims({7, 5});  // would be wrong for S = 3
+    CHECK(build->configurePlugin(unknown.data(), 10, unknown.data() + 10, 1) == 0);
+    unknown[2].desc.dims = MakeDims({6});
+    g_logger.last.clear();
+    CHECK(build->configurePlugin(unknown.data(), 10, unknown.data() + 10, 1) != 0);
+    CHECK(g_logger.last.find("'row_scale' (#2) is float16 [6], expected float16 [7]") !=
+          std::string::npos);
     auto dyn = Descs(10, DataType::kFLOAT);
     dyn[0].desc.dims = MakeDims({-1, 13});  // dynamic batch is fine
     CHECK(build->configurePlugin(dyn.data(), 10, dyn.data() + 10, 1) == 0);
+    dyn[0].desc.dims = MakeDims({-1, -1});  // so is an unknown in_features
+    CHECK(build->configurePlugin(dyn.data(), 10, dyn.data() + 10, 1) == 0);
+    dyn[0].desc.dims = MakeDims({-1, 13});
     // onShapeChange runs the same checks on concrete shapes
     std::vector<PluginTensorDesc> rt;
     for (auto& x2 : dyn) rt.push_back(x2.desc);
@@ -392,6 +433,40 @@ int main(int argc, char** argv) {
     rt[1].dims = MakeDims({7, 1});
     CHECK(Runtime(plugin)->onShapeChange(rt.data(), 10, rt.data() + 10, 1) != 0);
   }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::printf("usage: %s libqexport_trt.so\n", argv[0]);
+    return 2;
+  }
+  void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    std::printf("dlopen failed: %s\n", dlerror());
+    return 2;
+  }
+  using GetCreators = IPluginCreatorInterface* const* (*)(int32_t&);
+  using SetLoggerFinder = void (*)(ILoggerFinder*);
+  auto get_creators = reinterpret_cast<GetCreators>(dlsym(lib, "getCreators"));
+  auto set_finder = reinterpret_cast<SetLoggerFinder>(dlsym(lib, "setLoggerFinder"));
+  CHECK(get_creators != nullptr);
+  CHECK(set_finder != nullptr);
+  CHECK(dlsym(lib, "qexport_contract_version") != nullptr);
+  if (!get_creators || !set_finder) return 1;
+  set_finder(&g_finder);
+
+  Library library;
+  library.creators = get_creators(library.nb);
+  if (!CheckCreators(&library)) return 1;
+  Fields good(13, 7, 2, 1);
+  IPluginV3* plugin = CheckFieldParsing(library, good);
+  if (!plugin) return 1;
+  CheckSerialization(library, plugin, good);
+  CheckOutputTypesAndShapes(Build(plugin));
+  CheckFormats(Build(plugin));
+  CheckBuildShapes(plugin);
   delete plugin;
 
   std::printf("%d checks, %d failed\n", g_checks, g_failed);

@@ -1,6 +1,6 @@
 // ctypes entry points into plugins/binary_mixed_linear/bml_unpack.h (the index/unpack logic the
 // CUDA kernels use), compiled with the host compiler by tests/test_gpu_unpack.py and compared
-// with the Python reference (qexport/packing.py). No CUDA needed.
+// with the Python reference (qexport/ops/binary_mixed_linear/packing.py). No CUDA needed.
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -149,9 +149,11 @@ void qx_salient_weights_half(const uint8_t* packed, const uint16_t* scale, const
                                                  zero + r * groups, j, s, group_size);
 }
 
-// Host emulation of GemmTcKernel (bml_cuda.cu), step for step: the same tiles, staging maps,
-// predicates, shared-memory layouts, fragment loads, B-register construction, row sums and
-// epilogues, with the MMA emulated (EmuMma). fp16 x and y (bits), y [m, n].
+// Host emulation of GemmTcKernel (bml_cuda_gemm_tc.cu), step for step: the same tiles, staging
+// maps, predicates, shared-memory layouts, fragment loads, B-register construction, row sums and
+// epilogues, with the MMA emulated (EmuMma). fp16 x and y (bits), y [m, n]. One function of
+// ~150 lines like the kernel it mirrors (its blocks and warps become loops), so that the two
+// can be read side by side.
 void qx_tc_emulate(int64_t m, int64_t k, int64_t n, int64_t s, int64_t group_size,
                    const uint16_t* x, const uint8_t* sign_packed, const uint16_t* row_scale,
                    const uint16_t* row_offset, const int32_t* salient_idx,

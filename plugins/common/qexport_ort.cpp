@@ -1,17 +1,17 @@
-// ONNX Runtime glue shared by the CPU and CUDA variants of qexport::BinaryMixedLinear
-// (ort_common.h).
-#include "binary_mixed_linear/ort_common.h"
+// ONNX Runtime glue every op shares (qexport_ort.h).
+#include "qexport_ort.h"
 
 namespace qexport {
-namespace bml_ort {
+namespace ort {
 namespace {
 
-std::string Describe(const OrtApi& api, const OrtValue* value, int index, bml::TensorView* t) {
+std::string Describe(const OrtApi& api, const OrtValue* value, int index,
+                     const char* (*input_name)(int), TensorView* t) {
   std::string err;
   int is_tensor = 0;
   if (!(err = TakeError(api, api.IsTensor(value, &is_tensor))).empty()) return err;
   if (!is_tensor)
-    return std::string("input '") + bml::InputName(index) + "' (#" + std::to_string(index) +
+    return std::string("input '") + input_name(index) + "' (#" + std::to_string(index) +
            ") is not a tensor";
   OrtTensorTypeAndShapeInfo* info = nullptr;
   if (!(err = TakeError(api, api.GetTensorTypeAndShape(value, &info))).empty()) return err;
@@ -56,13 +56,13 @@ std::string TypeName(ONNXTensorElementDataType t) {
   }
 }
 
-bml::DType ToDType(ONNXTensorElementDataType t) {
+DType ToDType(ONNXTensorElementDataType t) {
   switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return bml::DType::kFloat32;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return bml::DType::kFloat16;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return bml::DType::kUint8;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return bml::DType::kInt32;
-    default: return bml::DType::kOther;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return DType::kFloat32;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return DType::kFloat16;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return DType::kUint8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return DType::kInt32;
+    default: return DType::kOther;
   }
 }
 
@@ -73,80 +73,74 @@ std::string TakeError(const OrtApi& api, OrtStatus* status) {
   return msg.empty() ? std::string("unknown ONNX Runtime error") : msg;
 }
 
-std::string Node::Prefix() const {
-  return std::string(kDomain) + "::" + kOpBinaryMixedLinear + ep_tag +
-         (name.empty() ? std::string() : " node '" + name + "'") + ": ";
-}
-
-std::string ReadNode(const OrtApi& api, const OrtKernelInfo* info, Node* node) {
+std::string NodeName(const OrtApi& api, const OrtKernelInfo* info) {
   size_t size = 0;
   if (TakeError(api, api.KernelInfo_GetNodeName(info, nullptr, &size)).empty() && size > 1) {
     std::vector<char> buf(size);
     if (TakeError(api, api.KernelInfo_GetNodeName(info, buf.data(), &size)).empty())
-      node->name.assign(buf.data());
+      return std::string(buf.data());
   }
-  bml::Attributes& attrs = node->attrs;
-  struct {
-    const char* name;
-    int64_t* value;
-  } fields[] = {{kAttrInFeatures, &attrs.in_features},
-                {kAttrOutFeatures, &attrs.out_features},
-                {kAttrSalientGroupSize, &attrs.salient_group_size},
-                {kAttrLayout, &attrs.layout}};
-  for (auto& f : fields) {
-    std::string err = TakeError(api, api.KernelInfoGetAttribute_int64(info, f.name, f.value));
-    if (!err.empty())
-      return std::string("missing or non-int attribute '") + f.name + "' (" + err + ")";
-  }
-  Status st = bml::ValidateAttributes(attrs);
-  return st ? std::string() : st.message;
+  return std::string();
 }
 
-std::string GatherInputs(const OrtApi& api, OrtKernelContext* ctx,
-                         std::vector<bml::TensorView>* in) {
+std::string ReadIntAttributes(const OrtApi& api, const OrtKernelInfo* info,
+                              std::initializer_list<IntAttribute> attributes) {
+  for (const IntAttribute& a : attributes) {
+    std::string err = TakeError(api, api.KernelInfoGetAttribute_int64(info, a.name, a.value));
+    if (!err.empty())
+      return std::string("missing or non-int attribute '") + a.name + "' (" + err + ")";
+  }
+  return std::string();
+}
+
+std::string GatherInputs(const OrtApi& api, OrtKernelContext* ctx, size_t slots,
+                         const char* (*input_name)(int), std::vector<TensorView>* in) {
   std::string err;
   size_t count = 0;
   if (!(err = TakeError(api, api.KernelContext_GetInputCount(ctx, &count))).empty()) return err;
   // Reset in place: a vector reused across calls keeps its shapes' storage (no allocation).
-  in->resize(kNumInputs);
-  for (bml::TensorView& t : *in) {
+  in->resize(slots);
+  for (TensorView& t : *in) {
     t.present = false;
-    t.dtype = bml::DType::kOther;
+    t.dtype = DType::kOther;
     t.dtype_name.clear();
     t.shape.clear();
     t.data = nullptr;
   }
-  for (int i = 0; i < kNumInputs; ++i) {
-    if (static_cast<size_t>(i) >= count) continue;
+  for (size_t i = 0; i < slots && i < count; ++i) {
     const OrtValue* value = nullptr;
     if (!(err = TakeError(api, api.KernelContext_GetInput(ctx, i, &value))).empty()) return err;
     if (!value) continue;  // omitted optional input
-    if (!(err = Describe(api, value, i, &(*in)[i])).empty()) return err;
+    if (!(err = Describe(api, value, static_cast<int>(i), input_name, &(*in)[i])).empty())
+      return err;
   }
   return std::string();
 }
 
-std::string ValidateInputs(const Node& node, const std::vector<bml::TensorView>& in,
-                           bml::Args* args, bool check_contents) {
-  Status st = bml::ValidateInputs(node.attrs, in, args, check_contents);
-  if (!st) return st.message;
-  if (ToDType(node.act) != in[kInX].dtype)
-    return "input 'X' (#0) is " + TypeName(node.act) + " for this kernel but " +
-           in[kInX].dtype_name + " at run time";
-  return std::string();
+std::vector<bool> ConstantInputs(const OrtApi& api, const OrtKernelInfo* info, size_t slots) {
+  std::vector<bool> constant(slots, false);
+  size_t input_count = 0;
+  if (TakeError(api, api.KernelInfo_GetInputCount(info, &input_count)).empty()) {
+    for (size_t i = 1; i < input_count && i < constant.size(); ++i) {
+      int is_constant = 0;
+      const OrtValue* value = nullptr;
+      if (TakeError(api, api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &value))
+              .empty())
+        constant[i] = is_constant != 0 && value != nullptr;
+    }
+  }
+  return constant;
 }
 
-std::string AllocateOutput(const OrtApi& api, OrtKernelContext* ctx, const Node& node,
-                           const bml::TensorView& x, void** y) {
-  std::vector<int64_t> out_shape = x.shape;
-  out_shape.back() = node.attrs.out_features;
-  std::string err;
-  OrtValue* out = nullptr;
-  if (!(err = TakeError(api, api.KernelContext_GetOutput(ctx, 0, out_shape.data(),
-                                                         out_shape.size(), &out))).empty())
-    return err;
-  return TakeError(api, api.GetTensorMutableData(out, y));
+void OrtThreadPool::Run(void* pool, void (*task)(void*, size_t), size_t total, void* data) {
+  OrtThreadPool* p = static_cast<OrtThreadPool*>(pool);
+  OrtStatus* status = p->api_->KernelContext_ParallelFor(p->ctx_, task, total, 0, data);
+  if (status) {
+    // No pool to run on: run serially (tasks write disjoint outputs and may be rerun).
+    p->api_->ReleaseStatus(status);
+    for (size_t i = 0; i < total; ++i) task(data, i);
+  }
 }
 
-}  // namespace bml_ort
+}  // namespace ort
 }  // namespace qexport

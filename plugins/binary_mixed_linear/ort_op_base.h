@@ -1,38 +1,38 @@
 // ONNX Runtime glue shared by the CPU (ort_op.cpp) and CUDA (ort_cuda_op.cpp) variants of
 // qexport::BinaryMixedLinear: the op schema, the node's attributes read and checked once at
-// kernel creation, the inputs gathered into bml::TensorView form for the shared validator
-// (bml_validate.h), the output allocation, and the noexcept wrapper that turns an error message
-// or an exception into an OrtStatus prefixed with the op and node name.
+// kernel creation, the inputs gathered into TensorView form for the shared validator
+// (bml_validate.h), the output allocation. The op-independent parts (OrtStatus handling, the
+// noexcept Guard, input description) are plugins/common/qexport_ort.h.
 //
 // Errors are returned as a message (empty on success), unprefixed: Guard adds the prefix.
 #pragma once
 
 #include <cstdint>
-#include <exception>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "binary_mixed_linear/bml_contract.h"
 #include "binary_mixed_linear/bml_validate.h"
 #include "onnxruntime_cxx_api.h"
-#include "qexport_contract.h"
+#include "qexport_ort.h"
+#include "qexport_tensor.h"
 
 namespace qexport {
-namespace bml_ort {
+namespace bml {
+namespace ort {
 
-// Name of an element type for messages ("float", "int64", ...).
-std::string TypeName(ONNXTensorElementDataType t);
-bml::DType ToDType(ONNXTensorElementDataType t);
-
-// Takes ownership of an OrtStatus from an API call; returns its message (empty if ok).
-std::string TakeError(const OrtApi& api, OrtStatus* status);
+using ::qexport::ort::Guard;
+using ::qexport::ort::TakeError;
+using ::qexport::ort::ToDType;
+using ::qexport::ort::TypeName;
 
 // What a kernel knows about its node, read once at kernel creation (ReadNode).
 struct Node {
   ONNXTensorElementDataType act = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // X and Y type
   const char* ep_tag = "";  // after the op name in messages: "" (CPU), " (CUDA)"
   std::string name;         // the node's name, may be empty
-  bml::Attributes attrs;
+  Attributes attrs;
 
   // "qexport::BinaryMixedLinear<ep_tag> node '<name>': " (no node part when unnamed).
   std::string Prefix() const;
@@ -43,35 +43,19 @@ struct Node {
 std::string ReadNode(const OrtApi& api, const OrtKernelInfo* info, Node* node);
 
 // Describes every present input of the call (omitted optional ones stay !present).
-std::string GatherInputs(const OrtApi& api, OrtKernelContext* ctx,
-                         std::vector<bml::TensorView>* in);
+std::string GatherInputs(const OrtApi& api, OrtKernelContext* ctx, std::vector<TensorView>* in);
 
 // bml::ValidateInputs, then X's runtime dtype against the kernel's activation type.
 // check_contents: as in bml::ValidateInputs.
-std::string ValidateInputs(const Node& node, const std::vector<bml::TensorView>& in,
-                           bml::Args* args, bool check_contents = true);
+std::string ValidateInputs(const Node& node, const std::vector<TensorView>& in, Args* args,
+                           bool check_contents = true);
 
 // Allocates Y (X's shape with the last dimension out_features) and returns its data pointer.
 std::string AllocateOutput(const OrtApi& api, OrtKernelContext* ctx, const Node& node,
-                           const bml::TensorView& x, void** y);
-
-// Runs f() -> error message. A message becomes ORT_INVALID_ARGUMENT, an exception ORT_FAIL,
-// both prefixed with node.Prefix() (read afterwards, so f may fill in node's name).
-template <typename F>
-OrtStatusPtr Guard(const OrtApi& api, const Node& node, F&& f) noexcept {
-  try {
-    std::string err = f();
-    if (err.empty()) return nullptr;
-    return api.CreateStatus(ORT_INVALID_ARGUMENT, (node.Prefix() + err).c_str());
-  } catch (const std::exception& e) {
-    return api.CreateStatus(ORT_FAIL, (node.Prefix() + e.what()).c_str());
-  } catch (...) {
-    return api.CreateStatus(ORT_FAIL, (node.Prefix() + "unknown error").c_str());
-  }
-}
+                           const TensorView& x, void** y);
 
 // Base of the kernels: the API table, the node, and ComputeV2, which gathers the inputs and
-// calls Kernel::Compute(OrtKernelContext*, const std::vector<bml::TensorView>&) -> error
+// calls Kernel::Compute(OrtKernelContext*, const std::vector<TensorView>&) -> error
 // message (empty on success) under Guard.
 template <typename Kernel>
 struct KernelBase {
@@ -80,7 +64,7 @@ struct KernelBase {
   OrtStatusPtr ComputeV2(OrtKernelContext* ctx) noexcept {
     return Guard(api_, node_, [&] {
       // Reused by this thread's calls (GatherInputs resets it without freeing its storage).
-      thread_local std::vector<bml::TensorView> in;
+      thread_local std::vector<TensorView> in;
       std::string err = GatherInputs(api_, ctx, &in);
       if (!err.empty()) return err;
       return static_cast<Kernel*>(this)->Compute(ctx, in);
@@ -121,7 +105,7 @@ struct OpBase : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
     });
   }
 
-  const char* GetName() const { return kOpBinaryMixedLinear; }
+  const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return ep_type_; }
 
   size_t GetInputTypeCount() const { return kNumInputs; }
@@ -153,5 +137,6 @@ void AddOps(Ort::CustomOpDomain& domain) {
   domain.Add(&op_half);
 }
 
-}  // namespace bml_ort
+}  // namespace ort
+}  // namespace bml
 }  // namespace qexport

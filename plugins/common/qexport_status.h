@@ -1,4 +1,6 @@
-// Status type shared by the BinaryMixedLinear launcher and validator (no ORT types).
+// qexport::Status: ok, or an error with a one-line message. Returned by every op's launchers
+// and validators (no ONNX Runtime or TensorRT types), turned into an OrtStatus or a TensorRT log
+// line by the glue.
 #pragma once
 
 #include <exception>

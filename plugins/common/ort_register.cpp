@@ -3,13 +3,14 @@
 //     Ort::SessionOptions::RegisterCustomOpsLibrary); adds the qexport op domain.
 //   qexport_contract_version: lets qexport.native check the library matches the Python side.
 // The library links no libonnxruntime: it uses the OrtApi table handed over here.
+//
+// The ops, one line each in AddOps below (and one include): each op's Add...Ops adds its
+// variants (activation types; the CUDA execution provider ones when built with
+// QEXPORT_BUILD_CUDA). The op's sources come from its folder's CMakeLists.txt.
 #include <mutex>
 #include <string>
 
 #include "binary_mixed_linear/ort_op.h"
-#ifdef QEXPORT_WITH_CUDA  // QEXPORT_BUILD_CUDA=ON (cmake/QexportGpu.cmake, docs/gpu.md)
-#include "binary_mixed_linear/ort_cuda_op.h"
-#endif
 #include "onnxruntime_cxx_api.h"
 #include "qexport_contract.h"
 
@@ -22,6 +23,11 @@ namespace {
 // Runtime may already be unloaded).
 std::mutex g_domain_mutex;
 Ort::CustomOpDomain* g_domain = nullptr;
+
+// Every op of the library.
+void AddOps(Ort::CustomOpDomain& domain) {
+  qexport::AddBinaryMixedLinearOps(domain);
+}
 
 }  // namespace
 
@@ -47,10 +53,7 @@ QEXPORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
     std::lock_guard<std::mutex> lock(g_domain_mutex);
     if (!g_domain) {
       auto* domain = new Ort::CustomOpDomain(qexport::kDomain);
-      qexport::AddBinaryMixedLinearOps(*domain);
-#ifdef QEXPORT_WITH_CUDA
-      qexport::AddBinaryMixedLinearCudaOps(*domain);  // same op, CUDAExecutionProvider
-#endif
+      AddOps(*domain);
       g_domain = domain;
     }
     Ort::UnownedSessionOptions session_options(options);
