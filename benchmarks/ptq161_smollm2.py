@@ -162,7 +162,8 @@ def main(argv=None) -> int:
         qcfg = QuantizeConfig(parse_scheme("w1.61a16").with_overrides(args.salient_ratio),
                               outlier_suppression=True, learn=config,
                               skip=rf"^(?!{re.escape(path)}\.)",  # the block Linears only
-                              method="ptq161" if row == "learned_os" else "closed-form")
+                              method="ptq161" if row == "learned_os" else "closed-form",
+                              head_scheme=None, embeddings_fp16=False)  # as the other rows
         qm = quantize(module, (calib[:1, :8],), [(b.unsqueeze(0),) for b in calib], qcfg,
                       progress=log)
         t = time.perf_counter() - t0

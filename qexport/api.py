@@ -22,7 +22,7 @@ from . import families
 from .calibrate import collect_linear_input_stats
 from .config import LearnConfig, QuantizeConfig
 from .contract import META_OS_FOLDED
-from .errors import QexportError
+from .errors import QexportError, stage
 from .gptq import linear_input_hessians, refine_codes
 from .onnx_export import export_onnx, metadata, trace
 from .outlier import choose_shift_scale, search_shift_scale
@@ -75,20 +75,23 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         config = dataclasses.replace(config, skip=family.skip_pattern)
     t0 = time.perf_counter()
     say(f"tracing with torch.export ({family.name} family)")
-    gm = trace(module, example_inputs,
-               swap=family.swap_attention if fused_attention(config) else None)
+    with stage("tracing the model with torch.export"):
+        gm = trace(module, example_inputs,
+                   swap=family.swap_attention if fused_attention(config) else None)
     timings["trace"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     say(f"calibrating on {len(batches)} batches")
     searching = config.outlier_suppression and config.os_quantile is None
-    stats = collect_linear_input_stats(
-        gm, batches, progress=lambda i: say(f"calibration batch {i}/{len(batches)}"),
-        sample_tokens=config.os_sample_tokens if searching else 0)
+    with stage("calibration"):
+        stats = collect_linear_input_stats(
+            gm, batches, progress=lambda i: say(f"calibration batch {i}/{len(batches)}"),
+            sample_tokens=config.os_sample_tokens if searching else 0)
     timings["calibrate"] = time.perf_counter() - t0
 
     check = _runs_check(example_inputs)
-    check("trace", gm)
+    with stage("running the traced graph"):
+        check("trace", gm)
     quantizer = _Quantizer(module, batches, stats, config, say, timings)
     packed: dict = {}
     choose = _os_choose(config) if config.outlier_suppression else None
@@ -96,8 +99,11 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         config, quantizer, choose=choose, stats=stats, folded=quantizer.folded,
         packed_out=packed), check=check)
     say("rewriting the graph: " + ", ".join(p.__name__ for p in manager.passes))
-    gm = manager(gm).graph_module
+    with stage("rewriting the graph"):
+        gm = manager(gm).graph_module
     timings.update({f"pass:{k}": v for k, v in manager.timings.items()})
+    # learning and the head's Hessian ran inside replace_linear (prepare): counted apart
+    timings["pass:replace_linear"] -= quantizer.prepare_seconds
     notes = dict(manager.notes)
     if quantizer.notes:
         notes["learn_scales"] = quantizer.notes
@@ -123,13 +129,18 @@ class _Quantizer:
         self.learned: dict = {}
         self.hessians: dict[str, torch.Tensor] = {}
         self.notes: list[str] = []
+        self.prepare_seconds = 0.0
 
     def prepare(self, gm: torch.fx.GraphModule) -> None:
+        t0 = time.perf_counter()
         for st in self.stats.values():
             st.sample = None  # only the OS+ search needed them
         with folded_into(self.module, {k: getattr(gm, a) for k, a in self.folded.items()}):
-            self.learned = self._learn()
-            self.hessians = self._head_hessians()
+            with stage("PTQ1.61 learning"):
+                self.learned = self._learn()
+            with stage("the head's Hessian (GPTQ)"):
+                self.hessians = self._head_hessians()
+        self.prepare_seconds = time.perf_counter() - t0
 
     def __call__(self, name, weight, bias):
         chosen = self.config.scheme_for(name)
@@ -139,10 +150,11 @@ class _Quantizer:
                                  None if bias is None else bias.detach().float().clone())
         if name in self.learned:
             return self.learned[name]
-        salient = select_salient(self.stats[name].rms, chosen.salient_ratio)
-        packed = quantize_mixed(weight, bias, salient, chosen.salient_group_size)
-        if name in self.hessians:
-            packed = refine_codes(packed, weight, self.hessians[name])
+        with stage(f"quantizing {name} {tuple(weight.shape)}"):
+            salient = select_salient(self.stats[name].rms, chosen.salient_ratio)
+            packed = quantize_mixed(weight, bias, salient, chosen.salient_group_size)
+            if name in self.hessians:
+                packed = refine_codes(packed, weight, self.hessians[name])
         return packed
 
     def _learn(self) -> dict:
@@ -310,8 +322,10 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
         meta = {}
     else:
         gm = qmodel.graph_module
+        # the decoder computes its attention with the cache: always the family's swap
         traced = rebuild(module, wrapper, example, qmodel.packed,
-                         {k: getattr(gm, a) for k, a in qmodel.folded.items()}, qmodel.config)
+                         {k: getattr(gm, a) for k, a in qmodel.folded.items()},
+                         dataclasses.replace(qmodel.config, fused_attention=True))
         meta = metadata(qmodel.config.scheme.label, qmodel.config.as_dict())
     meta.update(extra_metadata or {})
     layers = range(len(wrapper.attention))

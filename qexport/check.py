@@ -71,7 +71,7 @@ def layer_report(packed: dict,
     rows = []
     for name, w in packed.items():
         row = {"layer": name, "shape": [w.out_features, w.in_features],
-               "salient": w.num_salient, "bits_per_weight": w.bits_per_weight()}
+               "salient": getattr(w, "num_salient", None), "bits_per_weight": w.bits_per_weight()}
         x = inputs.get(name)
         if x is not None:
             ref = ops.apply(x, w)

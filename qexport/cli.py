@@ -25,8 +25,8 @@ def _log(msg: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import targets
-    from .config import (DEFAULT_HEAD_SCHEME, DEFAULT_SCHEME, METHODS, QuantizeConfig,
-                         RunConfig, default)
+    from .config import (DEFAULT_HEAD_SCHEME, DEFAULT_SCHEME, LEARN_PRESETS, METHODS,
+                         QuantizeConfig, RunConfig, default)
     from .schemes import SCHEMES
 
     def run_default(name):
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=METHODS, default=q_default("method"),
                    help="ptq161: learn the binary scales α, r1, r2 block by block (PTQ1.61); "
                         "closed-form: α = mean|W - μ|, no learning [default: %(default)s]")
-    q.add_argument("--preset", choices=("fast", "default"), default="default",
+    q.add_argument("--preset", choices=tuple(LEARN_PRESETS), default=next(iter(LEARN_PRESETS)),
                    help="PTQ1.61 learning budget: default (every calibration sample, 2 epochs, "
                         "as in the paper) or fast (16 samples, 1 epoch) [default: %(default)s]")
     q.add_argument("--epochs", type=int, help="PTQ1.61 epochs per block [default: the preset's]")
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=run_default("threads"),
                    help="CPU threads [default: all cores]")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    _add_debug(p)
     return p
 
 
@@ -165,14 +166,14 @@ def _finish_code(finish, say) -> int:
     """Exit code (and message) of a target's step after the folder was written."""
     if finish is None:
         return 0
-    if finish.status == "unavailable":
+    codes = {"done": 0, "unavailable": EXIT_TARGET_UNAVAILABLE, "parity_failed": EXIT_PARITY}
+    if finish.status not in codes:
+        raise ValueError(f"unknown target outcome {finish.status!r}")
+    if finish.status == "done":
+        say(finish.message)
+    else:
         print(f"qexport: error: {finish.message}", file=sys.stderr)
-        return EXIT_TARGET_UNAVAILABLE
-    if finish.status == "parity_failed":
-        print(f"qexport: error: {finish.message}", file=sys.stderr)
-        return EXIT_PARITY
-    say(finish.message)
-    return 0
+    return codes[finish.status]
 
 
 def build_engine_parser() -> argparse.ArgumentParser:
@@ -182,32 +183,27 @@ def build_engine_parser() -> argparse.ArgumentParser:
     p.add_argument("onnx", help="model.onnx written by qexport")
     p.add_argument("-o", "--output", help="engine file [default: model.engine beside the model]")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
-                   help="allow fp16 kernels [default: on]")
+                   help="allow fp16 kernels [default: on]")  # trt.build_engine's default
+    _add_debug(p)
     return p
 
 
 def build_engine_main(args) -> int:
-    from . import check
-    from .errors import QexportError
     from .targets import trt
-    onnx_path = Path(args.onnx)
-    if not onnx_path.is_file():
-        raise QexportError(f"no such file: {onnx_path}")
-    trt.check_parsable(onnx_path)
-    reason = trt.engine_prerequisites()
-    if reason:
-        print(f"qexport: error: cannot build a TensorRT engine: {reason}", file=sys.stderr)
-        return EXIT_TARGET_UNAVAILABLE
-    engine = Path(args.output) if args.output else onnx_path.with_suffix(".engine")
-    metrics = trt.build_and_check(onnx_path, engine, fp16=args.fp16)
-    _log(f"wrote {engine}")
-    if metrics:
-        _log(f"TensorRT vs PyTorch reference: cosine {metrics['cosine']:.6f}, "
-             f"top-1 {metrics['top1_agreement']:.4f}")
-        if not check.parity_ok(metrics):
-            print("qexport: error: TensorRT parity check failed", file=sys.stderr)
-            return EXIT_PARITY
-    return 0
+
+    return _finish_code(trt.engine_for(Path(args.onnx), Path(args.output) if args.output
+                                       else None, fp16=args.fp16, progress=_log), _log)
+
+
+def _traceback_if_debug(e: BaseException, argv: list[str]) -> None:
+    if "--debug" in argv:
+        import traceback
+        traceback.print_exception(e)
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, also print the traceback of what caused it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
             return eval_main(build_eval_parser().parse_args(argv[1:]))
         return run(build_parser().parse_args(argv))
     except QexportError as e:
+        _traceback_if_debug(e, argv)
         print(f"qexport: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - a bug of ours: still one line, unless --debug
+        from .errors import first_line
+        _traceback_if_debug(e, argv)
+        print(f"qexport: error: unexpected {first_line(e)} (a qexport bug: please report it "
+              "with the output of --debug)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("qexport: interrupted; nothing was written", file=sys.stderr)
@@ -229,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------- eval
-EVAL_AGREEMENT = 0.005  # PyTorch quantized vs ORT perplexity: a larger gap is a bug
-
-
 def build_eval_parser() -> argparse.ArgumentParser:
+    from .config import RunConfig, default
+    from .pipeline import EVAL_TOKENS
+
     p = argparse.ArgumentParser(
         prog="qexport eval",
         description="Perplexity of an export: the fp model, the PyTorch quantized model rebuilt "
@@ -242,60 +245,30 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--eval", dest="eval_text", metavar="PATH",
                    help="held-out text [default: Brown from char 3,000,000]")
-    p.add_argument("--eval-tokens", type=int, default=20000, help="[default: %(default)s]")
-    p.add_argument("--eval-window", type=int, default=512, help="[default: %(default)s]")
+    p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help="[default: %(default)s]")
+    p.add_argument("--eval-window", type=int, default=default(RunConfig, "eval_window"),
+                   help="[default: %(default)s]")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("-q", "--quiet", action="store_true")
+    _add_debug(p)
     return p
 
 
 def eval_main(args) -> int:
-    import torch
-
-    from . import data, evaluate, models, native
-    from .api import rebuild
-    from .artifact import export_config, read_export
-    from .config import QuantizeConfig
-    from .contract import META_SOURCE
-    from .errors import QexportError
+    from . import pipeline
 
     say = (lambda msg: None) if args.quiet else _log
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    onnx_path = Path(args.output) / "model.onnx"
-    packed, meta, folded = read_export(onnx_path)
-    config = export_config(meta)
-    source = args.model or meta.get(META_SOURCE)
-    if not source:
-        raise QexportError(f"{onnx_path} does not record its model: pass --model")
-    lm = models.load_model(source, trust_pickle=args.trust_pickle)
-    if lm.tokenizer is None:
-        raise QexportError(f"{source} has no tokenizer: perplexity needs one")
-    if args.eval_text:
-        text, text_source = data.load_text(args.eval_text), args.eval_text
-    else:
-        text, text_source = data.brown_splits()[1], "Brown corpus from character 3,000,000"
-    eval_ids = data.eval_tokens(lm.tokenizer, text, args.eval_tokens)
-
-    candidates = {"fp": lm.module}
-    say(f"rebuilding the PyTorch quantized model from {len(packed)} packed layers"
-        + (f" and {len(folded)} OS+-folded tensors" if folded else ""))
-    # Per layer (unstacked): the PyTorch reference need not match the file's node layout.
-    passes_config = QuantizeConfig(embeddings_fp16=bool(config.get("embeddings_fp16")),
-                                   fused_attention=config.get("fused_attention"))
-    candidates["quantized_torch"] = rebuild(lm.module, lm.module,
-                                            lm.example_inputs(batch=2, seq=8), packed, folded,
-                                            passes_config, stack=False)
-    candidates["quantized_ort"] = native.make_session(onnx_path, threads=args.threads)
-    ppl = evaluate.perplexities(eval_ids, args.eval_window, text_source, say, **candidates)
-    print(f"perplexity on {ppl['tokens']} tokens of {text_source} ({ppl['window']}-token "
+    ppl = pipeline.evaluate_export(args.output, model=args.model,
+                                   trust_pickle=args.trust_pickle, eval_text=args.eval_text,
+                                   eval_tokens=args.eval_tokens, eval_window=args.eval_window,
+                                   threads=args.threads, progress=say)
+    print(f"perplexity on {ppl['tokens']} tokens of {ppl['text']} ({ppl['window']}-token "
           f"windows):")
     for key in ("fp", "quantized_torch", "quantized_ort"):
         print(f"  {key:16s} {ppl[key]:.3f}")
-    gap = abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1)
-    print(f"  ORT vs PyTorch quantized: {100 * gap:.3f}% apart "
-          f"(bound {100 * EVAL_AGREEMENT:.1f}%)")
-    if gap > EVAL_AGREEMENT:
+    print(f"  ORT vs PyTorch quantized: {100 * ppl['gap']:.3f}% apart "
+          f"(bound {100 * pipeline.EVAL_AGREEMENT:.1f}%)")
+    if not ppl["agree"]:
         print("qexport: error: ONNX Runtime and PyTorch quantized perplexities disagree",
               file=sys.stderr)
         return EXIT_PARITY

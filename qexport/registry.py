@@ -25,17 +25,22 @@ class Registry(Generic[T]):
         return row
 
     def _load(self) -> dict[str, T]:
+        """The rows, every module imported (an import error propagates, every time)."""
         if not self._loaded:
-            self._loaded = True
             for module in self.modules:
                 importlib.import_module(f"{self.package}.{module}")
+            self._loaded = True
         return self._rows
 
     def get(self, key: str, default: T | None = None) -> T | None:
         return self._load().get(key, default)
 
     def keys(self) -> list[str]:
-        return list(self._load())
+        """Keys named like a module first, in the modules' order (however the modules were
+        imported), then the others as registered."""
+        rows = self._load()
+        first = [m for m in self.modules if m in rows]
+        return first + [k for k in rows if k not in first]
 
     def rows(self) -> list[T]:
         """Each distinct row once, in registration order."""

@@ -1,4 +1,4 @@
-"""Llama attention as one GroupQueryAttention node (qexport/attention.py): the traced graph
+"""Llama attention as one GroupQueryAttention node (qexport/families/llama.py): the traced graph
 agrees with the eager model, ONNX Runtime's node with both, across batch and sequence lengths
 and head groupings; other attention classes and --no-fused-attention are left alone."""
 import collections
@@ -92,7 +92,7 @@ def test_forward_restored_after_tracing():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_with_past_decodes_like_the_full_forward(tmp_path, family):
-    """The KV-cache graph (attention.WithPast) through ONNX Runtime: a prompt with an empty
+    """The KV-cache graph (families.llama.WithPast) through ONNX Runtime: a prompt with an empty
     cache, then tokens one at a time, give the full forward's logits at the prompt's last
     token and at each decoded one, whether the presents are fed back as the next pasts or the
     cache is a buffer of the full length updated in place; for one row and for two."""

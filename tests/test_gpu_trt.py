@@ -1,4 +1,4 @@
-"""qexport.trt: the prerequisites check and its one-line errors run everywhere; building and
+"""qexport.targets.trt: the prerequisites check and its one-line errors run everywhere; building and
 running an engine needs TensorRT and a CUDA GPU and skips, saying which is missing."""
 from __future__ import annotations
 

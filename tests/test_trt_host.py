@@ -7,6 +7,7 @@ plugins' numbers) is for tests/test_gpu_trt.py on a GPU machine."""
 from __future__ import annotations
 
 import ctypes
+import pathlib
 import sys
 import types
 
@@ -19,16 +20,22 @@ from qexport.targets import trt
 
 class _FakeTensorRT:
     """The part of the tensorrt module qexport.targets.trt uses. The engine's one output is
-    `logits`, which it fills with `self.logits` (what a correct engine would compute)."""
+    `logits`, which it fills with `scale` times the reference logits of the export it was
+    parsed from (scale 1: what a correct engine computes)."""
 
-    def __init__(self, logits: np.ndarray):
-        self.logits = logits.astype(np.float32)
+    def __init__(self):
+        self.scale = 1.0
+        self.folder = None  # of the model parsed last
         self.calls: list = []
         self.module = types.SimpleNamespace(
             MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
             BuilderFlag=types.SimpleNamespace(FP16="fp16"),
             TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
             nptype=np.dtype, **self._builder_api(), **self._runtime_api())
+
+    def logits(self) -> np.ndarray:
+        ref = np.load(self.folder / "reference.npz")["logits"]
+        return np.ascontiguousarray(self.scale * ref, dtype=np.float32)
 
     def _builder_api(self) -> dict:
         fake = self
@@ -62,6 +69,7 @@ class _FakeTensorRT:
 
             def parse(self, data, path):
                 fake.calls.append(("parse", len(data), path))
+                fake.folder = pathlib.Path(path).parent
                 return True
 
         class Profile:
@@ -115,12 +123,12 @@ class _FakeTensorRT:
 
             def get_tensor_shape(self, name):
                 b, t = self.shapes["input_ids"]
-                return (b, t, fake.logits.shape[-1])
+                return (b, t, fake.logits().shape[-1])
 
             def execute_async_v3(self, stream):
                 fake.calls.append(("execute", self.shapes["input_ids"]))
-                ctypes.memmove(self.addresses["logits"], fake.logits.ctypes.data,
-                               fake.logits.nbytes)
+                logits = fake.logits()
+                ctypes.memmove(self.addresses["logits"], logits.ctypes.data, logits.nbytes)
                 return True
 
         class Engine:
@@ -166,10 +174,28 @@ def trt_export(tmp_path):
     return pipeline.run(config).output
 
 
+def test_target_trt_end_to_end_exit_codes(tmp_path, fake_trt):
+    """`qexport MODEL --target trt`: the folder, then the engine and its check (exit 0), or
+    exit 3 when the engine disagrees with the reference; fused attention is refused up front
+    for a runtime without ONNX Runtime's contrib ops."""
+    from qexport import cli
+    from tiny_models import tiny_llama
+
+    src = tmp_path / "tiny"
+    tiny_llama().save_pretrained(src)
+    args = [str(src), "--target", "trt", "--method", "closed-form", "--calib-samples", "1",
+            "--calib-seqlen", "16", "--no-perplexity", "--quiet"]
+    assert cli.main(args + ["-o", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "model.engine").read_bytes() == b"fake engine"
+    fake_trt.scale = -1.0
+    assert cli.main(args + ["-o", str(tmp_path / "b")]) == cli.EXIT_PARITY
+    assert cli.main(args + ["-o", str(tmp_path / "c"), "--fused-attention"]) == cli.EXIT_USAGE
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.fixture
-def fake_trt(monkeypatch, trt_export, tmp_path):
-    ref = np.load(trt_export / "reference.npz")
-    fake = _FakeTensorRT(ref["logits"])
+def fake_trt(monkeypatch, tmp_path):
+    fake = _FakeTensorRT()
     monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
     monkeypatch.setattr(trt, "_cuda_gpu_count", lambda: (1, ""))
     plugin = tmp_path / "libqexport_trt.so"
@@ -207,7 +233,7 @@ def test_build_engine_command_and_target_finish(trt_export, fake_trt, capsys):
 def test_engine_parity_failure_is_exit_3(trt_export, fake_trt):
     from qexport import cli
 
-    fake_trt.logits = -fake_trt.logits  # an engine computing something else
+    fake_trt.scale = -1.0  # an engine computing something else
     assert cli.main(["build-engine", str(trt_export / "model.onnx")]) == cli.EXIT_PARITY
     assert trt.finish(trt_export, lambda msg: None).status == "parity_failed"
 

@@ -1,6 +1,6 @@
 // Entry points of libqexport_trt.so, the qexport TensorRT plugin library (docs/gpu.md):
 //   getCreators: TensorRT loads the library (IPluginRegistry::loadLibrary, trtexec
-//     --staticPlugins / --dynamicPlugins, the Python builder in qexport/trt.py) and registers
+//     --staticPlugins / --dynamicPlugins, the Python builder in qexport/targets/trt.py) and registers
 //     every creator returned here;
 //   setLoggerFinder: TensorRT hands over its logger finder (plugin errors go to its logger);
 //   qexport_contract_version: lets qexport check the library matches the Python side.

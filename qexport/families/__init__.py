@@ -92,15 +92,19 @@ def _has_linear(m: torch.nn.Module) -> bool:
 
 
 def hf_config(module: torch.nn.Module):
-    """The Hugging Face config of `module` or of the model qexport's wrapper holds, or None."""
-    for m in (module, getattr(module, "model", None)):
+    """The Hugging Face config of `module`, or of the first Hugging Face model inside it (as in
+    qexport's causal-LM wrapper or a user's own wrapper), or None."""
+    for m in module.modules():
         cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "model_type"):
+        if cfg is not None and isinstance(getattr(cfg, "model_type", None), str):
             return cfg
     return None
 
 
-GENERIC = Family("generic")
+# Any other model: blocks at the common layouts (Llama-like, OPT-like, GPT-2-like), else the
+# single ModuleList of same-type blocks; no attention swap, no KV cache.
+GENERIC = Family("generic", block_paths=("model.layers", "layers", "model.decoder.layers",
+                                         "decoder.layers", "transformer.h", "h"))
 # The adapter modules, imported (and so registered) on first use; one line per module.
 _REGISTRY: Registry[Family] = Registry(__name__, ("llama", "opt", "gpt2"), "model_type")
 

@@ -39,9 +39,10 @@ def copy_op_library(out: Path) -> list[Path]:
 class Target:
     name: str
     help: str
-    # default of QuantizeConfig.fused_attention: whether the runtime runs ONNX Runtime's
-    # contrib attention op
-    fused_attention: bool = True
+    # whether the runtime runs ONNX Runtime's contrib ops (the fused attention's
+    # GroupQueryAttention): the default of QuantizeConfig.fused_attention, and without them
+    # neither fused attention nor the KV-cache decoder (which needs it) is allowed
+    contrib_ops: bool = True
     runtime_files: Callable[[Path], list[Path]] = copy_op_library  # out -> files written
     # (out, progress) -> Finish, after out/ is committed; None: nothing more to do
     finish: Callable[[Path, Callable[[str], None]], Finish] | None = None

@@ -247,14 +247,21 @@ def build_and_check(onnx_path: pathlib.Path, engine_path: pathlib.Path, fp16: bo
     return compare(got.astype(np.float32), ref["logits"], top1=True)
 
 
-def finish(out: pathlib.Path, say) -> Finish:
-    """After out/ is written: build out/model.engine and check it against reference.npz."""
+def engine_for(onnx_path: pathlib.Path, engine: pathlib.Path | None = None, fp16: bool = True,
+               progress=None, unavailable: str = "cannot build a TensorRT engine") -> Finish:
+    """Build `engine` (default: model.engine beside the model) from an export and check it
+    against the export's reference.npz: `qexport build-engine` and the trt target's step.
+    QexportError for a file that is missing or TensorRT cannot parse; a Finish otherwise
+    ("unavailable" with `unavailable`: the reason, when TensorRT or a GPU is missing)."""
+    say = progress or (lambda msg: None)
+    if not onnx_path.is_file():
+        raise QexportError(f"no such file: {onnx_path}")
+    check_parsable(onnx_path)
     reason = engine_prerequisites()
     if reason:
-        return Finish("unavailable", f"no TensorRT engine built: {reason}; the ONNX and ONNX "
-                                     f"Runtime outputs in {out}/ are complete")
-    onnx_path, engine = out / "model.onnx", out / "model.engine"
-    metrics = build_and_check(onnx_path, engine)
+        return Finish("unavailable", f"{unavailable}: {reason}")
+    engine = engine or onnx_path.with_suffix(".engine")
+    metrics = build_and_check(onnx_path, engine, fp16=fp16)
     say(f"wrote {engine}")
     if not metrics:
         return Finish("done", f"wrote {engine} (no reference.npz to check it against)")
@@ -266,7 +273,14 @@ def finish(out: pathlib.Path, say) -> Finish:
     return Finish("done", summary, metrics)
 
 
+def finish(out: pathlib.Path, progress) -> Finish:
+    """After out/ is written: out/model.engine, checked against reference.npz."""
+    return engine_for(out / "model.onnx", progress=progress,
+                      unavailable=f"no TensorRT engine built (the ONNX and ONNX Runtime outputs "
+                                  f"in {out}/ are complete)")
+
+
 TARGET = register(Target(
     "trt", "ONNX + op library, then a TensorRT engine (needs TensorRT and a GPU; attention "
     "exported as standard ops, which TensorRT's parser reads)",
-    fused_attention=False, finish=finish))
+    contrib_ops=False, finish=finish))
