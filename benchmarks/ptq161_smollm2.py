@@ -41,7 +41,9 @@ from qexport.gptq import linear_input_hessians
 from qexport.data import brown_splits, calibration_batches, eval_tokens
 from qexport.evaluate import perplexity, torch_logits_fn
 from qexport.models import load_model
-from qexport.ptq161 import (LearnConfig, find_blocks, learn_mixed_weights, linear_input_rms,
+from qexport.config import LEARN_PRESETS
+from qexport.families import find_blocks
+from qexport.ptq161 import (LearnConfig, learn_mixed_weights, linear_input_rms,
                             substituted_weights)
 from qexport.quantizers import quantize_mixed, select_salient
 from qexport.schemes import parse_scheme
@@ -50,9 +52,13 @@ from qexport.schemes import parse_scheme
 OURS = ("fp", "closed", "learned", "closed_os", "learned_os")
 
 
-def main(argv=None) -> int:
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="default", choices=["default", "fast"])
+    ap.add_argument("--preset", default="default", choices=list(LEARN_PRESETS))
     ap.add_argument("--n-samples", type=int, default=None,
                     help="calibration sequences (default: 64, or the preset's n_samples)")
     ap.add_argument("--seq-len", type=int, default=512)
@@ -73,46 +79,54 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.short_eval % 512 or args.short_eval > args.eval_tokens:
         ap.error("--short-eval must be a multiple of 512 and at most --eval-tokens")
-    torch.set_num_threads(args.threads)
     rows = set(args.rows.split(","))
     unknown = rows - {*OURS, *BASELINES}
     if unknown:
         ap.error(f"unknown rows: {sorted(unknown)}")
+    return args, rows
 
-    def log(msg):
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    overrides = {}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    if args.lr is not None:
-        overrides.update(lr_alpha=args.lr, lr_r1=args.lr, lr_r2=args.lr)
-    if args.share_r2:
-        overrides["share_r2"] = True
-    config = LearnConfig.preset(args.preset, **overrides)
-    n_samples = args.n_samples or config.n_samples or 64
-    config = LearnConfig.preset(args.preset, **{**overrides, "n_samples": n_samples})
+class Bench:
+    """The model, its calibration and evaluation tokens, and the results table."""
 
-    loaded = load_model("smollm2-135m")
-    module = loaded.module
-    calib_text, eval_text = brown_splits()
-    calib = calibration_batches(loaded.tokenizer, calib_text, n_samples, args.seq_len)
-    tokens = eval_tokens(loaded.tokenizer, eval_text, args.eval_tokens)
-    path, _ = find_blocks(module)
-    in_blocks = lambda name: name.startswith(path + ".")  # noqa: E731
-    results = {"model": "smollm2-135m", "calib": list(calib.shape), "eval_tokens": args.eval_tokens,
-               "threads": args.threads, "config": config.as_dict(), "rows": {}}
+    def __init__(self, args):
+        self.args = args
+        overrides = {}
+        if args.epochs is not None:
+            overrides["epochs"] = args.epochs
+        if args.lr is not None:
+            overrides.update(lr_alpha=args.lr, lr_r1=args.lr, lr_r2=args.lr)
+        if args.share_r2:
+            overrides["share_r2"] = True
+        config = LearnConfig.preset(args.preset, **overrides)
+        n_samples = args.n_samples or config.n_samples or 64
+        self.config = LearnConfig.preset(args.preset, **{**overrides, "n_samples": n_samples})
+        loaded = load_model("smollm2-135m")
+        self.module = loaded.module
+        self.mods = dict(self.module.named_modules())
+        calib_text, eval_text = brown_splits()
+        self.calib = calibration_batches(loaded.tokenizer, calib_text, n_samples, args.seq_len)
+        self.tokens = eval_tokens(loaded.tokenizer, eval_text, args.eval_tokens)
+        self.path, _ = find_blocks(self.module)
+        backbone = loaded.hf_model.model  # the stats need no output head
+        self.stats_forward = lambda ids: backbone(input_ids=ids, use_cache=False)
+        self.full_rows = set(args.full_eval_rows.split(","))
+        self.results = {"model": "smollm2-135m", "calib": list(self.calib.shape),
+                        "eval_tokens": args.eval_tokens, "threads": args.threads,
+                        "config": self.config.as_dict(), "rows": {}}
 
-    full_rows = set(args.full_eval_rows.split(","))
+    def in_blocks(self, name: str) -> bool:
+        return name.startswith(self.path + ".")
 
-    def ppl(row, model=module):
+    def ppl(self, row, model=None):
         """{"ppl_short": on the first --short-eval tokens, "ppl": on all (full rows only)}."""
+        args, tokens = self.args, self.tokens
         t0 = time.perf_counter()
-        fn = torch_logits_fn(model)
+        fn = torch_logits_fn(model if model is not None else self.module)
         short = perplexity(fn, tokens[:args.short_eval], window=512)
         out = {"ppl_short": short, "short_eval_tokens": args.short_eval}
         rest = tokens[args.short_eval:]
-        if row in full_rows and rest.numel() >= 512:
+        if row in self.full_rows and rest.numel() >= 512:
             # windows never cross the split (short_eval is a multiple of 512), so the NLLs add up
             n1, n2 = args.short_eval // 512 * 511, rest.numel() // 512 * 511
             v = perplexity(fn, rest, window=512)
@@ -120,79 +134,91 @@ def main(argv=None) -> int:
         log(f"{row}: perplexity {out} ({time.perf_counter() - t0:.0f}s)")
         return out
 
-    if "fp" in rows:
-        results["rows"]["fp"] = {"bits": 32.0, **ppl("fp"), "time_s": 0.0}
-
-    backbone = loaded.hf_model.model  # the stats need no output head
-    stats_forward = lambda ids: backbone(input_ids=ids, use_cache=False)  # noqa: E731
-    mods = dict(module.named_modules())
-    if rows & {"closed", "learned"}:
-        t0 = time.perf_counter()
-        rms = linear_input_rms(module, calib, include=in_blocks, forward=stats_forward)
-        t_stats = time.perf_counter() - t0
-        salient = {k: select_salient(v, args.salient_ratio) for k, v in rms.items()}
-        log(f"activation RMS of {len(rms)} Linears: {t_stats:.0f}s")
-
-    def bits(packed):
-        return 8 * sum(p.weight_nbytes() for p in packed.values()) / sum(
+    def add(self, row, packed, t, model=None, **extra):
+        """A result row: bits of `packed` substituted (or `model` evaluated as it is)."""
+        bits = 8 * sum(p.weight_nbytes() for p in packed.values()) / sum(
             p.in_features * p.out_features for p in packed.values())
+        if model is not None:
+            self.results["rows"][row] = {"bits": bits, **self.ppl(row, model), "time_s": t,
+                                         **extra}
+            return
+        with substituted_weights(self.module, packed):
+            self.results["rows"][row] = {"bits": bits, **self.ppl(row), "time_s": t, **extra}
 
+
+def our_rows(b: Bench, rows: set) -> None:
+    """fp, closed (closed-form w1.61) and learned (PTQ1.61) on the same salient channels."""
+    if "fp" in rows:
+        b.results["rows"]["fp"] = {"bits": 32.0, **b.ppl("fp"), "time_s": 0.0}
+    if not rows & {"closed", "learned"}:
+        return
+    t0 = time.perf_counter()
+    rms = linear_input_rms(b.module, b.calib, include=b.in_blocks, forward=b.stats_forward)
+    t_stats = time.perf_counter() - t0
+    salient = {k: select_salient(v, b.args.salient_ratio) for k, v in rms.items()}
+    log(f"activation RMS of {len(rms)} Linears: {t_stats:.0f}s")
     if "closed" in rows:
         t0 = time.perf_counter()
-        closed = {k: quantize_mixed(mods[k].weight, mods[k].bias, s, 0) for k, s in salient.items()}
-        t = t_stats + time.perf_counter() - t0
-        with substituted_weights(module, closed):
-            results["rows"]["closed"] = {"bits": bits(closed), **ppl("closed"),
-                                       "time_s": t}
-        del closed
-
+        closed = {k: quantize_mixed(b.mods[k].weight, b.mods[k].bias, s, 0)
+                  for k, s in salient.items()}
+        b.add("closed", closed, t_stats + time.perf_counter() - t0)
     if "learned" in rows:
         t0 = time.perf_counter()
-        learned = learn_mixed_weights(module, calib, salient, 0, config, progress=log)
+        learned = learn_mixed_weights(b.module, b.calib, salient, 0, b.config, progress=log)
         t = t_stats + time.perf_counter() - t0
         log(f"learning: {t - t_stats:.0f}s")
-        with substituted_weights(module, learned):
-            results["rows"]["learned"] = {"bits": bits(learned), **ppl("learned"),
-                                        "time_s": t}
+        b.add("learned", learned, t)
 
+
+def os_rows(b: Bench, rows: set) -> None:
+    """closed_os, learned_os: qexport.api.quantize with OS+ folded first."""
     for row in ("closed_os", "learned_os"):
         if row not in rows:
             continue
         t0 = time.perf_counter()
-        qcfg = QuantizeConfig(parse_scheme("w1.61a16").with_overrides(args.salient_ratio),
-                              outlier_suppression=True, learn=config,
-                              skip=rf"^(?!{re.escape(path)}\.)",  # the block Linears only
+        qcfg = QuantizeConfig(parse_scheme("w1.61a16").with_overrides(b.args.salient_ratio),
+                              outlier_suppression=True, learn=b.config,
+                              skip=rf"^(?!{re.escape(b.path)}\.)",  # the block Linears only
                               method="ptq161" if row == "learned_os" else "closed-form",
                               head_scheme=None, embeddings_fp16=False)  # as the other rows
-        qm = quantize(module, (calib[:1, :8],), [(b.unsqueeze(0),) for b in calib], qcfg,
+        qm = quantize(b.module, (b.calib[:1, :8],), [(x.unsqueeze(0),) for x in b.calib], qcfg,
                       progress=log)
         t = time.perf_counter() - t0
         log(f"{row}: quantized in {t:.0f}s")
-        results["rows"][row] = {"bits": bits(qm.packed), **ppl(row, qm.graph_module),
-                                "time_s": t}
+        b.add(row, qm.packed, t, model=qm.graph_module)
         del qm
 
-    baseline_rows = [r for r in BASELINES if r in rows]
+
+def baseline_rows(b: Bench, rows: set) -> None:
+    """The qexport.baselines rows; the Hessian ones share one pass of H."""
+    names = [r for r in BASELINES if r in rows]
     hessians, t_hess = None, 0.0
-    if NEEDS_HESSIAN & set(baseline_rows):
+    if NEEDS_HESSIAN & set(names):
         t0 = time.perf_counter()
-        hessians = linear_input_hessians(module, calib, include=in_blocks, forward=stats_forward)
+        hessians = linear_input_hessians(b.module, b.calib, include=b.in_blocks,
+                                         forward=b.stats_forward)
         t_hess = time.perf_counter() - t0
         log(f"Hessians of {len(hessians)} Linears: {t_hess:.0f}s")
-    linears = [k for k, m in mods.items() if isinstance(m, torch.nn.Linear) and in_blocks(k)]
-    for row in baseline_rows:
+    linears = [k for k, m in b.mods.items() if isinstance(m, torch.nn.Linear) and b.in_blocks(k)]
+    for row in names:
         t0 = time.perf_counter()
-        fq = {k: BASELINES[row](mods[k].weight, mods[k].bias,
+        fq = {k: BASELINES[row](b.mods[k].weight, b.mods[k].bias,
                                 hessians[k] if row in NEEDS_HESSIAN else None) for k in linears}
         t = time.perf_counter() - t0
         log(f"{row}: quantized in {t:.0f}s")
         extra = {"hessian_s": t_hess} if row in NEEDS_HESSIAN else {}
-        t += t_hess if extra else 0.0
-        with substituted_weights(module, fq):
-            results["rows"][row] = {"bits": bits(fq), **ppl(row), "time_s": t, **extra}
+        b.add(row, fq, t + (t_hess if extra else 0.0), **extra)
         del fq
 
-    text = json.dumps(results, indent=1)
+
+def main(argv=None) -> int:
+    args, rows = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    b = Bench(args)
+    our_rows(b, rows)
+    os_rows(b, rows)
+    baseline_rows(b, rows)
+    text = json.dumps(b.results, indent=1)
     print(text)
     if args.json:
         with open(args.json, "w") as f:

@@ -79,6 +79,7 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
         gm = trace(module, example_inputs,
                    swap=family.swap_attention if fused_attention(config) else None)
     timings["trace"] = time.perf_counter() - t0
+    attention_note = _attention_path(gm, module, family, config)
 
     t0 = time.perf_counter()
     say(f"calibrating on {len(batches)} batches")
@@ -104,7 +105,7 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     timings.update({f"pass:{k}": v for k, v in manager.timings.items()})
     # learning and the head's Hessian ran inside replace_linear (prepare): counted apart
     timings["pass:replace_linear"] -= quantizer.prepare_seconds
-    notes = dict(manager.notes)
+    notes = {"attention": [attention_note], **manager.notes}
     if quantizer.notes:
         notes["learn_scales"] = quantizer.notes
     if not packed:
@@ -201,6 +202,27 @@ class _Quantizer:
                                          include=heads.__contains__)
         self.timings["head_hessian"] = time.perf_counter() - t0
         return hessians
+
+
+def _attention_path(gm, module, family, config: QuantizeConfig) -> str:
+    """Which path the attention blocks took, and why (for the report)."""
+    from .ops import group_query_attention as gqa
+
+    fused = sum(1 for n in gm.graph.nodes if n.op == "call_function" and
+                n.target == gqa.SPEC.torch_op)
+    try:
+        blocks = len(families.find_blocks(module)[1]) if family.attention_swap else 0
+    except QexportError:
+        blocks = 0
+    if fused:
+        return (f"{fused} of {blocks or fused} attention blocks fused into ONNX Runtime's "
+                "GroupQueryAttention")
+    if not fused_attention(config):
+        return "traced ops: fused attention off (--no-fused-attention, or the target's default)"
+    if family.attention_swap is None:
+        return f"traced ops: the {family.name} family has no fused attention yet"
+    return ("traced ops: no attention block matched the fused op's contract (sliding window, "
+            "partial rotary, or a head size not a multiple of 16)")
 
 
 def _os_choose(config: QuantizeConfig):

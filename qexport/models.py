@@ -123,7 +123,18 @@ class LoadedModel:
 
 def load_model(spec: str | os.PathLike, trust_pickle: bool = False) -> LoadedModel:
     """Load `spec`: a HF folder, a `.pt2`, a pickled module (with `trust_pickle=True`), or
-    the built-in example `smollm2-135m`. Raises QexportError (one line) on any input mistake."""
+    the built-in example `smollm2-135m`, normalized by its family's adapter (e.g. GPT-2's
+    Conv1D projections as nn.Linear). Raises QexportError (one line) on any input mistake."""
+    from .families import detect
+
+    loaded = _load(spec, trust_pickle)
+    family = detect(loaded.module)
+    if family.normalize is not None:
+        family.normalize(loaded.module)
+    return loaded
+
+
+def _load(spec: str | os.PathLike, trust_pickle: bool) -> LoadedModel:
     spec_str = os.fspath(spec)
     if spec_str == EXAMPLE_NAME:
         folder = ensure_example_model()

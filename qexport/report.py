@@ -116,8 +116,15 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['layer']} | {row['shape'][0]}×{row['shape'][1]} | {row['salient']} "
                      f"| {row['bits_per_weight']:.3f} | {_f(q.get('sqnr_db'), 2)} | "
                      f"{_f(p.get('cosine'), 6)} | {_e(p.get('max_abs_diff'))} |")
-    if r.get("notes", {}).get("learn_scales"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]["learn_scales"]]
+    notes = r.get("notes", {})
+    shown = [f"- {what}: {n}" for key, what in (("attention", "attention"),
+                                               ("context", "context"),
+                                               ("learn_scales", "PTQ1.61"))
+             for n in notes.get(key, [])]
+    if r.get("family"):
+        shown.insert(0, f"- model family: {r['family']} (target {r.get('target', 'ort')})")
+    if shown:
+        lines += ["", "## Notes", ""] + shown
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["timings"].items()]
     lines += ["", f"Config: `{json.dumps(r['config'], sort_keys=True)}`", ""]

@@ -62,3 +62,46 @@ def save_with_tokenizer(model, folder):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0)).save_pretrained(folder)
     model.save_pretrained(folder)
     return folder
+
+
+# Tiny random-init configs of each family qexport adapts, with the structural features of the
+# real models (head sizes, GQA ratios, tied or untied heads, q/k/v biases, q/k norms, fused
+# qkv, sliding windows, soft-capping, short position tables), for the coverage matrix
+# (tests/test_coverage.py, docs/models.md). model_type -> config keywords.
+COVERAGE_CONFIGS = {
+    "llama": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False),  # head 16, GQA 2:1
+    "mistral": dict(hidden_size=128, intermediate_size=192, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=64, sliding_window=None,
+                    tie_word_embeddings=True),  # head 64, GQA 2:1, tied
+    "qwen2": dict(hidden_size=160, intermediate_size=192, num_attention_heads=2,
+                  num_key_value_heads=2, tie_word_embeddings=True),  # head 80, q/k/v biases
+    "qwen3": dict(hidden_size=64, intermediate_size=160, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, tie_word_embeddings=True),  # q/k norms
+    "phi3": dict(hidden_size=128, intermediate_size=192, num_attention_heads=2,
+                 num_key_value_heads=2, sliding_window=None, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2,
+                 tie_word_embeddings=False),  # head 64, one qkv projection
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=256, sliding_window=16,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=64, sliding_window=16),
+    "gpt2": dict(n_embd=64, n_head=4, n_positions=64, bos_token_id=1,
+                 eos_token_id=2),  # Conv1D, 64-position table
+    "opt": dict(hidden_size=64, ffn_dim=160, num_attention_heads=4, word_embed_proj_dim=64,
+                max_position_embeddings=96),
+}
+
+
+def tiny_causal_lm(model_type: str, seed: int = 0):
+    """A 2-layer, 128-token-vocabulary causal LM of `model_type` (COVERAGE_CONFIGS)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    layers = {"n_layer" if model_type == "gpt2" else "num_hidden_layers": 2}
+    cfg = AutoConfig.for_model(model_type, vocab_size=128, use_cache=False, **layers,
+                               **COVERAGE_CONFIGS[model_type])
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    _add_norm_outliers(model, seed)
+    return model

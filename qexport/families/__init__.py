@@ -37,6 +37,10 @@ class Family:
     # built for a module (None when it can); None: the family has no KV-cache export
     with_past: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     kv_cache_unsupported: Callable[[torch.nn.Module], str | None] | None = None
+    # module -> None: rewrites a freshly loaded model in place into the form the passes read
+    # (e.g. GPT-2's Conv1D projections as nn.Linear), computing the same function; run by the
+    # loader on the models it owns (qexport.models)
+    normalize: Callable[[torch.nn.Module], None] | None = None
 
     @property
     def skip_pattern(self) -> str:
@@ -106,7 +110,8 @@ def hf_config(module: torch.nn.Module):
 GENERIC = Family("generic", block_paths=("model.layers", "layers", "model.decoder.layers",
                                          "decoder.layers", "transformer.h", "h"))
 # The adapter modules, imported (and so registered) on first use; one line per module.
-_REGISTRY: Registry[Family] = Registry(__name__, ("llama", "opt", "gpt2"), "model_type")
+_REGISTRY: Registry[Family] = Registry(__name__, ("llama", "gemma", "opt", "gpt2"),
+                                       "model_type")
 
 
 def register(family: Family) -> Family:

@@ -28,19 +28,42 @@ import torch
 from ..ops import group_query_attention as _gqa  # noqa: F401  (torch.ops.qexport.group_query_attention)
 from . import Family, register
 
-# Attention classes whose forward is q/k/v projections, rotate-half rotary embedding, grouped
-# kv heads, causal softmax attention (optionally over a sliding window: not swapped) and
-# o_proj: Llama's and its copies.
-SUPPORTED = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+# Attention classes whose forward is q/k/v projections (Phi-3: one fused projection, split),
+# optionally an RMSNorm over each head of q and k (Qwen3), rotate-half rotary embedding,
+# grouped kv heads, causal softmax attention (optionally over a sliding window: not swapped)
+# and o_proj: Llama's and its copies.
+SUPPORTED = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
+             "Phi3Attention")
+
+
+def _is_linear(m) -> bool:
+    return isinstance(m, torch.nn.Linear)
 
 
 def _supported(attn: torch.nn.Module) -> bool:
     cfg = getattr(attn, "config", None)
-    return (type(attn).__name__ in SUPPORTED and cfg is not None
-            and all(isinstance(getattr(attn, n, None), torch.nn.Linear)
-                    for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    projections = _is_linear(getattr(attn, "qkv_proj", None)) or all(
+        _is_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj"))
+    return (type(attn).__name__ in SUPPORTED and cfg is not None and projections
+            and _is_linear(getattr(attn, "o_proj", None))
             and getattr(attn, "sliding_window", getattr(cfg, "sliding_window", None)) is None
             and attn.head_dim % 16 == 0)  # ONNX Runtime's rotary wants head dims of 16k
+
+
+def _qkv(self, hidden_states) -> tuple:
+    """q, k, v [B, S, heads * D] as the module computes them before the rotary embedding."""
+    if getattr(self, "qkv_proj", None) is not None:  # Phi-3: one projection, split
+        qkv = self.qkv_proj(hidden_states)
+        nq = self.config.num_attention_heads * self.head_dim
+        nk = self.config.num_key_value_heads * self.head_dim
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+    else:
+        q, k, v = (self.q_proj(hidden_states), self.k_proj(hidden_states),
+                   self.v_proj(hidden_states))
+    if getattr(self, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head
+        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+    return q, k, v
 
 
 def _shared_inputs(self, hidden_states, cos, sin, past, shared: dict) -> tuple:
@@ -83,8 +106,7 @@ def _forward(self, hidden_states, position_embeddings=None, attention_mask=None,
     seqlens_k, total_length, total, cos_half, sin_half = _shared_inputs(
         self, hidden_states, cos, sin, past, self._qexport_shared)
     out, present_k, present_v = torch.ops.qexport.group_query_attention(
-        self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
-        *(past if past is not None else (None, None)), seqlens_k, total_length, cos_half,
+        *_qkv(self, hidden_states), *(past if past is not None else (None, None)), seqlens_k, total_length, cos_half,
         sin_half, self.config.num_attention_heads, self.config.num_key_value_heads,
         float(self.scaling), total)
     self._qexport_present = (present_k, present_v)
@@ -169,12 +191,18 @@ def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
     n = len(WithPast(hf).attention)
     if n == 0 or n != getattr(cfg, "num_hidden_layers", -1):
         return (f"{n} of its attention blocks are supported by the fused attention (Llama, "
-                "Mistral, Qwen2 without a sliding window, head size a multiple of 16); it "
-                "needs all of them")
+                "Mistral, Qwen2, Qwen3, Phi-3 without a sliding window, head size a multiple "
+                "of 16); it needs all of them")
     return None
 
 
-FAMILY = register(Family(
-    "llama", model_types=("llama", "mistral", "qwen2"), block_paths=("model.layers", "layers"),
-    attention_swap=fused_attention, with_past=lambda module: WithPast(module.model),
-    kv_cache_unsupported=kv_cache_unsupported))
+def _family(name: str, model_types: tuple[str, ...]) -> Family:
+    return register(Family(
+        name, model_types=model_types, block_paths=("model.layers", "layers"),
+        attention_swap=fused_attention, with_past=lambda module: WithPast(module.model),
+        kv_cache_unsupported=kv_cache_unsupported))
+
+
+FAMILY = _family("llama", ("llama", "mistral", "qwen2"))
+QWEN3 = _family("qwen3", ("qwen3",))  # q/k RMSNorm per head
+PHI3 = _family("phi3", ("phi3",))  # one qkv projection
