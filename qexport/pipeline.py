@@ -157,6 +157,8 @@ def _load_data(config: RunConfig, lm) -> _Data:
     out = _Data([(b.unsqueeze(0),) for b in calib], calib_source)
     if not config.perplexity:
         out.ppl_skipped = "--no-perplexity"
+    elif not lm.is_causal_lm:
+        out.ppl_skipped = "the model has no language-model head"
     elif config.eval_text:
         out.eval_ids = data.eval_tokens(lm.tokenizer, data.load_text(config.eval_text),
                                         config.eval_tokens)
@@ -179,7 +181,8 @@ def _export(config: RunConfig, lm, qm, target: targets.Target, tmp: Path, say: P
     extra = {META_SOURCE: str(config.model)}
     if lm.vocab_size:
         extra[META_VOCAB_SIZE] = str(lm.vocab_size)
-    files = api.export(qm, onnx_path, extra, input_names=["input_ids"], output_names=["logits"])
+    files = api.export(qm, onnx_path, extra, input_names=["input_ids"],
+                       output_names=output_names(lm, qm.example_inputs))
     timings["export"] = qm.timings["export"]
     if config.kv_cache:
         say("exporting the KV-cache decoder (model_with_past.onnx)")
@@ -211,19 +214,15 @@ def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
         n = min(n, 64)
         parity_ids = random_token_batches(lm.vocab_size, 2, n, seed=1)
         parity_desc = f"2×{n} random tokens"
-    with torch.no_grad():
-        fp_logits = lm.module(parity_ids)
-        ref_logits = qm.graph_module(parity_ids)
-    ort_logits = session.run(None, {session.get_inputs()[0].name: parity_ids.numpy()})[0]
-    e2e = {"inputs": parity_desc,
-           "parity": check.compare(ort_logits, ref_logits, top1=True),
-           "quant_error": check.compare(ref_logits, fp_logits, top1=True),
-           "ort_vs_fp": check.compare(ort_logits, fp_logits, top1=True)}
-    # A small reference for the samples (full logits of the parity batch would be ~50 MB).
+    e2e, ref_logits = _compare_outputs(lm, qm, session, parity_ids)
+    e2e["inputs"] = parity_desc
+    # A small reference for the samples (full logits of the parity batch would be ~50 MB):
+    # `logits` is the first output, whatever the model calls it.
     sample_ids = parity_ids[:1, :16].contiguous()
     with torch.no_grad():
-        sample_logits = qm.graph_module(sample_ids)
-    np.savez(tmp / "reference.npz", input_ids=sample_ids.numpy(), logits=sample_logits.numpy())
+        sample = tensor_outputs(qm.graph_module(sample_ids))
+    np.savez(tmp / "reference.npz", input_ids=sample_ids.numpy(), logits=sample[0].numpy(),
+             **{f"output_{i}": t.numpy() for i, t in enumerate(sample[1:], start=1)})
     past_session = None
     if config.kv_cache:
         say("checking the KV-cache decoder: prompt, then 8 tokens one at a time")
@@ -253,11 +252,61 @@ def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
                                     fp=lm.module, quantized_torch=qm.graph_module,
                                     quantized_ort=session)
         timings["perplexity"] = time.perf_counter() - t0
-    parity_ok = check.parity_ok(e2e["parity"]) and \
+    parity_ok = all(check.parity_ok(o["parity"]) for o in e2e["outputs"].values()) and \
         check.parity_ok(e2e.get("kv_cache", e2e)["parity"]) and all(
         row.get("parity", {}).get("ok", True) for row in layers)
     return {"end_to_end": e2e, "layers": layers, "speed": speed, "perplexity": ppl,
             "parity_ok": parity_ok}
+
+
+def tensor_outputs(out) -> list:
+    """The tensors of a model's output (a tensor, a tuple, a Hugging Face ModelOutput), in the
+    order torch.export flattens them (= the ONNX outputs)."""
+    import torch
+
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def output_names(lm, example: tuple) -> list[str]:
+    """ONNX output names: `logits` for a causal LM; else the model's own names (a
+    ModelOutput's fields, e.g. last_hidden_state, pooler_output), or output_<i>."""
+    import torch
+
+    if lm.is_causal_lm:
+        return ["logits"]
+    with torch.no_grad():
+        out = lm.module(*example)
+    if isinstance(out, dict):  # ModelOutput is an OrderedDict of its non-None fields
+        names = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+        if len(names) == len(tensor_outputs(out)):
+            return names
+    n = len(tensor_outputs(out))
+    return ["logits"] if n == 1 and lm.vocab_size else [f"output_{i}" for i in range(n)]
+
+
+def _compare_outputs(lm, qm, session, ids) -> tuple[dict, object]:
+    """Per output: ORT vs the PyTorch quantized graph (parity), the latter vs fp
+    (quantization error) and ORT vs fp; top-1 agreement for an LM's logits. The first
+    output's metrics are also the top level of the result. Returns it and the reference's
+    first output."""
+    import torch
+
+    from . import check
+
+    with torch.no_grad():
+        fp, ref = tensor_outputs(lm.module(ids)), tensor_outputs(qm.graph_module(ids))
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    names = [o.name for o in session.get_outputs()]
+    if not len(fp) == len(ref) == len(got) == len(names):
+        raise QexportError(f"the export has {len(got)} outputs, the model {len(fp)}")
+    top1 = bool(lm.vocab_size) and names[0] == "logits"
+    outputs = {}
+    for name, f, r, g in zip(names, fp, ref, got):
+        is_logits = top1 and name == "logits"
+        outputs[name] = {"parity": check.compare(g, r, top1=is_logits),
+                         "quant_error": check.compare(r, f, top1=is_logits),
+                         "ort_vs_fp": check.compare(g, f, top1=is_logits)}
+    return {**outputs[names[0]], "outputs": outputs}, ref[0]
 
 
 def _report(config: RunConfig, target: targets.Target, lm, qm, data: _Data, files: list[Path],
@@ -289,7 +338,9 @@ def _report(config: RunConfig, target: targets.Target, lm, qm, data: _Data, file
     }
     report.write(rep, tmp)
     say(f"bits/weight {rep['bits']['bits_per_weight']:.3f}; parity cosine "
-        f"{e2e['parity']['cosine']:.6f}, top-1 {e2e['parity']['top1_agreement']:.4f}"
+        f"{e2e['parity']['cosine']:.6f}"
+        + (f", top-1 {e2e['parity']['top1_agreement']:.4f}" if "top1_agreement" in e2e["parity"]
+           else "")
         + (f"; perplexity fp {ppl['fp']:.2f} -> quantized {ppl['quantized_ort']:.2f}"
            if ppl else ""))
     return rep

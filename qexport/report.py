@@ -67,11 +67,14 @@ def markdown(r: dict) -> str:
                      f"{h['bits_per_weight']:.3f} bits/weight |")
     lines.append("")
     e2e = r["end_to_end"]
-    lines += ["## End to end (logits)", "", "| comparison | cosine | top-1 | rel. error | max |diff| |",
+    lines += ["## End to end (the logits of an LM, else each output)", "", "| comparison | cosine | top-1 | rel. error | max |diff| |",
               "|---|---|---|---|---|"]
     rows = [("ORT vs PyTorch quantized (parity)", e2e.get("parity")),
             ("PyTorch quantized vs fp (quantization error)", e2e.get("quant_error")),
             ("ORT vs fp", e2e.get("ort_vs_fp"))]
+    for name, out in list(e2e.get("outputs", {}).items())[1:]:  # the first is the rows above
+        rows += [(f"output {name}: ORT vs PyTorch quantized (parity)", out["parity"]),
+                 (f"output {name}: PyTorch quantized vs fp", out["quant_error"])]
     if "kv_cache" in e2e:
         rows.append((f"KV-cache decoder vs PyTorch quantized ({e2e['kv_cache']['inputs']})",
                      e2e["kv_cache"]["parity"]))

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from test_cli import run_cli
-from tiny_models import COVERAGE_CONFIGS, tiny_causal_lm
+from tiny_models import COVERAGE_CONFIGS, ENCODERS, tiny_causal_lm
 
 # model_type -> (family adapter, fused attention, KV-cache decoder)
 EXPECTED = {
@@ -24,9 +24,12 @@ EXPECTED = {
     "gemma3_text": ("gemma", False, False),
     "gpt2": ("gpt2", False, False),
     "opt": ("opt", False, False),
+    "bert": ("bert", False, False),
+    "roberta": ("roberta", False, False),
 }
 # Linears per transformer block (Phi-3 fuses q/k/v and gate/up; GPT-2 likewise)
-BLOCK_LINEARS = {"phi3": 4, "gpt2": 4, "opt": 6}
+BLOCK_LINEARS = {"phi3": 4, "gpt2": 4, "opt": 6, "bert": 6, "roberta": 6}
+OTHER_LINEARS = {"bert": 1, "roberta": 1}  # the pooler (quantized with the main scheme)
 BUDGET = ["--calib-samples", "2", "--calib-seqlen", "32", "--preset", "fast",
           "--no-perplexity", "--threads", "1"]
 
@@ -43,10 +46,15 @@ def test_family_exports_with_the_defaults(model_type, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["family"] == family
     assert report["parity"]["ok"]
-    parity = report["end_to_end"]["parity"]
-    assert parity["cosine"] >= 0.999 and parity["top1_agreement"] >= 0.99, parity
+    outputs = report["end_to_end"]["outputs"]
+    for name, result in outputs.items():  # every output, and top-1 for an LM's logits
+        assert result["parity"]["cosine"] >= 0.999, (name, result)
+        assert result["parity"].get("top1_agreement", 1.0) >= 0.99, (name, result)
+    assert list(outputs) == (["last_hidden_state", "pooler_output"]
+                             if model_type in ENCODERS else ["logits"])
     # every block Linear quantized with the main scheme, and PTQ1.61 found the blocks
-    assert report["bits"]["quantized_linears"] == 2 * BLOCK_LINEARS.get(model_type, 7)
+    assert report["bits"]["quantized_linears"] == \
+        2 * BLOCK_LINEARS.get(model_type, 7) + OTHER_LINEARS.get(model_type, 0)
     assert "learn_scales" not in report["notes"], report["notes"]
     ops = [n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node]
     assert (ops.count("GroupQueryAttention") == 2) == fused

@@ -91,17 +91,26 @@ COVERAGE_CONFIGS = {
                  eos_token_id=2),  # Conv1D, 64-position table
     "opt": dict(hidden_size=64, ffn_dim=160, num_attention_heads=4, word_embed_proj_dim=64,
                 max_position_embeddings=96),
+    # encoders (AutoModel: every output exported and checked)
+    "bert": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 max_position_embeddings=64),
+    "roberta": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                    max_position_embeddings=66, pad_token_id=1, bos_token_id=0,
+                    eos_token_id=2),  # 64 usable positions
 }
+ENCODERS = ("bert", "roberta")
 
 
 def tiny_causal_lm(model_type: str, seed: int = 0):
-    """A 2-layer, 128-token-vocabulary causal LM of `model_type` (COVERAGE_CONFIGS)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A 2-layer, 128-token-vocabulary causal LM of `model_type` (COVERAGE_CONFIGS; an encoder
+    for ENCODERS)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     layers = {"n_layer" if model_type == "gpt2" else "num_hidden_layers": 2}
     cfg = AutoConfig.for_model(model_type, vocab_size=128, use_cache=False, **layers,
                                **COVERAGE_CONFIGS[model_type])
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    auto = AutoModel if model_type in ENCODERS else AutoModelForCausalLM
+    model = auto.from_config(cfg, attn_implementation="eager").eval()
     _add_norm_outliers(model, seed)
     return model

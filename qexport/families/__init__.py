@@ -30,6 +30,7 @@ class Family:
     block_paths: tuple[str, ...] = ()  # ModuleList of the transformer blocks
     head_names: tuple[str, ...] = HEAD_NAMES
     context_attrs: tuple[str, ...] = ("max_position_embeddings", "n_positions")
+    context_reserved: int = 0  # positions of the table no token gets (RoBERTa: 2)
     # module -> context manager swapping attention blocks for single ops while tracing
     # (yields how many it swapped); None: the family has none
     attention_swap: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None
@@ -64,8 +65,8 @@ class Family:
         cfg = hf_config(module)
         for attr in self.context_attrs:
             value = getattr(cfg, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
+            if isinstance(value, int) and value > self.context_reserved:
+                return value - self.context_reserved
         return None
 
     def find_blocks(self, module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -110,7 +111,7 @@ def hf_config(module: torch.nn.Module):
 GENERIC = Family("generic", block_paths=("model.layers", "layers", "model.decoder.layers",
                                          "decoder.layers", "transformer.h", "h"))
 # The adapter modules, imported (and so registered) on first use; one line per module.
-_REGISTRY: Registry[Family] = Registry(__name__, ("llama", "gemma", "opt", "gpt2"),
+_REGISTRY: Registry[Family] = Registry(__name__, ("llama", "gemma", "opt", "gpt2", "bert"),
                                        "model_type")
 
 
