@@ -16,8 +16,11 @@ class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm, inputs: dict[torch.fx.Node, tuple[list, int]]):
         super().__init__(gm)
         self.inputs = inputs  # input node -> ([stats, created on first use], rows per batch)
+        self.needed = _ancestors(list(inputs))
 
     def run_node(self, n):
+        if n.op not in ("placeholder", "get_attr") and n not in self.needed:
+            return None  # computes nothing the statistics read (e.g. the output head)
         out = super().run_node(n)
         if n in self.inputs:
             holder, rows = self.inputs[n]
@@ -27,13 +30,26 @@ class _Recorder(torch.fx.Interpreter):
         return out
 
 
+def _ancestors(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """`nodes` and every node they depend on."""
+    out, todo = set(), list(nodes)
+    while todo:
+        n = todo.pop()
+        if n in out:
+            continue
+        out.add(n)
+        todo.extend(n.all_input_nodes)
+    return out
+
+
 @torch.no_grad()
 def collect_linear_input_stats(gm: torch.fx.GraphModule, batches: Iterable[tuple],
                                progress: Callable[[int], None] | None = None,
                                sample_tokens: int = 0) -> dict[str, OutlierStats]:
     """Run `gm` on each batch (a tuple of inputs) and return layer_name -> OutlierStats.
 
-    Linears fed by the same value share one statistics object. `sample_tokens`: keep about
+    Linears fed by the same value share one statistics object. Only the part of the graph the
+    Linears' inputs depend on runs (not the output head's product, nor what follows it). `sample_tokens`: keep about
     that many input tokens (evenly spread over the batches) of every Linear fed by a norm, for
     the OS+ search (memory: sample_tokens x K fp32 per norm)."""
     batches = list(batches)

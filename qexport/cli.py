@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store embedding tables in fp16 (halves the largest fp tensor) "
                         "[default: on]")
     p.add_argument("--threads", type=int, default=run_default("threads"),
-                   help="CPU threads [default: all cores]")
+                   help="CPU threads [default: the cores idle at the start]")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     _add_debug(p)
     return p

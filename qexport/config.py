@@ -158,7 +158,8 @@ class RunConfig:
     eval_tokens: int = 4096
     eval_window: int = 512
     perplexity: bool = True
-    threads: int | None = None  # torch and ONNX Runtime threads (None or 0: their defaults)
+    # torch and ONNX Runtime threads (None or 0: the cores idle at the start, pipeline.idle_cores)
+    threads: int | None = None
 
     def validate(self) -> None:
         for name in ("calib_samples", "calib_seqlen", "eval_tokens", "eval_window"):

@@ -68,8 +68,9 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, say: Progres
 
     from . import api, models
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    config = dataclasses.replace(config, threads=config.threads or idle_cores())
+    torch.set_num_threads(config.threads)
+    say(f"{config.threads} thread(s)")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     say(f"loading {config.model}")
@@ -98,6 +99,31 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, say: Progres
     with stage("writing the report"):
         return _report(config, target, lm, qm, data, files, runtime_files, checks, tmp, say,
                        timings)
+
+
+def idle_cores(sample_s: float = 0.2) -> int:
+    """How many cores are idle now (at least 1): the default thread count. On a machine busy
+    with other work, torch's default (every core) makes each of the many small parallel
+    regions of calibration and learning wait for a thread that shares its core, for a
+    scheduler time slice each: a 2-block toy model took 123 s with 2 threads against 18 s with
+    1 while one core ran something else (docs/performance.md). Measured from /proc/stat over
+    `sample_s`; where that is not available, every core."""
+    cores = os.cpu_count() or 1
+
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values[:8])  # idle + iowait, all but guest time
+
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(sample_s)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return cores
+    if total1 <= total0:
+        return cores
+    return max(1, min(cores, round(cores * (idle1 - idle0) / (total1 - total0))))
 
 
 def _for_target(config: RunConfig, target: targets.Target):
