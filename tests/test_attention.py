@@ -14,14 +14,14 @@ from qexport.onnx_export import export_onnx, trace
 from tiny_models import LogitsOnly, tiny_llama, tiny_opt
 
 
-def _llama(kv_heads, family="llama", rope_scaling=None):
+def _llama(kv_heads, family="llama", rope_scaling=None, window=None):
     import transformers
     torch.manual_seed(0)
     prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
     cfg = getattr(transformers, prefix + "Config")(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        rope_theta=500.0, sliding_window=None, rope_scaling=rope_scaling)
+        rope_theta=500.0, sliding_window=window, rope_scaling=rope_scaling)
     return LogitsOnly(getattr(transformers, prefix + "ForCausalLM")(cfg).eval())
 
 
@@ -33,13 +33,16 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
-@pytest.mark.parametrize("family,kv_heads,rope", [
-    ("llama", 1, None), ("llama", 2, None), ("llama", 4, None), ("mistral", 2, None),
-    ("qwen2", 2, None), ("llama", 2, {"rope_type": "linear", "factor": 2.0}),
-    ("llama", 2, _LLAMA3_ROPE)], ids=lambda v: v["rope_type"] if isinstance(v, dict) else None)
-def test_fused_attention_matches_eager(tmp_path, family, kv_heads, rope):
-    """Rotary scaling (linear, Llama 3) holds: the angles come from the model's own module."""
-    model = _llama(kv_heads, family, rope)
+@pytest.mark.parametrize("family,kv_heads,rope,window", [
+    ("llama", 1, None, None), ("llama", 2, None, None), ("llama", 4, None, None),
+    ("mistral", 2, None, None), ("mistral", 2, None, 5), ("qwen2", 2, None, None),
+    ("llama", 2, {"rope_type": "linear", "factor": 2.0}, None),
+    ("llama", 2, _LLAMA3_ROPE, None)],
+    ids=lambda v: v["rope_type"] if isinstance(v, dict) else None)
+def test_fused_attention_matches_eager(tmp_path, family, kv_heads, rope, window):
+    """Rotary scaling (linear, Llama 3) holds: the angles come from the model's own module.
+    A sliding window (Mistral's, 5 tokens here) is ONNX Runtime's local_window_size."""
+    model = _llama(kv_heads, family, rope, window)
     example = (torch.randint(0, 128, (2, 8)),)
     gm = trace(model, example, swap=fused_attention)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
@@ -66,10 +69,6 @@ def test_unfused_and_unsupported_are_left_alone(tmp_path):
     opt = LogitsOnly(tiny_opt())
     with fused_attention(opt) as swapped:
         assert swapped == 0  # OPT's attention has no rotary embedding: not supported
-    windowed = _llama(2, "mistral")
-    windowed.model.config.sliding_window = 4
-    with fused_attention(windowed) as swapped:
-        assert swapped == 0  # a sliding window is not GroupQueryAttention without past
     import transformers
     narrow = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -90,8 +89,8 @@ def test_forward_restored_after_tracing():
     assert "forward" not in vars(other)  # the class's own forward again
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_with_past_decodes_like_the_full_forward(tmp_path, family):
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", None), ("mistral", 4)])
+def test_with_past_decodes_like_the_full_forward(tmp_path, family, window):
     """The KV-cache graph (families.llama.WithPast) through ONNX Runtime: a prompt with an empty
     cache, then tokens one at a time, give the full forward's logits at the prompt's last
     token and at each decoded one, whether the presents are fed back as the next pasts or the
@@ -99,7 +98,7 @@ def test_with_past_decodes_like_the_full_forward(tmp_path, family):
     from qexport.api import export_with_past
     from qexport.check import decode_with_past
 
-    model = _llama(2, family)
+    model = _llama(2, family, window=window)
     n = model.model.config.num_hidden_layers
     export_with_past(model, None, tmp_path / "past.onnx")  # floating point: no quantization
     session = native.make_session(tmp_path / "past.onnx")

@@ -72,8 +72,8 @@ COVERAGE_CONFIGS = {
     "llama": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=False),  # head 16, GQA 2:1
     "mistral": dict(hidden_size=128, intermediate_size=192, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=64, sliding_window=None,
-                    tie_word_embeddings=True),  # head 64, GQA 2:1, tied
+                    num_key_value_heads=1, head_dim=64, sliding_window=16,
+                    tie_word_embeddings=True),  # head 64, GQA 2:1, tied, 16-token window
     "qwen2": dict(hidden_size=160, intermediate_size=192, num_attention_heads=2,
                   num_key_value_heads=2, tie_word_embeddings=True),  # head 80, q/k/v biases
     "qwen3": dict(hidden_size=64, intermediate_size=160, num_attention_heads=2,

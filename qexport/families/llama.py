@@ -30,8 +30,8 @@ from . import Family, register
 
 # Attention classes whose forward is q/k/v projections (Phi-3: one fused projection, split),
 # optionally an RMSNorm over each head of q and k (Qwen3), rotate-half rotary embedding,
-# grouped kv heads, causal softmax attention (optionally over a sliding window: not swapped)
-# and o_proj: Llama's and its copies.
+# grouped kv heads, causal softmax attention (optionally over a sliding window: ONNX Runtime's
+# local_window_size) and o_proj: Llama's and its copies.
 SUPPORTED = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
              "Phi3Attention")
 
@@ -40,13 +40,23 @@ def _is_linear(m) -> bool:
     return isinstance(m, torch.nn.Linear)
 
 
+def _window(attn: torch.nn.Module):
+    """The module's sliding window W (each token attends to the W last positions, itself
+    included: Hugging Face's sliding_window) or None: the module's own (per-layer in Qwen2/3),
+    else its config's (Mistral, Phi-3)."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(getattr(attn, "config", None), "sliding_window", None)
+
+
 def _supported(attn: torch.nn.Module) -> bool:
     cfg = getattr(attn, "config", None)
     projections = _is_linear(getattr(attn, "qkv_proj", None)) or all(
         _is_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj"))
+    window = _window(attn) if cfg is not None else None
     return (type(attn).__name__ in SUPPORTED and cfg is not None and projections
             and _is_linear(getattr(attn, "o_proj", None))
-            and getattr(attn, "sliding_window", getattr(cfg, "sliding_window", None)) is None
+            and (window is None or (isinstance(window, int) and window >= 1))
             and attn.head_dim % 16 == 0)  # ONNX Runtime's rotary wants head dims of 16k
 
 
@@ -108,7 +118,7 @@ def _forward(self, hidden_states, position_embeddings=None, attention_mask=None,
     out, present_k, present_v = torch.ops.qexport.group_query_attention(
         *_qkv(self, hidden_states), *(past if past is not None else (None, None)), seqlens_k, total_length, cos_half,
         sin_half, self.config.num_attention_heads, self.config.num_key_value_heads,
-        float(self.scaling), total)
+        float(self.scaling), total, _window(self) or -1)
     self._qexport_present = (present_k, present_v)
     return self.o_proj(out), None
 
@@ -191,8 +201,8 @@ def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
     n = len(WithPast(hf).attention)
     if n == 0 or n != getattr(cfg, "num_hidden_layers", -1):
         return (f"{n} of its attention blocks are supported by the fused attention (Llama, "
-                "Mistral, Qwen2, Qwen3, Phi-3 without a sliding window, head size a multiple "
-                "of 16); it needs all of them")
+                "Mistral, Qwen2, Qwen3, Phi-3 with head sizes a multiple of 16 and rotary "
+                "over whole heads); it needs all of them")
     return None
 
 

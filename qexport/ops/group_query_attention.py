@@ -19,7 +19,8 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           past_k: torch.Tensor | None, past_v: torch.Tensor | None,
                           seqlens_k: torch.Tensor, total_length: torch.Tensor,
                           cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                          kv_num_heads: int, scale: float, total: int
+                          kv_num_heads: int, scale: float, total: int,
+                          local_window: int = -1
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX Runtime's GroupQueryAttention (the part qexport uses). q [B, S, num_heads*D], k
     and v [B, S, kv_num_heads*D]; past_k and past_v [B, kv_num_heads, P, D] or None (P = 0):
@@ -32,7 +33,9 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     positions L_b - S .. L_b - 1 (0 .. S-1 when S = total: a prompt). The new tokens get
     rotary embedding on q and k (halves rotated, not interleaved), and each group of
     num_heads/kv_num_heads query heads attends to one kv head over positions up to its own,
-    softmax(q k^T * scale) v. With P >= total the present has the past's shape, and ONNX
+    softmax(q k^T * scale) v; with local_window > 0 (ONNX Runtime's local_window_size) only
+    over the last local_window positions, its own included (Hugging Face's sliding_window;
+    checked against ONNX Runtime in tests/test_attention.py). With P >= total the present has the past's shape, and ONNX
     Runtime writes it into the past buffer itself when both are bound to the same memory."""
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
@@ -60,6 +63,8 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         keys = present_k[i, :, :start + s].repeat_interleave(groups, 0)
         values = present_v[i, :, :start + s].repeat_interleave(groups, 0)
         mask = torch.ones(s, start + s, dtype=torch.bool, device=q.device).tril(start)
+        if local_window > 0:
+            mask &= ~torch.ones_like(mask).tril(start - local_window)
         att = torch.nn.functional.scaled_dot_product_attention(
             rotary(heads(q, num_heads)), keys, values, attn_mask=mask, scale=scale)
         out[i] = att.transpose(0, 1).reshape(s, num_heads * d)
@@ -68,7 +73,7 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @group_query_attention.register_fake
 def _(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads,
-      scale, total):
+      scale, total, local_window=-1):
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
     length = total if past_k is None else torch.sym_max(total, past_k.shape[2])
@@ -107,11 +112,13 @@ def register_onnx_schema() -> None:
                     attr("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
                     attr("scale", OpSchema.AttrType.FLOAT, "softmax scale"),
                     attr("do_rotary", OpSchema.AttrType.INT, "rotary on q and k"),
-                    attr("rotary_interleaved", OpSchema.AttrType.INT, "0: halves rotated")]))
+                    attr("rotary_interleaved", OpSchema.AttrType.INT, "0: halves rotated"),
+                    attr("local_window_size", OpSchema.AttrType.INT,
+                         "sliding window: positions attended, own included (-1: all)")]))
 
 
 def translate(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads,
-              kv_num_heads, scale, total):  # total: total_length as an int, shapes only
+              kv_num_heads, scale, total, local_window=-1):  # total: as an int, shapes only
     """torch.onnx custom translation: one com.microsoft GroupQueryAttention (past inputs and
     present outputs as the op has them)."""
     from onnxscript.values import Opset
@@ -119,13 +126,13 @@ def translate(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_he
     return Opset(MS_DOMAIN, 1).GroupQueryAttention(
         q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads=num_heads,
         kv_num_heads=kv_num_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
-        _outputs=3)
+        local_window_size=local_window, _outputs=3)
 
 
 SPEC = register(OpSpec(
     name="GroupQueryAttention", domain=MS_DOMAIN, torch_name="group_query_attention",
     input_names=("query", "key", "value", "past_key", "past_value", "seqlens_k",
                  "total_sequence_length", "cos_cache", "sin_cache"),
-    attributes=("num_heads", "kv_num_heads", "scale", "total"),
+    attributes=("num_heads", "kv_num_heads", "scale", "total", "local_window"),
     register_schema=register_onnx_schema, translate=translate,
     reference=group_query_attention))
