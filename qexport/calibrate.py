@@ -19,7 +19,7 @@ class _Recorder(torch.fx.Interpreter):
         self.needed = _ancestors(list(inputs))
 
     def run_node(self, n):
-        if n.op not in ("placeholder", "get_attr") and n not in self.needed:
+        if n.op not in ("placeholder", "get_attr", "output") and n not in self.needed:
             return None  # computes nothing the statistics read (e.g. the output head)
         out = super().run_node(n)
         if n in self.inputs:
