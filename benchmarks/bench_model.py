@@ -42,7 +42,7 @@ def export_fp32(path: pathlib.Path, fused_attention: bool = True) -> None:
 
     loaded = models.load_model("smollm2-135m")
     example = (torch.randint(0, 1000, (2, 16)),)
-    from qexport.families.llama import fused_attention as swap
+    from qexport.families.attention import fused_attention as swap
     gm = export.trace(loaded.module, example, swap=swap if fused_attention else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     export.export_onnx(gm, example, path, metadata={}, input_names=["input_ids"],

@@ -23,6 +23,7 @@ from .calibrate import collect_linear_input_stats
 from .config import LearnConfig, QuantizeConfig
 from .contract import META_OS_FOLDED
 from .errors import QexportError, stage
+from .families.attention import why_not_fused
 from .gptq import linear_input_hessians, refine_codes
 from .onnx_export import export_onnx, metadata, trace
 from .outlier import choose_shift_scale, search_shift_scale
@@ -215,14 +216,15 @@ def _attention_path(gm, module, family, config: QuantizeConfig) -> str:
     except QexportError:
         blocks = 0
     if fused:
+        rest = f" (the rest traced: {why_not_fused(module)})" if fused < blocks else ""
         return (f"{fused} of {blocks or fused} attention blocks fused into ONNX Runtime's "
-                "GroupQueryAttention")
+                f"GroupQueryAttention{rest}")
     if not fused_attention(config):
         return "traced ops: fused attention off (--no-fused-attention, or the target's default)"
     if family.attention_swap is None:
-        return f"traced ops: the {family.name} family has no fused attention yet"
-    return ("traced ops: no attention block matched the fused op's contract (sliding window, "
-            "partial rotary, or a head size not a multiple of 16)")
+        return f"traced ops: {family.traced_attention} (family {family.name})"
+    why = why_not_fused(module) or "no attention block matched the fused op's contract"
+    return f"traced ops: {why}"
 
 
 def _os_choose(config: QuantizeConfig):
@@ -320,7 +322,7 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
                      extra_metadata: dict[str, str] | None = None,
                      share_data_with: str | Path | None = None) -> list[Path]:
     """Write the model as a decoder with a KV cache (the family's `with_past` wrapper, e.g.
-    families.llama.WithPast): inputs `input_ids` [B, S], `attention_mask` [B, T] (per row,
+    families.attention.WithPast): inputs `input_ids` [B, S], `attention_mask` [B, T] (per row,
     ones for its tokens so far) and `past.{i}.key` / `past.{i}.value` [B, kv heads, P, head
     dim] per layer (P = T - S, 0 for the prompt, or a buffer of P >= T positions updated in
     place), outputs `logits` [B, 1, V] and `present.{i}.key` / `.value` [.., max(T, P), ..]
@@ -334,9 +336,8 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
     if reason:
         raise QexportError(f"no KV-cache export: {reason}")
     wrapper = family.with_past(module)
-    cfg = module.model.config
-    head_dim = wrapper.attention[0].head_dim
-    past = [torch.zeros(2, cfg.num_key_value_heads, 4, head_dim)
+    kv_heads, head_dim = wrapper.cache_shape
+    past = [torch.zeros(2, kv_heads, 4, head_dim)
             for _ in range(2 * len(wrapper.attention))]
     example = (torch.randint(0, 8, (2, 3)), torch.ones(2, 7, dtype=torch.int64), *past)
     if qmodel is None:

@@ -55,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="export each attention block as one ONNX Runtime GroupQueryAttention "
                         "node (com.microsoft), not ~30 small ones, where the model's family "
-                        "supports it (Llama, Mistral, Qwen2) [default: the target's: on for "
-                        "ort, off for trt, whose parser lacks it]")
+                        "supports it (the decoders of docs/models.md) [default: the target's: "
+                        "on for ort, off for trt, whose parser lacks it]")
     p.add_argument("--kv-cache", action=argparse.BooleanOptionalAction,
                    default=run_default("kv_cache"),
                    help="also write model_with_past.onnx, a decoder with a KV cache for "
                         "generation (input_ids, attention_mask, past/present keys and values per "
                         "layer, which may be one buffer updated in place: docs/format.md); shares "
-                        "model.onnx's weight file (Llama, Mistral, Qwen2)")
+                        "model.onnx's weight file (the decoders of docs/models.md)")
     p.add_argument("--force", action="store_true",
                    help="replace an output folder that was not written by qexport")
     p.add_argument("--trust-pickle", action="store_true",

@@ -31,7 +31,7 @@ EXTERNAL_DATA_MIN_BYTES = 1024
 def dynamic_shapes_for(example_inputs: tuple, module: torch.nn.Module | None = None) -> tuple:
     """Every dim of every tensor input may vary (torch.export keeps the ones that can). With
     `module`, inputs bound to a `*args` parameter of its forward are grouped as torch.export
-    sees them (e.g. families.llama.WithPast's past tensors)."""
+    sees them (e.g. families.attention.WithPast's past tensors)."""
     import inspect
 
     auto = torch.export.Dim.AUTO

@@ -46,7 +46,7 @@ def test_export_writes_rmsnorm_that_onnxruntime_fuses(tmp_path):
     import onnxruntime as ort
 
     from qexport.onnx_export import export_onnx, trace
-    from qexport.families.llama import fused_attention
+    from qexport.families.attention import fused_attention
     from tiny_models import tiny_llama
 
     module = LogitsOnly(tiny_llama())

@@ -1,6 +1,7 @@
-"""Llama attention as one GroupQueryAttention node (qexport/families/llama.py): the traced graph
-agrees with the eager model, ONNX Runtime's node with both, across batch and sequence lengths
-and head groupings; other attention classes and --no-fused-attention are left alone."""
+"""Attention as one GroupQueryAttention node (qexport/families/attention.py): the traced graph
+agrees with the eager model, ONNX Runtime's node with both, across batch and sequence lengths,
+head groupings and families (rotary or learned positions, soft-capping, sliding windows, q/k
+norms); other attention classes and --no-fused-attention are left alone."""
 import collections
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from qexport import native
-from qexport.families.llama import fused_attention
+from qexport import families
+from qexport.families.attention import fused_attention, why_not_fused
 from qexport.onnx_export import export_onnx, trace
-from tiny_models import LogitsOnly, tiny_llama, tiny_opt
+from tiny_models import LogitsOnly, tiny_causal_lm, tiny_llama
 
 
 def _llama(kv_heads, family="llama", rope_scaling=None, window=None):
@@ -61,14 +63,50 @@ def test_fused_attention_matches_eager(tmp_path, family, kv_heads, rope, window)
         assert np.abs(got - eager.numpy()).max() < 1e-4, shape
 
 
+# Families beside Llama (tests/tiny_models.py): Gemma 1 (head 256, one kv head), Gemma 2
+# (soft-capping, a sliding layer and a full one), Gemma 3 (q/k norms, two rotary bases), OPT
+# and GPT-2 (learned positions: no rotary; GPT-2 with one qkv projection), Phi-3, Qwen3.
+OTHER_FAMILIES = ("gemma", "gemma2", "gemma3_text", "opt", "gpt2", "phi3", "qwen3")
+
+
+def _family_model(model_type):
+    hf = tiny_causal_lm(model_type)
+    family = families.detect(hf)
+    if family.normalize:  # GPT-2's Conv1D as nn.Linear, as the loader does
+        family.normalize(hf)
+    return LogitsOnly(hf)
+
+
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_fused_attention_of_other_families(tmp_path, model_type):
+    """Every attention block fused; the traced graph equals the eager model and ONNX Runtime's
+    nodes agree with both, past the sliding windows (16) and within the position tables."""
+    model = _family_model(model_type)
+    example = (torch.randint(0, 128, (2, 8)),)
+    gm = trace(model, example, swap=fused_attention)
+    path = tmp_path / "model.onnx"
+    export_onnx(gm, example, path, {})
+    ops = _ops(path)
+    assert ops["GroupQueryAttention"] == 2 and "Softmax" not in ops
+    session = native.make_session(path)
+    for shape in [(1, 1), (3, 11), (2, 40)]:
+        ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            eager, traced = model(ids), gm(ids)
+        got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+        assert torch.allclose(traced, eager, atol=1e-5), shape
+        assert np.abs(got - eager.numpy()).max() < 1e-4, shape
+
+
 def test_unfused_and_unsupported_are_left_alone(tmp_path):
     example = (torch.randint(0, 128, (2, 8)),)
     path = tmp_path / "plain.onnx"
     export_onnx(trace(LogitsOnly(tiny_llama()), example), example, path, {})
     assert "GroupQueryAttention" not in _ops(path)
-    opt = LogitsOnly(tiny_opt())
-    with fused_attention(opt) as swapped:
-        assert swapped == 0  # OPT's attention has no rotary embedding: not supported
+    gpt2 = LogitsOnly(tiny_causal_lm("gpt2"))  # as built: Conv1D, not nn.Linear, projections
+    with fused_attention(gpt2) as swapped:
+        assert swapped == 0
+    assert "not nn.Linear" in why_not_fused(gpt2)
     import transformers
     narrow = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -89,22 +127,27 @@ def test_forward_restored_after_tracing():
     assert "forward" not in vars(other)  # the class's own forward again
 
 
-@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", None), ("mistral", 4)])
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", None), ("mistral", 4),
+                                           *((f, None) for f in OTHER_FAMILIES)])
 def test_with_past_decodes_like_the_full_forward(tmp_path, family, window):
-    """The KV-cache graph (families.llama.WithPast) through ONNX Runtime: a prompt with an empty
-    cache, then tokens one at a time, give the full forward's logits at the prompt's last
-    token and at each decoded one, whether the presents are fed back as the next pasts or the
-    cache is a buffer of the full length updated in place; for one row and for two."""
+    """The KV-cache graph (families.attention.WithPast) through ONNX Runtime: a prompt with an
+    empty cache, then tokens one at a time, give the full forward's logits at the prompt's
+    last token and at each decoded one, whether the presents are fed back as the next pasts or
+    the cache is a buffer of the full length updated in place; for one row and for two."""
     from qexport.api import export_with_past
     from qexport.check import decode_with_past
 
-    model = _llama(2, family, window=window)
+    model = _family_model(family) if family in OTHER_FAMILIES else _llama(2, family,
+                                                                          window=window)
     n = model.model.config.num_hidden_layers
     export_with_past(model, None, tmp_path / "past.onnx")  # floating point: no quantization
     session = native.make_session(tmp_path / "past.onnx")
     inputs = session.get_inputs()
     assert [i.name for i in inputs[:2]] == ["input_ids", "attention_mask"]
-    assert [i.shape[1:2] + i.shape[3:] for i in inputs[2:]] == [[2, 16]] * 2 * n
+    attn = model.model.base_model.layers[0].self_attn if family not in ("opt", "gpt2") else None
+    if attn is not None:  # [kv heads, head size] of the model
+        cache = [attn.config.num_key_value_heads, attn.head_dim]
+        assert [i.shape[1:2] + i.shape[3:] for i in inputs[2:]] == [cache] * 2 * n
     # torch.export's symbols renamed (onnx_export._name_dims), expressions included
     assert [i.shape for i in inputs[:2]] == [["batch", "sequence"], ["batch", "total_sequence"]]
     assert inputs[2].shape[:3:2] == ["batch", "past_sequence"]
@@ -119,19 +162,22 @@ def test_with_past_decodes_like_the_full_forward(tmp_path, family, window):
             assert np.abs(got - full).max() < 1e-4, (rows, in_place)
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in_place"])
-def test_with_past_rows_of_different_lengths(tmp_path, in_place):
+@pytest.mark.parametrize("family,in_place", [("llama", False), ("llama", True),
+                                             ("gpt2", True), ("opt", False)])
+def test_with_past_rows_of_different_lengths(tmp_path, family, in_place):
     """A batch whose rows differ in length: the prompts padded on the right (mask 0s), then a
-    token per row per call, each row at its own position. Each row's logits are those of its
-    own unpadded forward: the prompt's last real token's, then each decoded one's."""
+    token per row per call, each row at its own position (rotary angles, or the row of a
+    learned position table: GPT-2, OPT). Each row's logits are those of its own unpadded
+    forward: the prompt's last real token's, then each decoded one's."""
     import onnxruntime as ort
 
     from qexport.api import export_with_past
 
-    model = _llama(2)
+    model = _llama(2) if family == "llama" else _family_model(family)
     export_with_past(model, None, tmp_path / "past.onnx")
     session = native.make_session(tmp_path / "past.onnx")
     cache = [i for i in session.get_inputs() if i.name.startswith("past.")]
+    kv, d = cache[0].shape[1], cache[0].shape[3]
     lengths, steps = [5, 9], 3
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 128, (1, n + steps), generator=g) for n in lengths]
@@ -145,11 +191,11 @@ def test_with_past_rows_of_different_lengths(tmp_path, in_place):
         binding = session.io_binding()
         binding.bind_output("logits")
         for i in cache:
-            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 2, width + steps, 16), np.float32))
+            buf = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, kv, width + steps, d), np.float32))
             binding.bind_ortvalue_input(i.name, buf)
             binding.bind_ortvalue_output("present" + i.name[len("past"):], buf)
     else:
-        past = {i.name: np.zeros((2, 2, 0, 16), np.float32) for i in cache}
+        past = {i.name: np.zeros((2, kv, 0, d), np.float32) for i in cache}
     for k in range(steps + 1):
         mask = np.zeros((2, width + k), np.int64)
         for b, n in enumerate(lengths):

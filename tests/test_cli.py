@@ -167,7 +167,7 @@ def test_build_engine_refuses_contrib_ops(tmp_path):
     import torch
 
     from qexport.onnx_export import export_onnx, trace
-    from qexport.families.llama import fused_attention
+    from qexport.families.attention import fused_attention
     from tiny_models import LogitsOnly, tiny_llama
     example = (torch.randint(0, 128, (1, 8)),)
     export_onnx(trace(LogitsOnly(tiny_llama()), example, swap=fused_attention), example,

@@ -179,7 +179,7 @@ def test_kv_cache_export(tmp_path):
     """--kv-cache: model_with_past.onnx beside model.onnx, checked (prompt, then tokens one by
     one) against the PyTorch reference; a model it cannot take is refused before quantizing."""
     from test_cli import assert_one_line_error
-    from tiny_models import tiny_llama, tiny_opt
+    from tiny_models import tiny_causal_lm, tiny_llama
     tiny_llama().save_pretrained(tmp_path / "llama")
     out = tmp_path / "out"
     proc = run_cli(tmp_path / "llama", "-o", out, "--calib-samples", "2", "--calib-seqlen", "32",
@@ -197,8 +197,8 @@ def test_kv_cache_export(tmp_path):
     sample = subprocess.run([sys.executable, "samples/01_python_ort/run.py", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0 and "KV cache" in sample.stdout, sample.stdout + sample.stderr
-    tiny_opt().save_pretrained(tmp_path / "opt")
-    assert_one_line_error(run_cli(tmp_path / "opt", "-o", tmp_path / "o2", "--kv-cache"),
+    tiny_causal_lm("bert").save_pretrained(tmp_path / "bert")  # an encoder: no KV cache
+    assert_one_line_error(run_cli(tmp_path / "bert", "-o", tmp_path / "o2", "--kv-cache"),
                           "--kv-cache")
     assert not (tmp_path / "o2").exists()
 

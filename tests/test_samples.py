@@ -175,7 +175,7 @@ def test_cpp_sample_kv_cache(tmp_path, lib, cpp_sample):
     the logits with the PyTorch reference's; a reference that disagrees makes it fail."""
     from qexport.api import export_with_past
     from qexport.onnx_export import export_onnx, trace
-    from qexport.families.llama import fused_attention
+    from qexport.families.attention import fused_attention
     from tiny_models import LogitsOnly, tiny_llama
 
     model = LogitsOnly(tiny_llama()).eval()

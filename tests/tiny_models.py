@@ -82,11 +82,14 @@ COVERAGE_CONFIGS = {
                  num_key_value_heads=2, sliding_window=None, pad_token_id=0, bos_token_id=1,
                  eos_token_id=2,
                  tie_word_embeddings=False),  # head 64, one qkv projection
+    "gemma": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=256),  # head 256, one kv head (gemma-2b)
     "gemma2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
                    num_key_value_heads=1, head_dim=256, sliding_window=16,
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "gemma3_text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                        num_key_value_heads=1, head_dim=64, sliding_window=16),
+                        num_key_value_heads=1, head_dim=64, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"]),  # 2 rotary bases
     "gpt2": dict(n_embd=64, n_head=4, n_positions=64, bos_token_id=1,
                  eos_token_id=2),  # Conv1D, 64-position table
     "opt": dict(hidden_size=64, ffn_dim=160, num_attention_heads=4, word_embed_proj_dim=64,

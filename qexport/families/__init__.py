@@ -34,7 +34,8 @@ class Family:
     # module -> context manager swapping attention blocks for single ops while tracing
     # (yields how many it swapped); None: the family has none
     attention_swap: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None
-    # module -> the KV-cache decoder (see families/llama.py `WithPast`), and why it can't be
+    traced_attention: str = "it has no fused attention"  # why, without a swap (the report)
+    # module -> the KV-cache decoder (see families/attention.py `WithPast`), and why it can't be
     # built for a module (None when it can); None: the family has no KV-cache export
     with_past: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     kv_cache_unsupported: Callable[[torch.nn.Module], str | None] | None = None

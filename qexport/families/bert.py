@@ -6,6 +6,10 @@ first 2 positions are never a token's."""
 from . import Family, register
 
 _PATHS = ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer")
-BERT = register(Family("bert", model_types=("bert",), block_paths=_PATHS))
+# ONNX Runtime's GroupQueryAttention attends causally: an encoder's attention stays traced
+_BIDIRECTIONAL = "bidirectional attention (the fused op is causal only)"
+BERT = register(Family("bert", model_types=("bert",), block_paths=_PATHS,
+                       traced_attention=_BIDIRECTIONAL))
 ROBERTA = register(Family("roberta", model_types=("roberta", "xlm-roberta"),
-                          block_paths=_PATHS, context_reserved=2))
+                          block_paths=_PATHS, context_reserved=2,
+                          traced_attention=_BIDIRECTIONAL))

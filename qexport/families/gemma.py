@@ -1,9 +1,9 @@
 """Gemma 1/2/3 (text): blocks under model.layers (Gemma 3's multimodal class: under
-model.language_model.layers). Their attention (logit soft-capping, query_pre_attn_scalar,
-sliding-window layers, q/k norms) is not swapped for ONNX Runtime's GroupQueryAttention yet:
-it exports as traced ops, and there is no KV-cache decoder."""
-from . import Family, register
+model.language_model.layers). Attention fused with the KV cache (families/attention.py):
+query_pre_attn_scalar as the op's scale, Gemma 2's logit soft-capping as its softcap,
+sliding-window layers as its local window, Gemma 3's (1 + w) q/k norms and per-layer rotary
+bases through the model's own modules; Gemma 2's final soft-capping in the decoder's head."""
+from .llama import decoder_family
 
-FAMILY = register(Family("gemma", model_types=("gemma", "gemma2", "gemma3", "gemma3_text"),
-                         block_paths=("model.layers", "model.language_model.layers",
-                                      "layers")))
+FAMILY = decoder_family("gemma", ("gemma", "gemma2", "gemma3", "gemma3_text"),
+                        block_paths=("model.layers", "model.language_model.layers", "layers"))

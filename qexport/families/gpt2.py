@@ -1,12 +1,13 @@
 """GPT-2: blocks under transformer.h; a learned position table of n_positions. Its projections
 are transformers' Conv1D modules (y = x W + b with W [in, out], traced as addmm): `normalize`
 turns each into the nn.Linear with W transposed, which computes the same function and which
-the passes quantize."""
+the passes quantize. Attention fused (c_attn split into q, k, v; no rotary) with the KV cache
+(families/attention.py)."""
 from __future__ import annotations
 
 import torch
 
-from . import Family, register
+from .llama import decoder_family
 
 
 def conv1d_to_linear(module: torch.nn.Module) -> int:
@@ -28,6 +29,6 @@ def conv1d_to_linear(module: torch.nn.Module) -> int:
     return count
 
 
-FAMILY = register(Family("gpt2", model_types=("gpt2",), block_paths=("transformer.h", "h"),
-                         context_attrs=("n_positions", "max_position_embeddings"),
-                         normalize=conv1d_to_linear))
+FAMILY = decoder_family("gpt2", ("gpt2",), block_paths=("transformer.h", "h"),
+                        context_attrs=("n_positions", "max_position_embeddings"),
+                        normalize=conv1d_to_linear)

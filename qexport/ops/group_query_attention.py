@@ -18,22 +18,24 @@ MS_DOMAIN = "com.microsoft"
 def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           past_k: torch.Tensor | None, past_v: torch.Tensor | None,
                           seqlens_k: torch.Tensor, total_length: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                          kv_num_heads: int, scale: float, total: int,
-                          local_window: int = -1
+                          cos: torch.Tensor | None, sin: torch.Tensor | None,
+                          num_heads: int, kv_num_heads: int, scale: float, total: int,
+                          local_window: int = -1, softcap: float = 0.0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX Runtime's GroupQueryAttention (the part qexport uses). q [B, S, num_heads*D], k
     and v [B, S, kv_num_heads*D]; past_k and past_v [B, kv_num_heads, P, D] or None (P = 0):
     a cache buffer whose first L_b - S positions hold row b's cached keys (rotated) and
     values; seqlens_k int32 [B], L_b - 1, L_b being row b's length after this call (cached +
     new tokens); total_length int32 scalar, the longest (`total` as an int, for the output
-    shapes); cos and sin [>= total, D/2], the rotary angles of positions 0, 1, ...
+    shapes); cos and sin [>= total, D/2], the rotary angles of positions 0, 1, ... (None:
+    no rotary embedding, ONNX Runtime's do_rotary = 0, for learned position tables).
     Returns the attention [B, S, num_heads*D] and the present keys and values
     [B, kv_num_heads, max(total, P), D]: the past buffer with row b's new tokens written at
     positions L_b - S .. L_b - 1 (0 .. S-1 when S = total: a prompt). The new tokens get
     rotary embedding on q and k (halves rotated, not interleaved), and each group of
     num_heads/kv_num_heads query heads attends to one kv head over positions up to its own,
-    softmax(q k^T * scale) v; with local_window > 0 (ONNX Runtime's local_window_size) only
+    softmax(q k^T * scale) v, the logits soft-capped to softcap * tanh(x / softcap) when
+    softcap > 0 (Gemma 2); with local_window > 0 (ONNX Runtime's local_window_size) only
     over the last local_window positions, its own included (Hugging Face's sliding_window;
     checked against ONNX Runtime in tests/test_attention.py). With P >= total the present has the past's shape, and ONNX
     Runtime writes it into the past buffer itself when both are bound to the same memory."""
@@ -48,10 +50,13 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = q.new_empty(b, s, num_heads * d)
     for i in range(b):
         start = 0 if s == total else int(seqlens_k[i]) + 1 - s  # the row's first new position
-        cos2 = torch.cat([cos[start:start + s]] * 2, -1).to(q.dtype)
-        sin2 = torch.cat([sin[start:start + s]] * 2, -1).to(q.dtype)
+        if cos is not None:
+            cos2 = torch.cat([cos[start:start + s]] * 2, -1).to(q.dtype)
+            sin2 = torch.cat([sin[start:start + s]] * 2, -1).to(q.dtype)
 
         def rotary(x):
+            if cos is None:
+                return x
             rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
             return x * cos2 + rotated * sin2
 
@@ -65,15 +70,17 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask = torch.ones(s, start + s, dtype=torch.bool, device=q.device).tril(start)
         if local_window > 0:
             mask &= ~torch.ones_like(mask).tril(start - local_window)
-        att = torch.nn.functional.scaled_dot_product_attention(
-            rotary(heads(q, num_heads)), keys, values, attn_mask=mask, scale=scale)
+        logits = rotary(heads(q, num_heads)) @ keys.transpose(-1, -2) * scale
+        if softcap > 0:
+            logits = torch.tanh(logits / softcap) * softcap
+        att = logits.masked_fill(~mask, float("-inf")).softmax(-1) @ values
         out[i] = att.transpose(0, 1).reshape(s, num_heads * d)
     return out, present_k, present_v
 
 
 @group_query_attention.register_fake
 def _(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads,
-      scale, total, local_window=-1):
+      scale, total, local_window=-1, softcap=0.0):
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
     length = total if past_k is None else torch.sym_max(total, past_k.shape[2])
@@ -114,25 +121,27 @@ def register_onnx_schema() -> None:
                     attr("do_rotary", OpSchema.AttrType.INT, "rotary on q and k"),
                     attr("rotary_interleaved", OpSchema.AttrType.INT, "0: halves rotated"),
                     attr("local_window_size", OpSchema.AttrType.INT,
-                         "sliding window: positions attended, own included (-1: all)")]))
+                         "sliding window: positions attended, own included (-1: all)"),
+                    attr("softcap", OpSchema.AttrType.FLOAT,
+                         "logits soft-capped to softcap * tanh(x / softcap) (0: none)")]))
 
 
 def translate(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads,
-              kv_num_heads, scale, total, local_window=-1):  # total: as an int, shapes only
+              kv_num_heads, scale, total, local_window=-1, softcap=0.0):  # total: shapes only
     """torch.onnx custom translation: one com.microsoft GroupQueryAttention (past inputs and
-    present outputs as the op has them)."""
+    present outputs as the op has them; no cos/sin inputs without rotary)."""
     from onnxscript.values import Opset
 
     return Opset(MS_DOMAIN, 1).GroupQueryAttention(
         q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads=num_heads,
-        kv_num_heads=kv_num_heads, scale=scale, do_rotary=1, rotary_interleaved=0,
-        local_window_size=local_window, _outputs=3)
+        kv_num_heads=kv_num_heads, scale=scale, do_rotary=int(cos is not None),
+        rotary_interleaved=0, local_window_size=local_window, softcap=softcap, _outputs=3)
 
 
 SPEC = register(OpSpec(
     name="GroupQueryAttention", domain=MS_DOMAIN, torch_name="group_query_attention",
     input_names=("query", "key", "value", "past_key", "past_value", "seqlens_k",
                  "total_sequence_length", "cos_cache", "sin_cache"),
-    attributes=("num_heads", "kv_num_heads", "scale", "total", "local_window"),
+    attributes=("num_heads", "kv_num_heads", "scale", "total", "local_window", "softcap"),
     register_schema=register_onnx_schema, translate=translate,
     reference=group_query_attention))
