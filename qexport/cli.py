@@ -39,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qexport",
         description="Quantize a PyTorch transformer to ~1.61 bits/weight and export it to ONNX "
                     "with qexport custom ops, a compiled op library and a parity report.",
-        epilog="Other commands: `qexport eval OUT_DIR` (perplexity of an export: fp, PyTorch "
-               "quantized, ONNX Runtime); `qexport build-engine OUT_DIR/model.onnx` (TensorRT "
-               "engine). Each takes --help.")
+        epilog="Other commands: `qexport generate OUT_DIR --prompt TEXT` and `qexport chat "
+               "OUT_DIR` (text from the export's KV-cache decoder); `qexport eval OUT_DIR` "
+               "(perplexity of an export: fp, PyTorch quantized, ONNX Runtime); `qexport "
+               "build-engine OUT_DIR/model.onnx` (TensorRT engine); `qexport triton OUT_DIR` "
+               "(a Triton Inference Server model repository). Each takes --help.")
     p.add_argument("model", help="Hugging Face model folder, torch.export .pt2, pickled nn.Module "
                    "(.pt, with --trust-pickle), or the built-in example 'smollm2-135m'")
     p.add_argument("--scheme", default=DEFAULT_SCHEME,
@@ -61,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=run_default("kv_cache"),
                    help="also write model_with_past.onnx, a decoder with a KV cache for "
                         "generation (input_ids, attention_mask, past/present keys and values per "
-                        "layer, which may be one buffer updated in place: docs/format.md); shares "
-                        "model.onnx's weight file (the decoders of docs/models.md)")
+                        "layer, which may be one buffer updated in place: docs/format.md; it "
+                        "shares model.onnx's weight file), with the tokenizer and "
+                        "genai_config.json, for `qexport generate`/`chat` and onnxruntime-genai "
+                        "[default: on for a causal LM whose family has one (docs/models.md) "
+                        "when the attention is fused]")
     p.add_argument("--force", action="store_true",
                    help="replace an output folder that was not written by qexport")
     p.add_argument("--trust-pickle", action="store_true",
@@ -215,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             return build_engine_main(build_engine_parser().parse_args(argv[1:]))
         if sub == "eval":
             return eval_main(build_eval_parser().parse_args(argv[1:]))
+        if sub in ("generate", "chat"):
+            return generate_main(sub, build_generate_parser(sub).parse_args(argv[1:]))
+        if sub == "triton":
+            return triton_main(build_triton_parser().parse_args(argv[1:]))
         return run(build_parser().parse_args(argv))
     except QexportError as e:
         _traceback_if_debug(e, argv)
@@ -272,6 +281,125 @@ def eval_main(args) -> int:
         print("qexport: error: ONNX Runtime and PyTorch quantized perplexities disagree",
               file=sys.stderr)
         return EXIT_PARITY
+    return 0
+
+
+# --------------------------------------------------------------------------- generate, chat
+def build_generate_parser(command: str) -> argparse.ArgumentParser:
+    from .config import default
+    from .generate import MAX_NEW_TOKENS, Sampling
+
+    p = argparse.ArgumentParser(
+        prog=f"qexport {command}",
+        description="Generate text from an export's KV-cache decoder (model_with_past.onnx) with "
+                    "ONNX Runtime, streaming tokens as they come; then the time to first token "
+                    "and tokens/s on stderr." if command == "generate" else
+                    "Chat with an export through its tokenizer's chat template: one line per "
+                    "turn on stdin; /reset forgets the conversation, /exit or end of input "
+                    "ends it.")
+    p.add_argument("output", help="a folder written by qexport (with model_with_past.onnx)")
+    if command == "generate":
+        prompt = p.add_mutually_exclusive_group(required=True)
+        prompt.add_argument("--prompt", help="the text to continue")
+        prompt.add_argument("--prompt-ids", metavar="IDS",
+                            help="the prompt as token ids, separated by spaces or commas (for a "
+                                 "folder without a tokenizer); the new ids are printed")
+    else:
+        p.add_argument("--system", help="a system message that starts the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                   help="[default: %(default)s]")
+    p.add_argument("--temperature", type=float, default=default(Sampling, "temperature"),
+                   help="0 picks the most likely token (greedy); above 0 samples "
+                        "[default: %(default)s]")
+    p.add_argument("--top-k", type=int, default=default(Sampling, "top_k"),
+                   help="sample among the k most likely tokens (0: all) [default: %(default)s]")
+    p.add_argument("--top-p", type=float, default=default(Sampling, "top_p"),
+                   help="then among the most likely tokens whose probability reaches p "
+                        "[default: %(default)s]")
+    p.add_argument("--seed", type=int, default=default(Sampling, "seed"),
+                   help="sampling seed [default: a fresh one each run]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime threads [default: ONNX Runtime's]")
+    _add_debug(p)
+    return p
+
+
+def generate_main(command: str, args) -> int:
+    from . import generate, serving
+    from .errors import QexportError
+
+    folder = Path(args.output)
+    sampling = generate.Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.validate()
+    gen = generate.Generator(folder, threads=args.threads)
+    tokenizer = generate.load_tokenizer(folder)
+    stop = serving.stop_tokens(folder, tokenizer)
+
+    def run(prompt_ids, stream) -> None:
+        for token in gen.generate(prompt_ids, args.max_new_tokens, sampling, stop):
+            print(stream(token), end="", flush=True)
+        print(flush=True)
+        _log(gen.stats.line())
+
+    if command == "generate":
+        if args.prompt_ids is not None:
+            try:
+                ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+            except ValueError:
+                raise QexportError("--prompt-ids takes integers separated by spaces or "
+                                   "commas") from None
+            run(ids, lambda t: f"{t} ")
+            return 0
+        if tokenizer is None:
+            raise QexportError(f"{folder} has no tokenizer: give the prompt as --prompt-ids")
+        ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
+        print(args.prompt, end="", flush=True)
+        run(ids, generate.TextStream(tokenizer).add)
+        return 0
+    if tokenizer is None:
+        raise QexportError(f"{folder} has no tokenizer to chat with")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    generate.chat_ids(tokenizer, messages or [{"role": "user", "content": ""}])  # has one?
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        stream = generate.TextStream(tokenizer)
+        run(generate.chat_ids(tokenizer, messages), stream.add)
+        messages.append({"role": "assistant", "content": stream.text})
+
+
+# ------------------------------------------------------------------------------------ triton
+def build_triton_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qexport triton",
+        description="Write a Triton Inference Server model repository from an export: model.onnx "
+                    "(and model_with_past.onnx) through the ONNX Runtime backend with the qexport "
+                    "op library, and model.engine through the TensorRT backend where one was "
+                    "built. docs/serving.md has the docker command that serves it.")
+    p.add_argument("output", help="a folder written by qexport")
+    p.add_argument("-o", "--repository", default=None,
+                   help="the repository folder to create [default: OUTPUT/triton]")
+    p.add_argument("--name", default="qexport", help="the model's name [default: %(default)s]")
+    _add_debug(p)
+    return p
+
+
+def triton_main(args) -> int:
+    from .serving import write_triton_repository
+
+    repo = Path(args.repository) if args.repository else Path(args.output) / "triton"
+    for config in write_triton_repository(Path(args.output), repo, args.name):
+        _log(f"wrote {config}")
     return 0
 
 

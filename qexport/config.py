@@ -148,7 +148,10 @@ class RunConfig:
     _: dataclasses.KW_ONLY  # every setting after the output by name
     quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
     target: str = "ort"  # a name in qexport.targets
-    kv_cache: bool = False  # also write model_with_past.onnx
+    # Also write model_with_past.onnx (and what generation needs: the tokenizer,
+    # genai_config.json); None: for a causal LM whose family has a KV-cache decoder, when
+    # the attention is fused (pipeline._with_kv_cache)
+    kv_cache: bool | None = None
     force: bool = False  # replace an output folder not written by qexport
     trust_pickle: bool = False
     calib: str | None = None  # calibration text (None: Brown, or random tokens)

@@ -82,14 +82,13 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, say: Progres
         if context_note:
             say(context_note)
         data = _load_data(config, lm)
-    if config.kv_cache:
-        reason = api.kv_cache_unsupported(lm.module)
-        if reason:
-            raise QexportError(f"--kv-cache: {reason}")
+    config, kv_note = _with_kv_cache(config, lm)
     example = lm.example_inputs(batch=2, seq=8)
     qm = api.quantize(lm.module, example, data.calib, config.quantize, progress=say)
     if context_note:
         qm.notes["context"] = [context_note]
+    if kv_note:
+        qm.notes["kv_cache"] = [kv_note]
     timings.update(qm.timings)
 
     with stage("exporting to ONNX"):
@@ -139,6 +138,27 @@ def _for_target(config: RunConfig, target: targets.Target):
         raise QexportError("--kv-cache needs the fused attention (not with "
                            f"--no-fused-attention or --target {target.name})")
     return qconfig
+
+
+def _with_kv_cache(config: RunConfig, lm) -> tuple[RunConfig, str | None]:
+    """The config with kv_cache decided (None: on for a causal LM whose family has a KV-cache
+    decoder, with fused attention), and a note on why it is off; a QexportError where
+    --kv-cache was asked for and cannot be."""
+    from . import api
+
+    reason = api.kv_cache_unsupported(lm.module)
+    if config.kv_cache:
+        if reason:
+            raise QexportError(f"--kv-cache: {reason}")
+        return config, None
+    if config.kv_cache is False:
+        return config, None
+    if not lm.is_causal_lm:
+        reason = "the model is not a causal language model"
+    elif not config.quantize.fused_attention:
+        reason = "the attention is not fused (--no-fused-attention or the target's default)"
+    note = f"no model_with_past.onnx: {reason}" if reason else None
+    return dataclasses.replace(config, kv_cache=reason is None), note
 
 
 def _within_context(config: RunConfig, module) -> tuple[RunConfig, str | None]:
@@ -216,7 +236,22 @@ def _export(config: RunConfig, lm, qm, target: targets.Target, tmp: Path, say: P
         files += api.export_with_past(lm.module, qm, tmp / "model_with_past.onnx", extra,
                                       share_data_with=onnx_path)
         timings["export_with_past"] = time.perf_counter() - t0
+        files += _serving_files(lm, tmp)
     return files, target.runtime_files(tmp)
+
+
+def _serving_files(lm, tmp: Path) -> list[Path]:
+    """Beside the KV-cache decoder, what generating needs from the folder alone (`qexport
+    generate`, onnxruntime-genai): the tokenizer and its chat template, generation_config.json
+    and genai_config.json."""
+    from . import families, serving
+
+    files = []
+    if lm.tokenizer is not None:
+        files += serving.write_tokenizer(lm.tokenizer, lm.hf_model, tmp)
+    files.append(serving.write_genai_config(
+        tmp, lm.config, families.detect(lm.module).max_context(lm.module)))
+    return files
 
 
 def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
