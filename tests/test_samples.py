@@ -169,23 +169,101 @@ def test_cpp_sample_without_reference(tmp_path, lib, cpp_sample):
     assert "output logits: shape [2, 3, 24]" in proc.stdout and "not checked" in proc.stdout
 
 
-def test_cpp_sample_kv_cache(tmp_path, lib, cpp_sample):
-    """A folder with model_with_past.onnx: the C++ sample runs its generation loop (prompt,
-    then one token per call, the cache updated in place through an IoBinding) and compares
-    the logits with the PyTorch reference's; a reference that disagrees makes it fail."""
+def _kv_folder(tmp_path, lib):
+    """A float tiny Llama exported as model.onnx and model_with_past.onnx, the op library
+    beside them; returns (folder, the PyTorch model)."""
     from qexport.api import export_with_past
-    from qexport.onnx_export import export_onnx, trace
     from qexport.families.attention import fused_attention
+    from qexport.onnx_export import export_onnx, trace
     from tiny_models import LogitsOnly, tiny_llama
 
     model = LogitsOnly(tiny_llama()).eval()
     out = tmp_path / "kv_out"
     out.mkdir()
-    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
-    example = (ids,)
+    example = (torch.zeros(2, 12, dtype=torch.int64),)
     export_onnx(trace(model, example, swap=fused_attention), example, out / "model.onnx", {})
     export_with_past(model, None, out / "model_with_past.onnx")  # floating point
     shutil.copy2(lib, out / lib.name)
+    return out, model
+
+
+def test_cpp_sample_generates_text(tmp_path, lib, cpp_sample):
+    """write_prompt.py tokenizes a prompt beside the export; the C++ sample's greedy loop
+    prints the text and the same token ids as qexport's Generator."""
+    from qexport.generate import Generator
+    from tiny_models import save_tokenizer
+
+    out, _ = _kv_folder(tmp_path, lib)
+    save_tokenizer(out)
+    py = _run([sys.executable, CPP_SAMPLE / "write_prompt.py", out, "--prompt", "Hello"])
+    assert py.returncode == 0 and (out / "prompt.bin").is_file(), py.stdout + py.stderr
+    proc = _run([cpp_sample, out, "--generate", "10", "--threads", "1"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = [int(t) for t in re.search(r"generated ids:((?: \d+)+)", proc.stdout)[1].split()]
+    expected = list(Generator(out, threads=1).generate([ord(c) for c in "Hello"], 10))
+    assert ids == expected
+    text = "Hello" + "".join(chr(i) for i in ids if i)  # token i is chr(i); 0 is <unk>
+    assert proc.stdout.startswith(text + "\n"), proc.stdout
+    assert re.search(r"10 new tokens; time to first token \S+ ms for 5 prompt tokens; \S+ "
+                     r"tokens/s", proc.stdout), proc.stdout
+    (out / "prompt.bin").unlink()
+    proc = _run([cpp_sample, out, "--generate", "10"])
+    assert proc.returncode == 2 and "write_prompt.py" in proc.stderr, proc.stderr
+
+
+def _trained_tokenizer(kind: str):
+    """A small trained BPE tokenizer: GPT-2-style byte level, or SentencePiece-style with
+    byte fallback (Llama, Gemma), through transformers as an export folder holds them."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>"]
+    if kind == "byte_level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special + [
+            f"<0x{b:02X}>" for b in range(256)])
+    tok.train_from_iterator(["the capital of france is paris, the capital of italy is rome"] * 20,
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+def test_write_prompt_token_bytes(kind):
+    """The C++ sample's detokenizer (the bytes of each token, concatenated) gives the
+    tokenizer's own decoding, non-ASCII text split into byte tokens included."""
+    sys.path.insert(0, str(CPP_SAMPLE))
+    try:
+        from write_prompt import token_bytes
+    finally:
+        sys.path.remove(str(CPP_SAMPLE))
+    tokenizer = _trained_tokenizer(kind)
+    table = token_bytes(tokenizer)
+    text = "the capital of Ünïcödé 😀 日本 is  paris\n\tok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any(len(table[i]) == 1 and table[i][0] >= 0x80 for i in ids)  # byte tokens used
+    joined = b"".join(table[i] for i in ids).decode()
+    # SentencePiece's decoder strips the space its normalizer put before the first word
+    assert (joined[1:] if kind == "sentencepiece" else joined) == tokenizer.decode(ids) == text
+    assert table[tokenizer.eos_token_id] == b""
+
+
+def test_cpp_sample_kv_cache(tmp_path, lib, cpp_sample):
+    """A folder with model_with_past.onnx: the C++ sample runs its generation loop (prompt,
+    then one token per call, the cache updated in place through an IoBinding) and compares
+    the logits with the PyTorch reference's; a reference that disagrees makes it fail."""
+    out, model = _kv_folder(tmp_path, lib)
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = {"input_ids": ids.numpy(), "logits": model(ids).numpy()}
     sample = _sample_module()

@@ -1,6 +1,7 @@
 // Run an exported qexport model folder with ONNX Runtime's C++ API.
 //
 //   qexport_sample OUT_DIR [--lib PATH] [--threads N] [--batch B] [--seq S]
+//   qexport_sample OUT_DIR --generate N [--lib PATH] [--threads N]
 //
 // Loads OUT_DIR/model.onnx, registers the op library (--lib, else OUT_DIR/libqexport_ops.so,
 // else $QEXPORT_OPS_LIBRARY) with Ort::SessionOptions::RegisterCustomOpsLibrary, feeds inputs
@@ -11,9 +12,13 @@
 // With OUT_DIR/model_with_past.onnx (qexport --kv-cache) and input_ids and logits in
 // reference.bin, it also runs the generation loop of that decoder (RunKvCache) and compares
 // the logits it returns with the reference's.
+// With --generate N it generates text instead: up to N tokens, greedily, after the prompt in
+// OUT_DIR/prompt.bin (written by write_prompt.py: the prompt's token ids, the stop ids and
+// each token's bytes), through model_with_past.onnx, streaming the text as it comes.
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -31,6 +36,7 @@ namespace {
 
 constexpr double kMinCosine = 0.999;
 constexpr char kMagic[8] = {'Q', 'X', 'R', 'E', 'F', '0', '0', '1'};
+constexpr char kPromptMagic[8] = {'Q', 'X', 'P', 'R', 'M', '0', '0', '1'};
 
 struct HostTensor {
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
@@ -61,10 +67,10 @@ std::string ShapeString(const std::vector<int64_t>& dims) {
 }
 
 template <typename T>
-T ReadPod(std::ifstream& in) {
+T ReadPod(std::ifstream& in, const char* file = "reference.bin") {
   T v;
   if (!in.read(reinterpret_cast<char*>(&v), sizeof v))
-    throw std::runtime_error("reference.bin: truncated");
+    throw std::runtime_error(std::string(file) + ": truncated");
   return v;
 }
 
@@ -211,10 +217,119 @@ bool RunKvCache(Ort::Env& env, const Ort::SessionOptions& options, const std::st
   return cosine >= kMinCosine;
 }
 
+// prompt.bin (write_prompt.py has the format): the prompt, its ids, the stop ids and the
+// bytes of every token id.
+struct Prompt {
+  std::string text;
+  std::vector<int64_t> ids, stop;
+  std::vector<std::string> pieces;
+};
+
+Prompt ReadPrompt(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in)
+    throw std::runtime_error("no " + path + ": write it with samples/02_cpp_ort/write_prompt.py "
+                             "OUT_DIR --prompt TEXT");
+  char magic[8];
+  if (!in.read(magic, 8) || std::memcmp(magic, kPromptMagic, 8) != 0)
+    throw std::runtime_error(path + ": not a prompt.bin (bad magic)");
+  constexpr uint32_t kMaxCount = 1u << 24;  // a sanity bound on every count in the file
+  auto string = [&]() {
+    const uint32_t n = ReadPod<uint32_t>(in, "prompt.bin");
+    if (n > kMaxCount) throw std::runtime_error(path + ": corrupt string length");
+    std::string s(n, '\0');
+    if (n && !in.read(&s[0], n)) throw std::runtime_error(path + ": truncated");
+    return s;
+  };
+  auto ids = [&]() {
+    const uint32_t n = ReadPod<uint32_t>(in, "prompt.bin");
+    if (n > kMaxCount) throw std::runtime_error(path + ": corrupt id count");
+    std::vector<int64_t> v(n);
+    for (int64_t& id : v) id = ReadPod<int64_t>(in, "prompt.bin");
+    return v;
+  };
+  Prompt p;
+  p.text = string();
+  p.ids = ids();
+  p.stop = ids();
+  const uint32_t vocab = ReadPod<uint32_t>(in, "prompt.bin");
+  if (vocab > kMaxCount) throw std::runtime_error(path + ": corrupt vocabulary size");
+  for (uint32_t i = 0; i < vocab; ++i) p.pieces.push_back(string());
+  if (p.ids.empty()) throw std::runtime_error(path + ": the prompt has no tokens");
+  for (int64_t id : p.ids)
+    if (id < 0 || id >= static_cast<int64_t>(vocab))
+      throw std::runtime_error(path + ": prompt id " + std::to_string(id) + " outside the vocabulary");
+  return p;
+}
+
+// Greedy generation through a KV-cache decoder, as RunKvCache but feeding back the most likely
+// token: the cache holds prompt + max_new positions, filled in place; stops at a stop id or
+// after max_new tokens. Prints the prompt, then each token's bytes as it comes, then the ids
+// and the timings (time to the first new token, which includes the prompt, and tokens/s after).
+void Generate(Ort::Env& env, const Ort::SessionOptions& options, const std::string& path,
+              const Prompt& prompt, int64_t max_new) {
+  using Clock = std::chrono::steady_clock;
+  Ort::Session session(env, path.c_str(), options);
+  Ort::AllocatorWithDefaultOptions allocator;
+  Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  const int64_t total = static_cast<int64_t>(prompt.ids.size()) + max_new;
+  std::vector<std::vector<float>> caches;
+  Ort::IoBinding binding(session);
+  binding.BindOutput("logits", cpu);
+  for (size_t i = 0; i < session.GetInputCount(); ++i) {
+    const std::string name = session.GetInputNameAllocated(i, allocator).get();
+    if (name.rfind("past.", 0) != 0) continue;
+    Ort::TypeInfo type_info = session.GetInputTypeInfo(i);
+    const std::vector<int64_t> shape = type_info.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> dims = {1, shape[1], total, shape[3]};
+    caches.emplace_back(static_cast<size_t>(Count(dims)), 0.0f);
+    Ort::Value cache = Ort::Value::CreateTensor<float>(cpu, caches.back().data(),
+                                                       caches.back().size(), dims.data(), 4);
+    binding.BindInput(name.c_str(), cache);
+    binding.BindOutput(("present." + name.substr(5)).c_str(), cache);
+  }
+  std::fputs(prompt.text.c_str(), stdout);
+  std::fflush(stdout);
+  std::vector<int64_t> step = prompt.ids, generated;
+  const auto start = Clock::now();
+  double first_ms = 0;
+  for (int64_t length = static_cast<int64_t>(step.size());; ++length) {
+    std::vector<int64_t> mask(static_cast<size_t>(length), 1);
+    const int64_t step_dims[2] = {1, static_cast<int64_t>(step.size())}, mask_dims[2] = {1, length};
+    binding.BindInput("input_ids", Ort::Value::CreateTensor<int64_t>(cpu, step.data(), step.size(),
+                                                                     step_dims, 2));
+    binding.BindInput("attention_mask", Ort::Value::CreateTensor<int64_t>(cpu, mask.data(),
+                                                                          mask.size(), mask_dims, 2));
+    session.Run(Ort::RunOptions{nullptr}, binding);
+    std::vector<Ort::Value> out = binding.GetOutputValues();
+    const std::vector<int64_t> dims = out[0].GetTensorTypeAndShapeInfo().GetShape();
+    const int64_t vocab = dims.back();
+    const float* logits = out[0].GetTensorData<float>() + (Count(dims) - vocab);  // last row
+    const int64_t token = std::max_element(logits, logits + vocab) - logits;
+    if (generated.empty())
+      first_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    generated.push_back(token);
+    if (token < static_cast<int64_t>(prompt.pieces.size()))
+      std::fputs(prompt.pieces[static_cast<size_t>(token)].c_str(), stdout);
+    std::fflush(stdout);
+    const bool stop = std::find(prompt.stop.begin(), prompt.stop.end(), token) != prompt.stop.end();
+    if (stop || static_cast<int64_t>(generated.size()) >= max_new) break;
+    step.assign(1, token);
+  }
+  const double all_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  std::printf("\ngenerated ids:");
+  for (int64_t id : generated) std::printf(" %lld", static_cast<long long>(id));
+  const size_t rest = generated.size() - 1;
+  std::printf("\n%zu new tokens; time to first token %.1f ms for %zu prompt tokens; ",
+              generated.size(), first_ms, prompt.ids.size());
+  if (rest) std::printf("%.1f tokens/s after it\n", 1e3 * static_cast<double>(rest) / (all_ms - first_ms));
+  else std::printf("no tokens after it\n");
+}
+
 int Run(int argc, char** argv) {
   std::string folder, lib;
   int threads = 0;
-  int64_t batch = 1, seq = 16;
+  int64_t batch = 1, seq = 16, generate = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -225,8 +340,10 @@ int Run(int argc, char** argv) {
     else if (a == "--threads") threads = std::stoi(value());
     else if (a == "--batch") batch = std::stoll(value());
     else if (a == "--seq") seq = std::stoll(value());
+    else if (a == "--generate") generate = std::stoll(value());
     else if (a == "-h" || a == "--help") {
-      std::printf("usage: qexport_sample OUT_DIR [--lib PATH] [--threads N] [--batch B] [--seq S]\n");
+      std::printf("usage: qexport_sample OUT_DIR [--lib PATH] [--threads N] [--batch B] [--seq S]\n"
+                  "       qexport_sample OUT_DIR --generate N [--lib PATH] [--threads N]\n");
       return 0;
     } else if (folder.empty()) folder = a;
     else throw std::runtime_error("unexpected argument " + a);
@@ -245,6 +362,15 @@ int Run(int argc, char** argv) {
   Ort::SessionOptions options;
   if (threads > 0) options.SetIntraOpNumThreads(threads);
   options.RegisterCustomOpsLibrary(lib.c_str());
+  if (generate != 0) {
+    const std::string with_past = folder + "/model_with_past.onnx";
+    if (generate < 0) throw std::runtime_error("--generate takes a positive token count");
+    if (!FileExists(with_past))
+      throw std::runtime_error("no " + with_past + ": export a causal LM with qexport (it writes "
+                               "one where the model family has one)");
+    Generate(env, options, with_past, ReadPrompt(folder + "/prompt.bin"), generate);
+    return 0;
+  }
   Ort::Session session(env, model.c_str(), options);
   std::printf("model %s with %s\n", model.c_str(), lib.c_str());
 
