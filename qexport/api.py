@@ -28,7 +28,9 @@ from .gptq import linear_input_hessians, refine_codes
 from .onnx_export import export_onnx, metadata, trace
 from .outlier import choose_shift_scale, search_shift_scale
 from .ptq161 import learn_mixed_weights
-from .quantizers import quantize_mixed, select_salient
+from . import ops
+from .ops.matmul_nbits import from_mixed
+from .quantizers import quantize_linear, select_salient
 
 __all__ = ["QuantizeConfig", "LearnConfig", "QuantizedModel", "quantize", "export",
            "export_with_past", "rebuild", "past_names"]
@@ -153,10 +155,11 @@ class _Quantizer:
         if name in self.learned:
             return self.learned[name]
         with stage(f"quantizing {name} {tuple(weight.shape)}"):
-            salient = select_salient(self.stats[name].rms, chosen.salient_ratio)
-            packed = quantize_mixed(weight, bias, salient, chosen.salient_group_size)
+            packed = quantize_linear(chosen, weight, bias, self.stats[name])
             if name in self.hessians:
                 packed = refine_codes(packed, weight, self.hessians[name])
+            if self.config.standard_ops and chosen.kind == "mixed":
+                packed = from_mixed(packed)  # the same codes as ONNX Runtime's MatMulNBits
         return packed
 
     def _learn(self) -> dict:
@@ -164,7 +167,8 @@ class _Quantizer:
         and for models whose transformer blocks can't be found, e.g. a flat .pt2 graph:
         noted). Salient channels come from `stats`, i.e. after OS+ when it was folded."""
         config = self.config
-        if config.method != "ptq161" or config.scheme.salient_ratio >= 1.0:
+        if config.method != "ptq161" or config.scheme.kind != "mixed" or \
+                config.scheme.salient_ratio >= 1.0:
             return {}  # nothing binary to learn scales for
         try:
             blocks = families.find_blocks(self.module)
@@ -191,7 +195,7 @@ class _Quantizer:
         (a flat .pt2 graph: the head keeps round-to-nearest codes)."""
         config = self.config
         if not config.head_gptq or config.head_scheme is None or \
-                config.head_scheme.salient_ratio < 1.0:
+                config.head_scheme.kind != "mixed" or config.head_scheme.salient_ratio < 1.0:
             return {}
         heads = {name for name in self.stats if config.is_head(name)}
         if not heads:
@@ -229,8 +233,9 @@ def _attention_path(gm, module, family, config: QuantizeConfig) -> str:
 
 def _os_choose(config: QuantizeConfig):
     """OS+ `choose` for the fold pass: the fixed quantile, or the grid search of t on the
-    closed-form quantization error of the Linears each norm feeds (their scheme, salient
-    channels re-selected on the scaled activation)."""
+    closed-form quantization error of the outputs of the Linears each norm feeds, under their
+    scheme (salient channels re-selected, activation ranges re-measured, on the scaled
+    activation)."""
     if config.os_quantile is not None:
         return lambda st, shift, weights: choose_shift_scale(st, shift,
                                                              quantile=config.os_quantile)
@@ -239,9 +244,9 @@ def _os_choose(config: QuantizeConfig):
         chosen = config.scheme_for(name)
         if chosen is None:
             return 0.0  # stays fp: scaling it is exact
-        salient = select_salient(moved.rms, chosen.salient_ratio)
-        dq = quantize_mixed(weight, None, salient, chosen.salient_group_size).dequantize()
-        return float((moved.sample @ (dq - weight).T).square().sum())
+        packed = quantize_linear(chosen, weight, None, moved)
+        x = moved.sample
+        return float((ops.apply(x, packed) - x @ weight.float().T).square().sum())
 
     return lambda st, shift, weights: search_shift_scale(st, shift, weights, error,
                                                          grid=config.os_grid)

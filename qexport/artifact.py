@@ -32,7 +32,7 @@ def read_export(onnx_path: str | Path) -> tuple[dict, dict[str, str], dict[str, 
                            f"{C.CONTRACT_VERSION}")
     inits = {t.name: t for t in model.graph.initializer}
     packed = {}
-    for node in model.graph.node:
+    for node in map(ops.raised, model.graph.node):
         spec = ops.spec_of_onnx_node(node)
         if spec is None:
             continue

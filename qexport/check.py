@@ -48,6 +48,31 @@ def compare(test, ref, top1: bool = False) -> dict:
     return out
 
 
+# sentence-transformers' pooling modes (its Pooling config's pooling_mode_<mode> flags), in
+# the order it concatenates them.
+POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens",
+                 "weightedmean_tokens", "lasttoken")
+
+
+def pool(hidden, modes) -> torch.Tensor:
+    """Sentence embeddings [B, D × len(modes)] from token states [B, T, D], every token
+    attended (the parity inputs have no padding), as sentence-transformers pools them."""
+    h = torch.as_tensor(np.asarray(hidden)).double()
+    t = h.shape[1]
+    weights = torch.arange(1, t + 1, dtype=h.dtype).view(1, t, 1)
+    fn = {"cls_token": lambda: h[:, 0], "max_tokens": lambda: h.amax(1),
+          "mean_tokens": lambda: h.mean(1), "mean_sqrt_len_tokens": lambda: h.sum(1) / t ** .5,
+          "weightedmean_tokens": lambda: (h * weights).sum(1) / weights.sum(),
+          "lasttoken": lambda: h[:, -1]}
+    return torch.cat([fn[m]() for m in modes], dim=-1)
+
+
+def row_cosines(test, ref) -> list[float]:
+    """The cosine of each row of `test` [B, D] with the same row of `ref`."""
+    return [float(c) for c in torch.nn.functional.cosine_similarity(
+        torch.as_tensor(test).double(), torch.as_tensor(ref).double(), dim=-1, eps=1e-12)]
+
+
 def parity_ok(metrics: dict) -> bool:
     return (metrics["cosine"] >= PARITY_MIN_COSINE
             and metrics.get("top1_agreement", 1.0) >= PARITY_MIN_TOP1)

@@ -25,7 +25,7 @@ def _log(msg: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import targets
-    from .config import (DEFAULT_HEAD_SCHEME, DEFAULT_SCHEME, LEARN_PRESETS, METHODS,
+    from .config import (AUTO, DEFAULT_SCHEME, LEARN_PRESETS, METHODS,
                          QuantizeConfig, RunConfig, default)
     from .schemes import SCHEMES
 
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=q_default("outlier_suppression"),
                    help="fold OS+ shift/scale into norms and Linears before quantizing (and "
                         "before PTQ1.61 learning); t is searched to minimise the quantization "
-                        "error of each norm's Linears [default: off]")
+                        "error of each norm's Linears under the scheme [default: on for the "
+                        "activation-quantized schemes w8a8/w6a6, off otherwise]")
     q.add_argument("--os-grid", type=int, default=q_default("os_grid"),
                    help="candidates of t in the OS+ search [default: %(default)s]")
     q.add_argument("--os-quantile", type=float, default=q_default("os_quantile"),
@@ -114,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", default=q_default("skip"),
                    help="regex of Linear names that get --head-scheme instead of --scheme "
                         "[default: the model family's output head and embedding names]")
-    q.add_argument("--head-scheme", default=DEFAULT_HEAD_SCHEME,
+    q.add_argument("--head-scheme", default=AUTO,
                    help="scheme of the --skip Linears (the output head); an all-4-bit one gets "
                         "GPTQ codes; 'none' keeps them in floating point (~1.5%% lower "
                         "perplexity on SmolLM2, 1.4x the file, slower tokens) "
-                        "[default: %(default)s]")
+                        "[default: w4a16; the main scheme for w8a8/w6a6]")
     q.add_argument("--embeddings-fp16", action=argparse.BooleanOptionalAction,
                    default=q_default("embeddings_fp16"),
                    help="store embedding tables in fp16 (halves the largest fp tensor) "
@@ -132,14 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config(args: argparse.Namespace):
     """The RunConfig an argument namespace of `build_parser` stands for."""
-    from .config import LearnConfig, QuantizeConfig, RunConfig
+    from .config import AUTO, LearnConfig, QuantizeConfig, RunConfig
     from .schemes import parse_scheme
 
     learn = {k: v for k, v in (("epochs", args.epochs), ("lr_alpha", args.lr),
                                ("lr_r1", args.lr), ("lr_r2", args.lr)) if v is not None}
     if args.share_r2:
         learn["share_r2"] = True
-    head = None if args.head_scheme.strip().lower() in ("none", "fp") \
+    head_arg = args.head_scheme.strip().lower()
+    head = None if head_arg in ("none", "fp") else AUTO if head_arg == AUTO \
         else parse_scheme(args.head_scheme)
     quantize = QuantizeConfig(
         scheme=parse_scheme(args.scheme).with_overrides(args.salient_ratio),

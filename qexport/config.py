@@ -12,11 +12,11 @@ import re
 from typing import Any, Callable
 
 from .errors import QexportError
-from .schemes import Scheme, parse_scheme
+from .schemes import Scheme, default_head_scheme, parse_scheme
 
 METHODS = ("ptq161", "closed-form")
 DEFAULT_SCHEME = "w1.61a16"
-DEFAULT_HEAD_SCHEME = "w4a16"
+AUTO = "auto"  # a setting decided by the scheme (head_scheme, outlier_suppression, standard_ops)
 
 # Linears kept out of the main scheme by default (the --skip pattern): output heads and
 # embedding-like projections, by their last name component.
@@ -74,18 +74,20 @@ class QuantizeConfig:
     _: dataclasses.KW_ONLY  # every setting after the scheme by name
     method: str = "ptq161"  # or "closed-form" (no learning: α = mean|W - μ|)
     learn: LearnConfig | None = dataclasses.field(default_factory=LearnConfig)  # PTQ1.61
-    outlier_suppression: bool = False
+    # OS+ shift/scale folded before quantizing; "auto": on for the activation-quantized
+    # schemes (w8a8, w6a6), as the OS+ paper intends, off for weight-only ones
+    outlier_suppression: bool | str = AUTO
     os_quantile: float | None = None  # None: search t (OS+); else t = this half-range quantile
     os_grid: int = 20  # candidates of t in the search
     os_sample_tokens: int = 512  # calibration tokens kept per norm output for the search
     # Regex of the Linears kept out of the main scheme (they get head_scheme); None: the
     # model family's head and embedding names (qexport/families/, default HEAD_NAMES)
     skip: str | None = None
-    # The scheme of the skipped Linears (the output head); None keeps them in floating point.
-    # An all-4-bit head_scheme (w4a16) gets GPTQ codes on its RTN grid (qexport/gptq.py), from
-    # the head input's Hessian over the calibration batches (one more forward pass)
-    head_scheme: Scheme | None = dataclasses.field(
-        default_factory=lambda: parse_scheme(DEFAULT_HEAD_SCHEME))
+    # The scheme of the skipped Linears (the output head); None keeps them in floating point;
+    # "auto": schemes.default_head_scheme (w4a16, or the main scheme when it quantizes
+    # activations). An all-4-bit head_scheme (w4a16) gets GPTQ codes on its RTN grid
+    # (qexport/gptq.py), from the head input's Hessian over the calibration batches
+    head_scheme: Scheme | str | None = AUTO
     head_gptq: bool = True
     embeddings_fp16: bool = True  # embedding tables stored in fp16
     # Attention blocks as single runtime ops where the model's family has an attention swap
@@ -95,6 +97,19 @@ class QuantizeConfig:
     # Quantization preprocessing (PTQ1.61's restorative LoRA is one): preprocess(module,
     # calib_batches) -> the module to quantize, run before tracing; see docs/design.md
     preprocess: Callable[[Any, list[tuple]], Any] | None = None
+    # Only ops ONNX Runtime runs without the qexport library: w4a16 (the head's too) as
+    # MatMulNBits; a scheme with binary weights is refused. "auto": on when the main scheme is
+    # carried by ONNX Runtime's own ops (w2a16, w8a8, w6a6), so that such an export is
+    # library-free throughout; the ort-std target sets it
+    standard_ops: bool | str = AUTO
+
+    def __post_init__(self):
+        if self.head_scheme == AUTO:
+            self.head_scheme = default_head_scheme(self.scheme)
+        if self.outlier_suppression == AUTO:
+            self.outlier_suppression = self.scheme.kind == "qdq"
+        if self.standard_ops == AUTO:
+            self.standard_ops = self.scheme.kind != "mixed"
 
     def is_head(self, layer_name: str) -> bool:
         """Whether a Linear is one the skip pattern keeps out of the main scheme (the default
@@ -123,6 +138,17 @@ class QuantizeConfig:
             re.compile(self.skip or "")
         except re.error as e:
             raise QexportError(f"--skip {self.skip!r} is not a regular expression: {e}") from e
+        if self.standard_ops:
+            for what, s in (("--scheme", self.scheme), ("--head-scheme", self.head_scheme)):
+                if s is not None and not s.standard:
+                    raise QexportError(
+                        f"{what} {s.label} has binary weights, which only the qexport op "
+                        "library runs: use a target with it (ort), or a scheme ONNX Runtime's "
+                        "own ops carry (w4a16, w2a16, w8a8, w6a6)")
+                if s is not None and s.kind == "mixed" and (
+                        s.salient_group_size < 16 or s.salient_group_size & (s.salient_group_size - 1)):
+                    raise QexportError(f"{what} {s.label}: MatMulNBits needs a group size that "
+                                       "is a power of two >= 16")
 
     def as_dict(self) -> dict:
         return {"scheme": self.scheme.label, "salient_ratio": self.scheme.salient_ratio,
@@ -134,6 +160,7 @@ class QuantizeConfig:
                 "head_scheme": self.head_scheme.label if self.head_scheme else None,
                 "head_gptq": self.head_gptq if self.head_scheme else None,
                 "embeddings_fp16": self.embeddings_fp16, "method": self.method,
+                "standard_ops": self.standard_ops,
                 "fused_attention": self.fused_attention,
                 "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None,
                 "preprocess": getattr(self.preprocess, "__name__", repr(self.preprocess))

@@ -84,6 +84,8 @@ class LoadedModel:
     name: a short name for reports and file names.
     hf_model: the raw Hugging Face model wrapped by `module` (HF folder or pickled HF model),
         e.g. for `generate`; else None.
+    pooling: a sentence-embedding model's pooling modes (sentence-transformers' Pooling
+        config in the folder), else None.
     exported_program: the ExportedProgram (None unless kind == "pt2").
     """
 
@@ -96,6 +98,9 @@ class LoadedModel:
     name: str = "model"
     hf_model: Any = field(default=None, repr=False)
     exported_program: Any = field(default=None, repr=False)
+    # A sentence-embedding model's pooling modes (check.POOLING_MODES, concatenated in that
+    # order), from the sentence-transformers files beside the weights; None elsewhere.
+    pooling: tuple[str, ...] | None = None
 
     @property
     def is_causal_lm(self) -> bool:
@@ -228,7 +233,38 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
     return LoadedModel(module=CausalLMLogits(model).eval() if causal else model, kind="hf",
                        source=str(folder), tokenizer=tokenizer, config=config,
                        vocab_size=int(vocab) if vocab else None, name=folder.resolve().name,
-                       hf_model=model)
+                       hf_model=model, pooling=None if causal else sentence_pooling(folder))
+
+
+def sentence_pooling(folder: Path) -> tuple[str, ...] | None:
+    """The pooling modes of a sentence-transformers folder: modules.json names its Pooling
+    module's folder (usually 1_Pooling), whose config.json sets pooling_mode_<mode> flags.
+    None when the folder has none; an unreadable or unknown config is an error."""
+    from .check import POOLING_MODES
+
+    path = folder / "1_Pooling"
+    modules = folder / "modules.json"
+    try:
+        if modules.is_file():
+            for m in json.loads(modules.read_text()):
+                if str(m.get("type", "")).endswith(".Pooling"):
+                    path = folder / m["path"]
+        config = path / "config.json"
+        if not config.is_file():
+            return None
+        flags = json.loads(config.read_text())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise QexportError(f"cannot read the sentence-transformers pooling config in "
+                           f"{folder}: {first_line(e)}") from e
+    modes = tuple(m for m in POOLING_MODES if flags.get(f"pooling_mode_{m}"))
+    unknown = sorted(k[len("pooling_mode_"):] for k, v in flags.items()
+                     if k.startswith("pooling_mode_") and v
+                     and k[len("pooling_mode_"):] not in POOLING_MODES)
+    if unknown or not modes:
+        raise QexportError(f"{path / 'config.json'}: unsupported pooling "
+                           f"{', '.join(unknown) or '(no mode set)'}; qexport knows "
+                           f"{', '.join(POOLING_MODES)}")
+    return modes
 
 
 def _out_features(model: torch.nn.Module) -> int | None:

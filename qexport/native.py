@@ -110,10 +110,29 @@ def make_session(model_path: str | os.PathLike,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None,
                  library: str | os.PathLike | None = None):
-    """An onnxruntime.InferenceSession of `model_path` with the qexport ops available."""
+    """An onnxruntime.InferenceSession of `model_path` (a path, or the model's bytes) with
+    the qexport op library registered when the model has a node only it runs; a model of
+    ONNX Runtime's own ops (standard QDQ, MatMulNBits) gets a plain session, so every check of
+    it shows that it runs without the library."""
     import onnxruntime as ort
 
-    options = session_options(library)
+    from . import ops
+
+    proto = _header(model_path)
+    options = session_options(library) if proto is None or ops.needs_library(proto) \
+        else ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = int(threads)
     return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
+
+
+def _header(model):
+    """The onnx ModelProto of a path or bytes, without external data; None if unreadable (ONNX
+    Runtime then reports the file's problem)."""
+    import onnx
+
+    try:
+        return onnx.load_from_string(model) if isinstance(model, bytes) else \
+            onnx.load(str(model), load_external_data=False)
+    except Exception:  # noqa: BLE001
+        return None

@@ -100,6 +100,7 @@ def export_onnx(gm: torch.fx.GraphModule, example_inputs: tuple, path: Path,
             input_names=input_names, output_names=output_names, optimize=True)
     model = program.model_proto
     _name_layer_nodes(model, gm)
+    ops.lower_model(model)  # ops that exist only until export (QDQLinear -> QDQ)
     if dim_names:
         _name_dims(model, dim_names)
     _divide_by_sqrt(model)

@@ -1,7 +1,8 @@
-"""Weight quantizers producing `MixedLinearWeights` (the packed form of docs/format.md).
-
-First version (closed form): salient channels chosen by calibration activation magnitude,
-4-bit asymmetric RTN for them, and per-row binarization W ≈ α·sign(W − μ) + μ for the rest.
+"""Closed-form quantizers: `quantize_linear` packs one Linear under a scheme, in the format of
+the scheme's kind (schemes.py): `MixedLinearWeights` (salient channels chosen by calibration
+activation magnitude, 4-bit asymmetric RTN for them, per-row binarization W ≈ α·sign(W − μ) + μ
+for the rest), `NBitsWeights` (block-wise RTN) or `QDQWeights` (per-channel int weights, the
+activation range from calibration).
 """
 from __future__ import annotations
 
@@ -72,6 +73,21 @@ def quantize_mixed(weight: torch.Tensor, bias: torch.Tensor | None, salient_idx:
         bias=None if bias is None else bias.detach().float().clone())
     packed.validate()
     return packed
+
+
+def quantize_linear(scheme, weight: torch.Tensor, bias: torch.Tensor | None, stats):
+    """One Linear [N, K] packed under `scheme`, given the statistics of its input
+    (outlier.OutlierStats: channel RMS for the salient channels, min/max for an activation
+    range)."""
+    if scheme.kind == "qdq":
+        from .ops.qdq_linear import quantize_qdq
+        return quantize_qdq(weight, bias, float(stats.min.min()), float(stats.max.max()),
+                            scheme.weight_bits, scheme.act_bits)
+    if scheme.kind == "nbits":
+        from .ops.matmul_nbits import quantize_nbits
+        return quantize_nbits(weight, bias, scheme.weight_bits, scheme.salient_group_size)
+    salient = select_salient(stats.rms, scheme.salient_ratio)
+    return quantize_mixed(weight, bias, salient, scheme.salient_group_size)
 
 
 def expected_bits_per_weight(n: int, k: int, ratio: float, group_size: int = 0) -> float:

@@ -83,6 +83,17 @@ def markdown(r: dict) -> str:
             lines.append(f"| {label} | {_f(m['cosine'], 6)} | {_f(m.get('top1_agreement'))} | "
                          f"{m['rel_error']:.2e} | {m['max_abs_diff']:.2e} |")
     lines += ["", f"Inputs: {e2e['inputs']}", ""]
+    if e2e.get("parity_rule"):
+        lines += [f"Parity rule: {e2e['parity_rule']}.", ""]
+    pe = e2e.get("pooled_embedding")
+    if pe:
+        lines += ["## Sentence embedding (pooled last_hidden_state)", "",
+                  f"Pooling: {pe['pooling']} ({pe['source']}); the smallest cosine over the "
+                  "rows of the inputs above.", "",
+                  "| comparison | min cosine |", "|---|---|",
+                  f"| ORT vs fp | {_f(pe['ort_vs_fp_min_cosine'], 6)} |",
+                  f"| PyTorch quantized vs fp | {_f(pe['quant_vs_fp_min_cosine'], 6)} |",
+                  f"| ORT vs PyTorch quantized | {_f(pe['parity_min_cosine'], 6)} |", ""]
     sp = r.get("speed")
     if sp:
         lines += ["## Speed (this machine)", "",
@@ -124,6 +135,11 @@ def markdown(r: dict) -> str:
                                                ("context", "context"),
                                                ("learn_scales", "PTQ1.61"))
              for n in notes.get(key, [])]
+    if "op_library" in r:
+        shown.insert(0, "- runtime: " + (
+            "needs the qexport op library (libqexport_ops.so, in this folder)"
+            if r["op_library"] else "ONNX Runtime's own ops only: runs on any ONNX Runtime "
+            "build, no op library needed (none copied)"))
     if r.get("family"):
         shown.insert(0, f"- model family: {r['family']} (target {r.get('target', 'ort')})")
     if shown:

@@ -75,11 +75,13 @@ def decoder_shape(path: Path) -> dict:
             "head_size": inputs[keys[0]][3], "vocab_size": outputs["logits"][-1]}
 
 
-def genai_config(shape: dict, hf_config, generation: dict, context: int | None) -> dict:
+def genai_config(shape: dict, hf_config, generation: dict, context: int | None,
+                 library: bool = True) -> dict:
     """onnxruntime-genai's configuration of a qexport KV-cache decoder: model type "decoder"
     (any decoder-only model with the names mapped), the op library loaded through
-    session_options.custom_ops_library, and the past/present buffers shared (the decoder
-    writes each step's keys and values into the buffer in place)."""
+    session_options.custom_ops_library (where the decoder needs it: `library`), and the
+    past/present buffers shared (the decoder writes each step's keys and values into the
+    buffer in place)."""
     from .native import LIBRARY_NAME
 
     def cfg(*names, default=None):
@@ -102,7 +104,7 @@ def genai_config(shape: dict, hf_config, generation: dict, context: int | None) 
             "type": "decoder",
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai",
-                                    "custom_ops_library": LIBRARY_NAME,
+                                    **({"custom_ops_library": LIBRARY_NAME} if library else {}),
                                     "provider_options": []},
                 "filename": WITH_PAST,
                 "head_size": shape["head_size"],
@@ -129,7 +131,8 @@ def write_genai_config(out: Path, hf_config, context: int | None) -> Path:
     generation = {}
     if (out / GENERATION_CONFIG).is_file():
         generation = json.loads((out / GENERATION_CONFIG).read_text())
-    config = genai_config(decoder_shape(out / WITH_PAST), hf_config, generation, context)
+    config = genai_config(decoder_shape(out / WITH_PAST), hf_config, generation, context,
+                          library=_needs_library(out / WITH_PAST))
     path = out / GENAI_CONFIG
     path.write_text(json.dumps(config, indent=4) + "\n")
     return path
@@ -164,13 +167,22 @@ def _tensors(values) -> str:
     return ",\n".join(rows)
 
 
-def _onnx_model_config(name: str, session, filename: str, library: str) -> str:
+def _needs_library(path: Path) -> bool:
+    import onnx
+
+    from . import ops
+
+    return ops.needs_library(onnx.load(str(path), load_external_data=False))
+
+
+def _onnx_model_config(name: str, session, filename: str, library: str | None) -> str:
     return (f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: 0\n'
             f'default_model_filename: "{filename}"\n'
             f"input [\n{_tensors(session.get_inputs())}\n]\n"
             f"output [\n{_tensors(session.get_outputs())}\n]\n"
             f'instance_group [ {{ kind: KIND_CPU, count: 1 }} ]\n'
-            f'model_operations {{ op_library_filename: [ "{library}" ] }}\n')
+            + (f'model_operations {{ op_library_filename: [ "{library}" ] }}\n' if library
+               else ""))
 
 
 def write_triton_repository(out: Path, repo: Path, name: str = "qexport") -> list[Path]:
@@ -188,7 +200,7 @@ def write_triton_repository(out: Path, repo: Path, name: str = "qexport") -> lis
     if repo.exists() and any(repo.iterdir()):
         raise QexportError(f"{repo} exists and is not empty")
     library = out / native.LIBRARY_NAME
-    if not library.is_file():
+    if not library.is_file() and _needs_library(out / "model.onnx"):
         library = native.library_path()
     data = [p for p in (out / "model.onnx.data",) if p.is_file()]
     written = []
@@ -199,12 +211,14 @@ def write_triton_repository(out: Path, repo: Path, name: str = "qexport") -> lis
         version = repo / model_name / "1"
         for f in [out / filename, *data]:
             _link(f, version / f.name)
-        _link(library, version / native.LIBRARY_NAME)
-        session = native.make_session(out / filename, library=library)
+        needs = _needs_library(out / filename)  # (not for ONNX Runtime's own ops only)
+        if needs:
+            _link(library, version / native.LIBRARY_NAME)
+        session = native.make_session(out / filename, library=library if needs else None)
         config = repo / model_name / "config.pbtxt"
         config.write_text(_onnx_model_config(
             model_name, session, filename,
-            f"{TRITON_MOUNT}/{model_name}/1/{native.LIBRARY_NAME}"))
+            f"{TRITON_MOUNT}/{model_name}/1/{native.LIBRARY_NAME}" if needs else None))
         written.append(config)
     engine = out / "model.engine"
     if engine.is_file():

@@ -24,10 +24,12 @@ def run_one(model_type: str, work: pathlib.Path) -> dict:
     from qexport import pipeline
     from qexport.config import LearnConfig, QuantizeConfig, RunConfig
     from qexport.errors import QexportError
-    from tiny_models import tiny_causal_lm
+    from tiny_models import SENTENCE_POOLING, save_sentence_transformers, tiny_causal_lm
 
     src = work / model_type
     tiny_causal_lm(model_type).save_pretrained(src)
+    if model_type in SENTENCE_POOLING:
+        save_sentence_transformers(src, SENTENCE_POOLING[model_type])
     base = dict(calib_samples=2, calib_seqlen=32, perplexity=False, threads=1,
                 quantize=QuantizeConfig(learn=LearnConfig.preset("fast")))
     t0 = time.perf_counter()
@@ -49,6 +51,7 @@ def run_one(model_type: str, work: pathlib.Path) -> dict:
             "cosine": min(o["parity"]["cosine"] for o in e2e["outputs"].values()),
             "top1": e2e["parity"].get("top1_agreement"),
             "kv_cosine": e2e.get("kv_cache", {}).get("parity", {}).get("cosine"),
+            "pooled": e2e.get("pooled_embedding"),
             "seconds": time.perf_counter() - t0}
 
 
@@ -62,18 +65,25 @@ def markdown(rows: list[dict]) -> str:
              "tokens and the fast PTQ1.61 preset, with `--kv-cache` where the family has a "
              "KV-cache decoder. Parity: ONNX Runtime vs the PyTorch quantized model, on every "
              "output (an LM's logits; an encoder's hidden states and pooled embedding). "
+             "Sentence embedding: an encoder's last_hidden_state pooled as its "
+             "sentence-transformers config says (BERT is saved as one, with CLS pooling), else "
+             "by the mean over tokens; the lowest cosine over the rows, ORT vs fp (random-init "
+             "weights at 1.61 bits: a bug check of the path, not an accuracy figure). "
              "Also covered elsewhere: a torch.export `.pt2` of a custom module and a pickled "
              "module (`tests/test_end_to_end.py`).",
              "",
              "| model_type | family adapter | attention | KV cache (parity cosine) | PTQ1.61 "
-             "learning | quantized Linears | outputs | parity: lowest cosine / top-1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "learning | quantized Linears | outputs | parity: lowest cosine / top-1 | sentence "
+             "embedding: pooling, ORT vs fp |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kv = f"yes ({r['kv_cosine']:.6f})" if r["kv_cache"] else "no"
         top1 = "–" if r["top1"] is None else f"{r['top1']:.3f}"
+        pe = r["pooled"]
+        pooled = f"{pe['pooling']}, {pe['ort_vs_fp_min_cosine']:.4f}" if pe else "–"
         lines.append(f"| {r['model_type']} | {r['family']} | {r['attention']} | {kv} | "
                      f"{'yes' if r['learned'] else 'no (closed form)'} | {r['linears']} | "
-                     f"{', '.join(r['outputs'])} | {r['cosine']:.6f} / {top1} |")
+                     f"{', '.join(r['outputs'])} | {r['cosine']:.6f} / {top1} | {pooled} |")
     lines += ["", "Configs (`tests/tiny_models.py`, COVERAGE_CONFIGS; 2 layers, vocabulary 128):",
               ""]
     lines += [f"- {k}: `{json.dumps(v, sort_keys=True)}`" for k, v in COVERAGE_CONFIGS.items()]

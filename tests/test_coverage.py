@@ -11,7 +11,8 @@ import onnx
 import pytest
 
 from test_cli import run_cli
-from tiny_models import COVERAGE_CONFIGS, ENCODERS, tiny_causal_lm
+from tiny_models import (COVERAGE_CONFIGS, ENCODERS, SENTENCE_POOLING,
+                         save_sentence_transformers, tiny_causal_lm)
 
 # model_type -> (family adapter, fused attention, KV-cache decoder)
 EXPECTED = {
@@ -40,6 +41,8 @@ def test_family_exports_with_the_defaults(model_type, tmp_path):
     family, fused, kv = EXPECTED[model_type]
     src = tmp_path / model_type
     tiny_causal_lm(model_type).save_pretrained(src)
+    if model_type in SENTENCE_POOLING:  # a sentence-transformers folder: its pooling is read
+        save_sentence_transformers(src, SENTENCE_POOLING[model_type])
     out = tmp_path / "out"
     proc = run_cli(src, "-o", out, *BUDGET, *(["--kv-cache"] if kv else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,6 +63,14 @@ def test_family_exports_with_the_defaults(model_type, tmp_path):
     ops = [n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node]
     assert (ops.count("GroupQueryAttention") == 2) == fused
     assert report["notes"]["attention"][0].startswith("2 of 2" if fused else "traced")
+    if model_type in ENCODERS:  # the sentence embedding, pooled as the folder says
+        pooled = report["end_to_end"]["pooled_embedding"]
+        assert pooled["pooling"] == SENTENCE_POOLING.get(model_type, "mean_tokens")
+        assert pooled["parity_min_cosine"] >= 0.999
+        assert len(pooled["ort_vs_fp_cosines"]) == 2 and -1 <= pooled["ort_vs_fp_min_cosine"] <= 1
+        assert "## Sentence embedding" in (out / "report.md").read_text()
+    else:
+        assert "pooled_embedding" not in report["end_to_end"]
     if kv:
         assert report["end_to_end"]["kv_cache"]["parity"]["cosine"] >= 0.999
         assert (out / "model_with_past.onnx").is_file()

@@ -108,6 +108,24 @@ COVERAGE_CONFIGS = {
                     eos_token_id=2),  # 64 usable positions
 }
 ENCODERS = ("bert", "roberta")
+# Coverage encoders saved as sentence-transformers folders (a Pooling module), and its mode
+SENTENCE_POOLING = {"bert": "cls_token"}
+
+
+def save_sentence_transformers(folder, mode: str) -> None:
+    """Beside a saved encoder, the files that make it a sentence-transformers model: modules.json
+    and the Pooling module's config (one pooling mode)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {f"pooling_mode_{m}": m == mode for m in ("cls_token", "mean_tokens", "max_tokens")}))
 
 
 def tiny_causal_lm(model_type: str, seed: int = 0):

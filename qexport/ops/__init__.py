@@ -23,7 +23,7 @@ import torch
 from ..registry import Registry
 
 # The op modules, imported (and so registered) on first use; one line per op.
-_OP_MODULES = ("binary_mixed_linear", "group_query_attention")
+_OP_MODULES = ("binary_mixed_linear", "group_query_attention", "matmul_nbits", "qdq_linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,11 @@ class OpSpec:
     weights: type | None = None  # packed-weight class of an op that replaces a Linear
     library: bool = False  # runs from libqexport_ops (else a runtime's own op)
     version: int = 1
+    # An op that exists only until export: lower(node, value, add_initializer) -> the standard
+    # nodes replacing it in the file (value: initializer name -> numpy array), and
+    # raise_node(node) -> the op's node again from its lowered anchor node, or None.
+    lower: Callable | None = None
+    raise_node: Callable | None = None
 
     @property
     def torch_op(self):
@@ -93,11 +98,63 @@ def spec_of_node(node: torch.fx.Node) -> OpSpec | None:
 
 
 def spec_of_onnx_node(node) -> OpSpec | None:
-    """The Linear op of an onnx NodeProto, or None (also for ops of other domains)."""
+    """The Linear op of an onnx NodeProto, or None (also for ops of other domains). A lowered
+    op's anchor node is not its op: `raised(node)` first."""
     for s in linear_specs():
         if node.domain == s.domain and node.op_type == s.name:
             return s
     return None
+
+
+def raised(node):
+    """The op node a lowered pattern's anchor stands for, else `node` itself."""
+    for s in specs():
+        if s.raise_node is not None:
+            op = s.raise_node(node)
+            if op is not None:
+                return op
+    return node
+
+
+def lower_model(model) -> int:
+    """Replace, in an onnx ModelProto, every node of an op that only exists until export by
+    its standard nodes (OpSpec.lower), in place; drop the qexport opset import when no node
+    uses the domain any more. Returns the number of nodes lowered."""
+    from onnx import numpy_helper
+
+    lowering = {(s.domain, s.name): s for s in specs() if s.lower is not None}
+    graph = model.graph
+    if not any((n.domain, n.op_type) in lowering for n in graph.node):
+        return 0
+    inits = {t.name: t for t in graph.initializer}
+
+    def value(name):
+        return numpy_helper.to_array(inits[name])
+
+    def add_initializer(name, array):
+        graph.initializer.append(numpy_helper.from_array(array, name))
+
+    nodes, count = [], 0
+    for n in graph.node:
+        spec = lowering.get((n.domain, n.op_type))
+        if spec is None:
+            nodes.append(n)
+        else:
+            nodes.extend(spec.lower(n, value, add_initializer))
+            count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {n.domain for n in graph.node}
+    keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return count
+
+
+def needs_library(model) -> bool:
+    """Whether an onnx ModelProto has a node only the qexport op library runs."""
+    library = {(s.domain, s.name) for s in specs() if s.library}
+    return any((n.domain, n.op_type) in library for n in model.graph.node)
 
 
 def node_args(spec: OpSpec, x, weight_inputs: list, attributes: dict) -> tuple:
@@ -162,4 +219,5 @@ def single_op_model(weights, dtype=None):
     model = helper.make_model(graph, opset_imports=[
         helper.make_opsetid("", 17), helper.make_opsetid(spec.domain, OPSET_VERSION)])
     model.ir_version = 10
+    lower_model(model)
     return model

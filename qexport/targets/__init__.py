@@ -27,9 +27,15 @@ class Finish:
 
 
 def copy_op_library(out: Path) -> list[Path]:
-    """libqexport_ops.so into out/, so the folder deploys on its own."""
-    from .. import native
+    """libqexport_ops.so into out/, so the folder deploys on its own; nothing when the export
+    is made of ONNX Runtime's own ops only."""
+    import onnx
 
+    from .. import native, ops
+
+    models = [p for p in (out / "model.onnx", out / "model_with_past.onnx") if p.is_file()]
+    if not any(ops.needs_library(onnx.load(str(p), load_external_data=False)) for p in models):
+        return []
     lib = native.library_path()
     shutil.copy2(lib, out / lib.name)
     return [out / lib.name]
@@ -44,12 +50,14 @@ class Target:
     # neither fused attention nor the KV-cache decoder (which needs it) is allowed
     contrib_ops: bool = True
     runtime_files: Callable[[Path], list[Path]] = copy_op_library  # out -> files written
+    # only ops the runtime has built in (QuantizeConfig.standard_ops): no op library
+    standard_ops: bool = False
     # (out, progress) -> Finish, after out/ is committed; None: nothing more to do
     finish: Callable[[Path, Callable[[str], None]], Finish] | None = None
 
 
 # The target modules, imported (and so registered) on first use; one line per module.
-_REGISTRY: Registry[Target] = Registry(__name__, ("ort", "trt"), "target")
+_REGISTRY: Registry[Target] = Registry(__name__, ("ort", "ort_std", "trt"), "target")
 
 
 def register(target: Target) -> Target:
