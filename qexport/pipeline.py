@@ -29,6 +29,9 @@ class RunResult:
     finish: targets.Finish | None = None  # the target's step after the folder was written
 
 
+PARITY_TOKENS = 128  # per row of the end-to-end parity batch (2 rows)
+
+
 @dataclasses.dataclass
 class _Data:
     calib: list  # [(input_ids [1, L],), ...]
@@ -36,6 +39,9 @@ class _Data:
     eval_ids: object = None  # held-out token ids [T] or None
     eval_source: str | None = None
     ppl_skipped: str | None = None
+    # held-out token ids for the parity checks where no perplexity is computed (an encoder,
+    # --no-perplexity) but a tokenizer exists: real text, not random tokens
+    parity_ids: object = None
 
 
 def run(config: RunConfig, progress: Progress | None = None) -> RunResult:
@@ -203,19 +209,22 @@ def _load_data(config: RunConfig, lm) -> _Data:
     calib = data.calibration_batches(lm.tokenizer, calib_text, config.calib_samples,
                                      config.calib_seqlen)
     out = _Data([(b.unsqueeze(0),) for b in calib], calib_source)
+    if config.eval_text:
+        text, out.eval_source = data.load_text(config.eval_text), config.eval_text
+    else:  # read once: calibration may have split Brown already
+        text = held_out if held_out is not None else data.brown_splits()[1]
+        out.eval_source = "Brown corpus from character 3,000,000 (held out)"
     if not config.perplexity:
         out.ppl_skipped = "--no-perplexity"
     elif not lm.is_causal_lm:
         out.ppl_skipped = "the model has no language-model head"
-    elif config.eval_text:
-        out.eval_ids = data.eval_tokens(lm.tokenizer, data.load_text(config.eval_text),
-                                        config.eval_tokens)
-        out.eval_source = config.eval_text
     else:
-        if held_out is None:  # read once: calibration may have split Brown already
-            held_out = data.brown_splits()[1]
-        out.eval_ids = data.eval_tokens(lm.tokenizer, held_out, config.eval_tokens)
-        out.eval_source = "Brown corpus from character 3,000,000 (held out)"
+        out.eval_ids = data.eval_tokens(lm.tokenizer, text, config.eval_tokens)
+    if out.eval_ids is None:
+        try:
+            out.parity_ids = data.eval_tokens(lm.tokenizer, text, 2 * PARITY_TOKENS)
+        except QexportError:  # a short text: the parity check takes random tokens
+            pass
     return out
 
 
@@ -270,9 +279,10 @@ def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
     t0 = time.perf_counter()
     say("checking parity: ONNX Runtime vs PyTorch reference")
     session = native.make_session(tmp / "model.onnx", threads=config.threads)
-    n = min(128, config.eval_window)  # within the model's context (_within_context)
-    if data.eval_ids is not None and data.eval_ids.numel() >= 2 * n:
-        parity_ids, parity_desc = data.eval_ids[:2 * n].view(2, n), f"2×{n} held-out tokens"
+    n = min(PARITY_TOKENS, config.eval_window)  # within the model's context (_within_context)
+    held = data.eval_ids if data.eval_ids is not None else data.parity_ids
+    if held is not None and held.numel() >= 2 * n:
+        parity_ids, parity_desc = held[:2 * n].view(2, n), f"2×{n} held-out tokens"
     else:
         n = min(n, 64)
         parity_ids = random_token_batches(lm.vocab_size, 2, n, seed=1)

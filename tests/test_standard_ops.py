@@ -122,6 +122,11 @@ def test_w8a8_export_needs_no_library(tmp_path):
     genai = json.loads((out / "genai_config.json").read_text())
     assert "custom_ops_library" not in genai["model"]["decoder"]["session_options"]
     _plain_session(str(out / "model_with_past.onnx"))  # loads without the library
+    tr = run_cli("triton", out, "-o", tmp_path / "repo")
+    assert tr.returncode == 0, tr.stderr
+    for name in ("qexport", "qexport_decoder"):
+        assert "model_operations" not in (tmp_path / "repo" / name / "config.pbtxt").read_text()
+        assert not (tmp_path / "repo" / name / "1" / "libqexport_ops.so").exists()
     ev = run_cli("eval", out, "--eval-tokens", "256", "--eval-window", "64", "--threads", "1")
     assert ev.returncode == 0, ev.stderr[-2000:]  # 0: ORT and PyTorch perplexities agree
     assert "quantized_ort" in ev.stdout and "ORT vs PyTorch quantized" in ev.stdout
