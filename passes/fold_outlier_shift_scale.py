@@ -33,7 +33,7 @@ def fold_outlier_shift_scale(gm: torch.fx.GraphModule, stats: dict, choose: Choo
     to the attribute of `gm` now holding it, so an eager copy of the model can follow.
     """
     folded = {} if folded is None else folded
-    notes, modified = [], False
+    notes, modified, shared = [], False, []
     for node in list(gm.graph.nodes):
         affine = G.norm_affine(gm, node)
         if affine is None:
@@ -43,6 +43,7 @@ def fold_outlier_shift_scale(gm: torch.fx.GraphModule, stats: dict, choose: Choo
         linears = [u for u in users if u.op == "call_function" and u.target == G.LINEAR
                    and G.is_param(u.args[1]) and len(u.args[1].users) == 1]
         if not linears or len(linears) != len(users):
+            shared.append(node.name)  # e.g. a post-LN norm, whose output is also a residual
             continue
         names = [G.layer_name(u) for u in linears]
         if any(n not in stats for n in names):
@@ -69,6 +70,10 @@ def fold_outlier_shift_scale(gm: torch.fx.GraphModule, stats: dict, choose: Choo
         modified = True
         notes.append(f"{node.name} ({kind}) -> {', '.join(names)}: "
                      f"{int((s > 1).sum())} channels scaled, max s {float(s.max()):.2f}")
+    if shared:
+        notes.append(f"{len(shared)} norm(s) not folded: their output also feeds other ops than "
+                     f"Linears (a post-norm residual: scaling it would change the model), "
+                     f"e.g. {shared[0]}")
     return PassResult(gm, modified, notes)
 
 

@@ -118,7 +118,7 @@ def layer_report(packed: dict,
             row["quant_error"] = compare(ref, fp)
             if make_session is not None:
                 sess = make_session(ops.single_op_model(w).SerializeToString())
-                got = sess.run(None, {"X": x.float().numpy()})[0]
+                got = sess.run(None, {"X": x.float().numpy()[None]})[0][0]
                 row["parity"] = compare(got, ref)
                 row["parity"]["ok"] = parity_ok(row["parity"])
         rows.append(row)

@@ -30,6 +30,9 @@ class RunResult:
 
 
 PARITY_TOKENS = 128  # per row of the end-to-end parity batch (2 rows)
+# Activation-quantized exports: ORT's end-to-end error against fp may exceed the PyTorch
+# reference's by this factor (plus the parity threshold's slack): docs/design.md
+ROUNDING_SLACK = 1.1
 
 
 @dataclasses.dataclass
@@ -338,16 +341,18 @@ def _check(config: RunConfig, lm, qm, data: _Data, tmp: Path, say: Progress,
         e2e["kv_cache"]["quant_error"] = check.compare(ref_logits[:1, n - 9:], fp, top1=True)
 
     def ok(m: dict) -> bool:
-        return check.parity_ok(m["parity"]) or rounding and m["ort_vs_fp"]["cosine"] >= \
-            m["quant_error"]["cosine"] - (1 - check.PARITY_MIN_COSINE)
+        return check.parity_ok(m["parity"]) or rounding and 1 - m["ort_vs_fp"]["cosine"] <= \
+            ROUNDING_SLACK * (1 - m["quant_error"]["cosine"]) + (1 - check.PARITY_MIN_COSINE)
 
     layers_ok = all(row.get("parity", {}).get("ok", True) for row in layers)
     parity_ok = layers_ok and all(map(ok, e2e["outputs"].values())) and \
         ok(e2e.get("kv_cache", e2e["outputs"][next(iter(e2e["outputs"]))]))
     if rounding:
-        e2e["parity_rule"] = ("activation quantization: every layer exact, and end to end ORT "
-                              "no further from fp than the PyTorch reference (cosine within "
-                              f"{1 - check.PARITY_MIN_COSINE:g})")
+        e2e["parity_rule"] = (
+            "activation quantization: every layer exact on the same inputs, and end to end "
+            f"ORT's distance from fp (1 - cosine) at most {ROUNDING_SLACK:g}× the PyTorch "
+            f"reference's + {1 - check.PARITY_MIN_COSINE:g} (rounding flips differ between "
+            "two correct implementations, docs/design.md)")
     return {"end_to_end": e2e, "layers": layers, "speed": speed, "perplexity": ppl,
             "parity_ok": parity_ok}
 

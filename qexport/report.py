@@ -133,7 +133,8 @@ def markdown(r: dict) -> str:
     notes = r.get("notes", {})
     shown = [f"- {what}: {n}" for key, what in (("attention", "attention"),
                                                ("context", "context"),
-                                               ("learn_scales", "PTQ1.61"))
+                                               ("learn_scales", "PTQ1.61"),
+                                               ("fold_outlier_shift_scale", "OS+"))
              for n in notes.get(key, [])]
     if "op_library" in r:
         shown.insert(0, "- runtime: " + (

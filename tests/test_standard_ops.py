@@ -51,7 +51,7 @@ def test_matmul_nbits_runs_in_onnx_runtime_as_its_reference(bits, block, k, bias
     w = torch.randn(40, k)
     packed = quantize_nbits(w, torch.randn(40) if bias else None, bits, block)
     x = torch.randn(5, k)
-    got = _plain_session(ops.single_op_model(packed)).run(None, {"X": x.numpy()})[0]
+    got = _plain_session(ops.single_op_model(packed)).run(None, {"X": x.numpy()[None]})[0][0]
     np.testing.assert_allclose(got, ops.apply(x, packed).numpy(), rtol=1e-4, atol=1e-4)
     # the codes are RTN's: the error shrinks with more bits
     err = ((packed.dequantize() - w).norm() / w.norm()).item()
@@ -73,7 +73,7 @@ def test_w4a16_converts_to_matmul_nbits_with_the_same_numbers():
 
 
 @pytest.mark.parametrize("wbits,abits", [(8, 8), (6, 6)])
-def test_qdq_linear_lowers_to_standard_ops(wbits, abits):
+def test_qdq_linear_lowers_to_standard_ops(wbits, abits, tmp_path):
     torch.manual_seed(2)
     w, b = torch.randn(32, 64), torch.randn(32)
     x = 3 * torch.randn(2, 7, 64)
@@ -84,9 +84,15 @@ def test_qdq_linear_lowers_to_standard_ops(wbits, abits):
     assert "QuantizeLinear" in types and not any(n.domain for n in model.graph.node)
     assert ("Clip" in types) == (abits < 8)  # 6-bit activations: clipped to 64 levels
     assert [o.domain for o in model.opset_import] == [""]
-    x2 = x.reshape(-1, 64)
-    got = _plain_session(model).run(None, {"X": x2.numpy()})[0]
-    ref = ops.apply(x2, packed).numpy()
+    # ONNX Runtime runs it on its integer kernel (the QDQ MatMul fusion)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert "MatMulIntegerToFloat" in fused and "DequantizeLinear" not in fused, fused
+    session = _plain_session(model)
+    got = session.run(None, {"X": x.numpy()})[0]
+    ref = ops.apply(x, packed).numpy()
     assert _cosine(got, ref) > 0.999999 and np.abs(got - ref).max() < 1e-3
     # the activation is really quantized: 2^abits levels at most
     from qexport.ops.qdq_linear import fake_quant
@@ -176,3 +182,20 @@ def test_binary_scheme_for_the_library_free_target_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
     assert_one_line_error(run_cli(src, "--scheme", "w8a8-g64", "-o", tmp_path / "o"),
                           "-g does not apply")
+
+
+def test_os_plus_says_why_a_post_norm_model_is_not_folded():
+    """BERT's LayerNorms come after the residual add and feed the next residual too: OS+
+    cannot scale them, and the notes say so rather than pretending it ran."""
+    from qexport import api
+    from qexport.config import QuantizeConfig
+    from qexport.schemes import parse_scheme
+    from tiny_models import tiny_causal_lm
+
+    model = tiny_causal_lm("bert").eval()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    config = QuantizeConfig(parse_scheme("w8a8"))
+    assert config.outlier_suppression is True  # on by default for activation schemes
+    qm = api.quantize(model, (ids,), [(ids[:1],), (ids[1:],)], config)
+    notes = qm.notes["fold_outlier_shift_scale"]
+    assert any("not folded" in n and "post-norm residual" in n for n in notes), notes

@@ -193,7 +193,9 @@ def reference_evaluator_ops() -> list:
 
 
 def single_op_model(weights, dtype=None):
-    """A one-node ONNX model computing `weights`' op on X [rows, K] (per-layer parity)."""
+    """A one-node ONNX model computing `weights`' op on X [batch, rows, K] (per-layer parity;
+    3-D as in a model, so that ONNX Runtime picks the same kernels, e.g. its QDQ MatMul
+    fusion, which a 2-D input with a bias would turn into a float Gemm instead)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -214,8 +216,9 @@ def single_op_model(weights, dtype=None):
                             **weights.attributes())
     graph = helper.make_graph(
         [node], "layer",
-        [helper.make_tensor_value_info("X", elem, ["rows", weights.in_features])],
-        [helper.make_tensor_value_info("Y", elem, ["rows", weights.out_features])], inits)
+        [helper.make_tensor_value_info("X", elem, ["batch", "rows", weights.in_features])],
+        [helper.make_tensor_value_info("Y", elem, ["batch", "rows", weights.out_features])],
+        inits)
     model = helper.make_model(graph, opset_imports=[
         helper.make_opsetid("", 17), helper.make_opsetid(spec.domain, OPSET_VERSION)])
     model.ir_version = 10
