@@ -21,7 +21,7 @@ STAGES = {
     "trace": ((api, "trace"), "tracing the model"),
     "calibrate": ((api, "collect_linear_input_stats"), "calibration"),
     "learn": ((api, "learn_mixed_weights"), "PTQ1.61 learning"),
-    "quantize_layer": ((api, "quantize_mixed"), "quantizing model.lm_head (128, 64)"),
+    "quantize_layer": ((api, "quantize_linear"), "quantizing model.lm_head (128, 64)"),
     "export": ((onnx_export.torch.onnx, "export"), "exporting to ONNX"),
     "check": ((check, "layer_report"), "checking the export"),
     "report": ((report, "write"), "writing the report"),

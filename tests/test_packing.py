@@ -105,8 +105,14 @@ def test_scheme_grammar():
     assert parse_scheme("w1a16").salient_ratio == 0.0
     with pytest.raises(QexportError, match="supported: w1.61a16, w1a16, w4a16"):
         parse_scheme("w3a8")
-    with pytest.raises(QexportError, match="no 4-bit part"):
+    with pytest.raises(QexportError, match="no weight groups"):
         parse_scheme("w1a16-g64")
+    assert (parse_scheme("w8a8").kind, parse_scheme("w6a6").act_bits) == ("qdq", 6)
+    assert parse_scheme("w2a16-g32").salient_group_size == 32
+    with pytest.raises(QexportError, match="power of two"):
+        parse_scheme("w2a16-g48")  # MatMulNBits' block size
+    with pytest.raises(QexportError, match="no weight groups"):
+        parse_scheme("w8a8-g64")
 
 
 @pytest.mark.parametrize("r2,bias", [(False, False), (True, True)], ids=["plain", "r2-bias"])
