@@ -127,7 +127,7 @@ def markdown(r: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     for row in r["layers"]:
         q, p = row.get("quant_error", {}), row.get("parity", {})
-        lines.append(f"| {row['layer']} | {row['shape'][0]}×{row['shape'][1]} | {row['salient']} "
+        lines.append(f"| {row['layer']} | {row['shape'][0]}×{row['shape'][1]} | {'–' if row['salient'] is None else row['salient']} "
                      f"| {row['bits_per_weight']:.3f} | {_f(q.get('sqnr_db'), 2)} | "
                      f"{_f(p.get('cosine'), 6)} | {_e(p.get('max_abs_diff'))} |")
     notes = r.get("notes", {})
