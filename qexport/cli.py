@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face model folder, torch.export .pt2, pickled nn.Module "
                    "(.pt, with --trust-pickle), or the built-in example 'smollm2-135m'")
     p.add_argument("--scheme", default=DEFAULT_SCHEME,
-                   help=f"quantization scheme: {', '.join(SCHEMES)} (NAME-gGROUP sets the 4-bit "
-                        "group size) [default: %(default)s]")
+                   help=f"quantization scheme: {', '.join(SCHEMES)} (NAME-gGROUP sets the weight "
+                        "group size; w8a8/w6a6 quantize activations too; w2a16/w8a8/w6a6 exports "
+                        "need no op library) [default: %(default)s]")
     p.add_argument("-o", "--output", default=run_default("output"),
                    help="output folder [default: %(default)s]")
     p.add_argument("--target", choices=targets.names(), default=run_default("target"),
