@@ -66,7 +66,9 @@ def run(config: RunConfig, progress: Progress | None = None) -> RunResult:
         raise
     result = RunResult(out, report, report["parity"]["ok"])
     if result.parity_ok:
-        say(f"wrote {out}/ (model.onnx, op library, report.md)")
+        say(f"wrote {out}/ (model.onnx, "
+            + ("op library, " if report["op_library"] else "no op library needed, ")
+            + "report.md)")
         if target.finish is not None:
             result.finish = target.finish(out, say)
     return result

@@ -119,6 +119,7 @@ def test_w8a8_export_needs_no_library(tmp_path):
     assert report["config"]["head_scheme"] == "w8a8"
     assert not (out / "libqexport_ops.so").exists()
     assert "no op library needed" in (out / "report.md").read_text()
+    assert "(model.onnx, no op library needed, report.md)" in proc.stderr
     model = onnx.load(out / "model.onnx")
     types = [n.op_type for n in model.graph.node]
     assert types.count("QuantizeLinear") >= 4 and "qexport" not in {n.domain for n in model.graph.node}
