@@ -60,6 +60,15 @@ class OpSpec:
 _REGISTRY: Registry[OpSpec] = Registry(__name__, _OP_MODULES, "op")
 
 
+def check_tensors(expect: dict) -> None:
+    """ValueError unless each name -> (tensor, dtype, shape) holds a tensor of that dtype and
+    shape (the packed-weight classes' `validate`)."""
+    for name, (t, dtype, shape) in expect.items():
+        if t is None or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {got}")
+
+
 def register(spec: OpSpec) -> OpSpec:
     return _REGISTRY.add(spec.name, spec)
 

@@ -161,6 +161,27 @@ std::pair<double, double> Compare(const std::vector<double>& y, const std::vecto
   return {max_diff, cosine};
 }
 
+// One zeroed float buffer of `positions` positions per `past.i.*` input ([1, kv heads,
+// positions, head dim]), bound as both that input and its `present.i.*` output, so that ONNX
+// Runtime writes each call's new keys and values into it in place. `caches` owns the buffers
+// and must outlive the binding.
+void BindCaches(Ort::Session& session, Ort::IoBinding& binding, const Ort::MemoryInfo& cpu,
+                int64_t positions, std::vector<std::vector<float>>& caches) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  for (size_t i = 0; i < session.GetInputCount(); ++i) {
+    const std::string name = session.GetInputNameAllocated(i, allocator).get();
+    if (name.rfind("past.", 0) != 0) continue;
+    Ort::TypeInfo type_info = session.GetInputTypeInfo(i);
+    const std::vector<int64_t> shape = type_info.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> dims = {1, shape[1], positions, shape[3]};
+    caches.emplace_back(static_cast<size_t>(Count(dims)), 0.0f);
+    Ort::Value cache = Ort::Value::CreateTensor<float>(cpu, caches.back().data(),
+                                                       caches.back().size(), dims.data(), 4);
+    binding.BindInput(name.c_str(), cache);
+    binding.BindOutput(("present." + name.substr(5)).c_str(), cache);
+  }
+}
+
 // The generation loop of a KV-cache decoder (docs/format.md) over row 0 of `ids` [B, T]: the
 // first T/2 tokens as the prompt, then one token per call. The cache is one buffer of T
 // positions per past input, bound with an IoBinding as both `past.i.*` and `present.i.*`, so
@@ -174,24 +195,12 @@ bool RunKvCache(Ort::Env& env, const Ort::SessionOptions& options, const std::st
       logits.dims.size() != 3 || logits.dims[1] != ids.dims[1])
     throw std::runtime_error("reference.bin: input_ids [B, T] int64 and logits [B, T, V] wanted");
   Ort::Session session(env, path.c_str(), options);
-  Ort::AllocatorWithDefaultOptions allocator;
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   const int64_t t = ids.dims[1], prompt = t / 2, vocab = logits.dims[2];
   std::vector<std::vector<float>> caches;  // outlives the binding that points into it
   Ort::IoBinding binding(session);
   binding.BindOutput("logits", cpu);  // first: GetOutputValues() lists the outputs as bound
-  for (size_t i = 0; i < session.GetInputCount(); ++i) {
-    const std::string name = session.GetInputNameAllocated(i, allocator).get();
-    if (name.rfind("past.", 0) != 0) continue;
-    Ort::TypeInfo type_info = session.GetInputTypeInfo(i);
-    const std::vector<int64_t> shape = type_info.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> dims = {1, shape[1], t, shape[3]};  // [1, kv heads, T, head dim]
-    caches.emplace_back(static_cast<size_t>(Count(dims)), 0.0f);
-    Ort::Value cache = Ort::Value::CreateTensor<float>(cpu, caches.back().data(),
-                                                       caches.back().size(), dims.data(), 4);
-    binding.BindInput(name.c_str(), cache);
-    binding.BindOutput(("present." + name.substr(5)).c_str(), cache);
-  }
+  BindCaches(session, binding, cpu, t, caches);
   const int64_t* row = reinterpret_cast<const int64_t*>(ids.bytes.data());
   std::vector<double> got, want;
   for (int64_t start = 0, stop = prompt; stop <= t; start = stop, ++stop) {
@@ -270,24 +279,12 @@ void Generate(Ort::Env& env, const Ort::SessionOptions& options, const std::stri
               const Prompt& prompt, int64_t max_new) {
   using Clock = std::chrono::steady_clock;
   Ort::Session session(env, path.c_str(), options);
-  Ort::AllocatorWithDefaultOptions allocator;
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   const int64_t total = static_cast<int64_t>(prompt.ids.size()) + max_new;
   std::vector<std::vector<float>> caches;
   Ort::IoBinding binding(session);
   binding.BindOutput("logits", cpu);
-  for (size_t i = 0; i < session.GetInputCount(); ++i) {
-    const std::string name = session.GetInputNameAllocated(i, allocator).get();
-    if (name.rfind("past.", 0) != 0) continue;
-    Ort::TypeInfo type_info = session.GetInputTypeInfo(i);
-    const std::vector<int64_t> shape = type_info.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> dims = {1, shape[1], total, shape[3]};
-    caches.emplace_back(static_cast<size_t>(Count(dims)), 0.0f);
-    Ort::Value cache = Ort::Value::CreateTensor<float>(cpu, caches.back().data(),
-                                                       caches.back().size(), dims.data(), 4);
-    binding.BindInput(name.c_str(), cache);
-    binding.BindOutput(("present." + name.substr(5)).c_str(), cache);
-  }
+  BindCaches(session, binding, cpu, total, caches);
   std::fputs(prompt.text.c_str(), stdout);
   std::fflush(stdout);
   std::vector<int64_t> step = prompt.ids, generated;

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .. import check_tensors
 from . import contract as C
 
 
@@ -129,9 +130,7 @@ class MixedLinearWeights:
             expect["r2"] = (self.r2, torch.float16, (kb,))
         if self.bias is not None:
             expect["bias"] = (self.bias, torch.float32, (n,))
-        for name, (t, dtype, shape) in expect.items():
-            if t.dtype != dtype or tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+        check_tensors(expect)
         if self.layout not in C.SUPPORTED_LAYOUTS:
             raise ValueError(f"unknown layout {self.layout}; supported: {C.SUPPORTED_LAYOUTS}")
         idx = self.salient_idx.long()

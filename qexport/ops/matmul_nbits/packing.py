@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .. import check_tensors
 from . import contract as C
 
 
@@ -82,10 +83,7 @@ class NBitsWeights:
                                   (n * math.ceil(kb * self.bits / 8),))}
         if self.bias is not None:
             expect["bias"] = (self.bias, torch.float32, (n,))
-        for name, (t, dtype, shape) in expect.items():
-            if t is None or t.dtype != dtype or tuple(t.shape) != shape:
-                got = None if t is None else (t.dtype, tuple(t.shape))
-                raise ValueError(f"{name}: expected {dtype} {shape}, got {got}")
+        check_tensors(expect)
 
     def stacks_with(self, other: "NBitsWeights") -> bool:
         return (isinstance(other, NBitsWeights) and self.in_features == other.in_features

@@ -5,6 +5,7 @@ import dataclasses
 
 import torch
 
+from .. import check_tensors
 from . import contract as C
 
 
@@ -48,10 +49,7 @@ class QDQWeights:
                   "x_zero": (self.x_zero, torch.uint8, ())}
         if self.bias is not None:
             expect["bias"] = (self.bias, torch.float32, (n,))
-        for name, (t, dtype, shape) in expect.items():
-            if t is None or t.dtype != dtype or tuple(t.shape) != shape:
-                got = None if t is None else (t.dtype, tuple(t.shape))
-                raise ValueError(f"{name}: expected {dtype} {shape}, got {got}")
+        check_tensors(expect)
         if not 0 <= self.act_qmin < self.act_qmax <= 255:
             raise ValueError(f"activation range [{self.act_qmin}, {self.act_qmax}] not within "
                              "uint8's")
