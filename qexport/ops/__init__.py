@@ -60,6 +60,33 @@ class OpSpec:
 _REGISTRY: Registry[OpSpec] = Registry(__name__, _OP_MODULES, "op")
 
 
+def register_linear_schema(name: str, domain: str, version: int, doc: str,
+                           input_names: tuple, optional: tuple, types: dict, output_type: str,
+                           type_constraints: list, attributes: tuple,
+                           attribute_docs: dict | None = None) -> None:
+    """Declare a Linear op's ONNX schema to onnx (checker, shape inference, exporter), once:
+    one formal input per name (`types[name]`, optional where its index is in `optional`), one
+    output Y, int attributes."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema(name, version, domain)
+        return
+    except onnx.defs.SchemaError:
+        pass
+    single, opt = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
+    docs = attribute_docs or {}
+    onnx.defs.register_schema(OpSchema(
+        name, domain, version, doc=doc,
+        inputs=[OpSchema.FormalParameter(n, types[n], param_option=opt if i in optional
+                                         else single) for i, n in enumerate(input_names)],
+        outputs=[OpSchema.FormalParameter("Y", output_type)],
+        type_constraints=type_constraints,
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, docs.get(a, a))
+                    for a in attributes]))
+
+
 def check_tensors(expect: dict) -> None:
     """ValueError unless each name -> (tensor, dtype, shape) holds a tensor of that dtype and
     shape (the packed-weight classes' `validate`)."""

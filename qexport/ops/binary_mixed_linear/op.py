@@ -67,35 +67,22 @@ def _(x, sign_packed, row_scale, row_offset, salient_idx, salient_packed, salien
 # ---------------------------------------------------------------- ONNX schema and export
 def register_onnx_schema() -> None:
     """Declare qexport::BinaryMixedLinear to onnx (checker, shape inference, exporter)."""
-    import onnx
-    from onnx.defs import OpSchema
+    from .. import register_linear_schema
 
-    try:
-        onnx.defs.get_schema(C.OP_NAME, OPSET_VERSION, DOMAIN)
-        return
-    except onnx.defs.SchemaError:
-        pass
-    types = {"X": "T", "sign_packed": "TU8", "row_scale": "TH", "row_offset": "TH",
-             "salient_idx": "TI", "salient_packed": "TU8", "salient_scale": "TH",
-             "salient_zero": "TU8", "r2": "TH", "bias": "TF"}
-    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
-    inputs = [OpSchema.FormalParameter(name, types[name],
-                                       param_option=optional if i in C.OPTIONAL_INPUTS else single)
-              for i, name in enumerate(C.INPUT_NAMES)]
-    int_attr = OpSchema.AttrType.INT
-    docs = {C.ATTR_IN_FEATURES: "K", C.ATTR_OUT_FEATURES: "N",
-            C.ATTR_SALIENT_GROUP_SIZE: "G (0: per row)", C.ATTR_LAYOUT: "packed layout version"}
-    onnx.defs.register_schema(OpSchema(
+    register_linear_schema(
         C.OP_NAME, DOMAIN, OPSET_VERSION,
-        doc="PTQ1.61 mixed binary / 4-bit linear; see qexport docs/format.md",
-        inputs=inputs,
-        outputs=[OpSchema.FormalParameter("Y", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
-                          ("TU8", ["tensor(uint8)"], "packed codes"),
-                          ("TH", ["tensor(float16)"], "scales"),
-                          ("TI", ["tensor(int32)"], "indices"),
-                          ("TF", ["tensor(float)"], "bias")],
-        attributes=[OpSchema.Attribute(a, int_attr, docs[a]) for a in C.ATTRIBUTES]))
+        "PTQ1.61 mixed binary / 4-bit linear; see qexport docs/format.md",
+        C.INPUT_NAMES, C.OPTIONAL_INPUTS,
+        {"X": "T", "sign_packed": "TU8", "row_scale": "TH", "row_offset": "TH",
+         "salient_idx": "TI", "salient_packed": "TU8", "salient_scale": "TH",
+         "salient_zero": "TU8", "r2": "TH", "bias": "TF"},
+        "T", [("T", ["tensor(float)", "tensor(float16)"], "activations"),
+              ("TU8", ["tensor(uint8)"], "packed codes"),
+              ("TH", ["tensor(float16)"], "scales"),
+              ("TI", ["tensor(int32)"], "indices"),
+              ("TF", ["tensor(float)"], "bias")], C.ATTRIBUTES,
+        {C.ATTR_IN_FEATURES: "K", C.ATTR_OUT_FEATURES: "N",
+         C.ATTR_SALIENT_GROUP_SIZE: "G (0: per row)", C.ATTR_LAYOUT: "packed layout version"})
 
 
 def translate(x, sign_packed, row_scale, row_offset, salient_idx, salient_packed,

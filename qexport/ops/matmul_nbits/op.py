@@ -37,30 +37,16 @@ def _(a, packed, scales, zero_points, g_idx, bias, K, N, bits, block_size, accur
 
 def register_onnx_schema() -> None:
     """Declare com.microsoft::MatMulNBits to onnx (ONNX Runtime registers its own)."""
-    import onnx
-    from onnx.defs import OpSchema
+    from .. import register_linear_schema
 
-    try:
-        onnx.defs.get_schema(C.OP_NAME, C.OPSET_VERSION, C.DOMAIN)
-        return
-    except onnx.defs.SchemaError:
-        pass
-    types = {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T3", "g_idx": "T4",
-             "bias": "T1"}
-    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
-    onnx.defs.register_schema(OpSchema(
-        C.OP_NAME, C.DOMAIN, C.OPSET_VERSION,
-        doc="ONNX Runtime's block-quantized MatMul (contrib op)",
-        inputs=[OpSchema.FormalParameter(n, types[n], param_option=optional
-                                         if i in C.OPTIONAL_INPUTS else single)
-                for i, n in enumerate(C.INPUT_NAMES)],
-        outputs=[OpSchema.FormalParameter("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], "activations"),
-                          ("T2", ["tensor(uint8)"], "packed codes"),
-                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"],
-                           "zero points"),
-                          ("T4", ["tensor(int32)"], "group index")],
-        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, a) for a in C.ATTRIBUTES]))
+    register_linear_schema(
+        C.OP_NAME, C.DOMAIN, C.OPSET_VERSION, "ONNX Runtime's block-quantized MatMul (contrib op)",
+        C.INPUT_NAMES, C.OPTIONAL_INPUTS,
+        {"A": "T1", "B": "T2", "scales": "T1", "zero_points": "T3", "g_idx": "T4", "bias": "T1"},
+        "T1", [("T1", ["tensor(float)", "tensor(float16)"], "activations"),
+               ("T2", ["tensor(uint8)"], "packed codes"),
+               ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "zero points"),
+               ("T4", ["tensor(int32)"], "group index")], C.ATTRIBUTES)
 
 
 def translate(a, packed, scales, zero_points, g_idx, bias, K, N, bits, block_size,

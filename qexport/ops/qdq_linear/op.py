@@ -46,29 +46,17 @@ def _(x, w_q, w_scale, x_scale, x_zero, bias, in_features, out_features, act_qmi
 
 
 def register_onnx_schema() -> None:
-    import onnx
-    from onnx.defs import OpSchema
+    from .. import register_linear_schema
 
-    try:
-        onnx.defs.get_schema(C.OP_NAME, OPSET_VERSION, DOMAIN)
-        return
-    except onnx.defs.SchemaError:
-        pass
-    types = {"X": "T", "w_q": "TI8", "w_scale": "TF", "x_scale": "TF", "x_zero": "TU8",
-             "bias": "TF"}
-    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
-    onnx.defs.register_schema(OpSchema(
+    register_linear_schema(
         C.OP_NAME, DOMAIN, OPSET_VERSION,
-        doc="Linear with static activation quantization; lowered to QDQ at export",
-        inputs=[OpSchema.FormalParameter(n, types[n], param_option=optional
-                                         if i in C.OPTIONAL_INPUTS else single)
-                for i, n in enumerate(C.INPUT_NAMES)],
-        outputs=[OpSchema.FormalParameter("Y", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
-                          ("TI8", ["tensor(int8)"], "weight codes"),
-                          ("TF", ["tensor(float)"], "scales, bias"),
-                          ("TU8", ["tensor(uint8)"], "activation zero point")],
-        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, a) for a in C.ATTRIBUTES]))
+        "Linear with static activation quantization; lowered to QDQ at export",
+        C.INPUT_NAMES, C.OPTIONAL_INPUTS,
+        {"X": "T", "w_q": "TI8", "w_scale": "TF", "x_scale": "TF", "x_zero": "TU8", "bias": "TF"},
+        "T", [("T", ["tensor(float)", "tensor(float16)"], "activations"),
+              ("TI8", ["tensor(int8)"], "weight codes"),
+              ("TF", ["tensor(float)"], "scales, bias"),
+              ("TU8", ["tensor(uint8)"], "activation zero point")], C.ATTRIBUTES)
 
 
 def translate(x, w_q, w_scale, x_scale, x_zero, bias, in_features, out_features, act_qmin,
