@@ -7,6 +7,32 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+# The CPU paths of the library (QEXPORT_CPU_ISA) and the flags each needs.
+ISAS = ("portable", "avx2", "avx512")
+_ISA_FLAGS = {"portable": (), "avx2": ("avx2", "fma"),
+              "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vnni", "fma")}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def missing_isa_flags(isa: str) -> list[str]:
+    """The CPU flags (or architecture) the machine lacks for a CPU path of the library."""
+    import platform
+
+    if isa != "portable" and platform.machine().lower() not in ("x86_64", "amd64"):
+        return [f"x86-64 (this is {platform.machine()})"]
+    flags = _cpu_flags()
+    return [f for f in _ISA_FLAGS[isa] if f not in flags]
+
 
 def require_library() -> pathlib.Path:
     """Path of libqexport_ops.so. Skips when it is not built and qexport is not installed;

@@ -15,13 +15,13 @@ Tolerances (max abs error over the output, relative to the output scale max|ref|
 from __future__ import annotations
 
 import itertools
-import pathlib
 
 import numpy as np
 import pytest
 import torch
 
-from native_helpers import bml_model, ort_errors, ort_session, require_library
+from native_helpers import (ISAS, bml_model, missing_isa_flags, ort_errors, ort_session,
+                            require_library)
 from qexport.ops.binary_mixed_linear import contract as B
 from qexport.ops import reference_evaluator_ops
 from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
@@ -29,31 +29,6 @@ from qexport.testing import random_mixed_linear
 
 FP32_RTOL = 1e-4
 FP16_RTOL = 2.0 ** -9
-
-
-ISAS = ("portable", "avx2", "avx512")
-_ISA_FLAGS = {"portable": (), "avx2": ("avx2", "fma"),
-              "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vnni", "fma")}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _missing(isa: str) -> list[str]:
-    import platform
-
-    if isa != "portable" and platform.machine().lower() not in ("x86_64", "amd64"):
-        return [f"x86-64 (this is {platform.machine()})"]
-    flags = _cpu_flags()
-    return [f for f in _ISA_FLAGS[isa] if f not in flags]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +39,7 @@ def lib():
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     """Forces one CPU path (read by the library when a session creates the kernel)."""
-    missing = _missing(request.param)
+    missing = missing_isa_flags(request.param)
     if missing:
         pytest.skip(f"CPU lacks {', '.join(missing)} for the {request.param} path")
     monkeypatch.setenv("QEXPORT_CPU_ISA", request.param)
@@ -509,7 +484,7 @@ def test_path_env_rejects_unknown(lib, monkeypatch, env, value, choice):
 
 @pytest.mark.parametrize("name", ["avx2", "avx512"])
 def test_isa_env_refuses_missing(lib, monkeypatch, name):
-    if not _missing(name):
+    if not missing_isa_flags(name):
         pytest.skip(f"this CPU has {name}: nothing to refuse")
     monkeypatch.setenv("QEXPORT_CPU_ISA", name)
     w = _weights(4, 16, 0.0, 0, False, False)

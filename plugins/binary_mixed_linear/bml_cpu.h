@@ -46,7 +46,7 @@ struct Args {
 inline int64_t NumGroups(int64_t s, int64_t group_size) {
   if (s <= 0) return 0;
   const int64_t g = group_size > 0 ? group_size : s;
-  return (s + g - 1) / g;
+  return 1 + (s - 1) / g;  // ceil(s / g); s + g - 1 would overflow for a huge group size
 }
 
 // Instruction-set paths of the CPU kernel (docs/kernels.md). kAuto: the best the CPU has.

@@ -18,7 +18,8 @@ namespace qexport {
 namespace bml {
 namespace unpack {
 
-QEXPORT_HD int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
+QEXPORT_HD int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // Bytes per row of sign_packed and salient_packed.
 QEXPORT_HD int64_t SignBytes(int64_t k, int64_t s) { return CeilDiv(k - s, 8); }

@@ -26,7 +26,8 @@ std::string Label(int i) {
 // A size for messages: "?" when unknown (< 0).
 std::string Size(int64_t v) { return v < 0 ? std::string("?") : std::to_string(v); }
 
-int64_t CeilDiv(int64_t a, int64_t b) { return a < 0 ? -1 : (a + b - 1) / b; }
+// ceil(a / b) (b > 0); -1 for an unknown a. No a + b - 1: attributes may be near INT64_MAX.
+int64_t CeilDiv(int64_t a, int64_t b) { return a < 0 ? -1 : a / b + (a % b != 0); }
 
 // Whether `shape` has the rank of `want` and equal dims wherever both are known (>= 0).
 bool DimsMatch(const std::vector<int64_t>& shape, std::initializer_list<int64_t> want) {
