@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -59,10 +60,12 @@ def fused_attention(config: QuantizeConfig) -> bool:
 
 def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iterable[tuple],
              config: QuantizeConfig | None = None,
-             progress: Callable[[str], None] | None = None) -> QuantizedModel:
+             progress: Callable[[str], None] | None = None,
+             checkpoint_dir: str | os.PathLike | None = None) -> QuantizedModel:
     """Trace `module`, calibrate, then run the passes (passes.build_passes): OS+ fold
     (optional), Linears replaced by qexport ops (PTQ1.61-learned or closed form), stacking,
-    fp16 embeddings."""
+    fp16 embeddings. `checkpoint_dir`: a work folder where PTQ1.61 learning keeps each finished
+    block, and resumes from (qexport.checkpoint)."""
     config = config or QuantizeConfig()
     config.validate()
     say = progress or (lambda msg: None)
@@ -96,7 +99,7 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     check = _runs_check(example_inputs)
     with stage("running the traced graph"):
         check("trace", gm)
-    quantizer = _Quantizer(module, batches, stats, config, say, timings)
+    quantizer = _Quantizer(module, batches, stats, config, say, timings, checkpoint_dir)
     packed: dict = {}
     choose = _os_choose(config) if config.outlier_suppression else None
     manager = passes.PassManager(passes.build_passes(
@@ -125,8 +128,10 @@ class _Quantizer:
     pass fills `folded`) learns the PTQ1.61 scales and the head's Hessian on the eager module
     with the folded tensors in place; each call then packs one Linear with its scheme."""
 
-    def __init__(self, module, batches, stats, config: QuantizeConfig, say, timings):
+    def __init__(self, module, batches, stats, config: QuantizeConfig, say, timings,
+                 checkpoint_dir=None):
         self.module, self.batches, self.stats = module, batches, stats
+        self.checkpoint_dir = checkpoint_dir
         self.config, self.say, self.timings = config, say, timings
         self.folded: dict[str, str] = {}  # original tensor name -> its attribute in gm
         self.fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -185,7 +190,7 @@ class _Quantizer:
                                       config.scheme.salient_group_size,
                                       config.learn or LearnConfig.preset("default"),
                                       progress=self.say, include=lambda name: name in salient,
-                                      blocks=blocks)
+                                      blocks=blocks, checkpoint_dir=self.checkpoint_dir)
         self.timings["learn_scales"] = time.perf_counter() - t0
         return learned
 

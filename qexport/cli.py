@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the attention is fused]")
     p.add_argument("--force", action="store_true",
                    help="replace an output folder that was not written by qexport")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction,
+                   default=run_default("resume"),
+                   help="continue the PTQ1.61 learning of an interrupted run of the same model, "
+                        "data and settings from its last finished block (kept in .OUTPUT.resume "
+                        "beside the output; the result is the same as an uninterrupted run's); "
+                        "--no-resume starts over [default: on]")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled module (unpickling runs code from the file)")
     g = p.add_argument_group("calibration and evaluation")
@@ -152,7 +158,8 @@ def run_config(args: argparse.Namespace):
         embeddings_fp16=args.embeddings_fp16, fused_attention=args.fused_attention)
     return RunConfig(
         model=args.model, output=args.output, quantize=quantize, target=args.target,
-        kv_cache=args.kv_cache, force=args.force, trust_pickle=args.trust_pickle,
+        kv_cache=args.kv_cache, force=args.force, resume=args.resume,
+        trust_pickle=args.trust_pickle,
         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_window=args.eval_window,
         perplexity=args.perplexity, threads=args.threads)
@@ -162,12 +169,26 @@ def run(args) -> int:
     from . import pipeline
 
     say = (lambda msg: None) if args.quiet else _log
+    _interrupt_on_sigterm()
     result = pipeline.run(run_config(args), progress=say)
     if not result.parity_ok:
         print(f"qexport: error: parity check failed (ORT disagrees with the PyTorch reference); "
               f"see {result.output / 'report.md'}", file=sys.stderr)
         return EXIT_PARITY
     return _finish_code(result.finish, say)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a killed CI job, `timeout`, a scheduler) ends a run as Ctrl-C does: the
+    temporary output folder removed, the finished learning kept, the way to resume said."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _finish_code(finish, say) -> int:
@@ -238,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qexport: error: unexpected {first_line(e)} (a qexport bug: please report it "
               "with the output of --debug)", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("qexport: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"qexport: interrupted; {e or 'nothing was written'}", file=sys.stderr)
         return 130
 
 

@@ -180,6 +180,9 @@ class RunConfig:
     # the attention is fused (pipeline._with_kv_cache)
     kv_cache: bool | None = None
     force: bool = False  # replace an output folder not written by qexport
+    # Continue PTQ1.61 learning from the work folder of an interrupted run of the same inputs
+    # (pipeline.work_folder); False: discard it and start over.
+    resume: bool = True
     trust_pickle: bool = False
     calib: str | None = None  # calibration text (None: Brown, or random tokens)
     calib_samples: int = 64

@@ -9,6 +9,10 @@ class QexportError(Exception):
     """A mistake in the user's input or environment, stated in one line."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a run: the message says what was kept and how to go on."""
+
+
 def first_line(e: BaseException) -> str:
     """`Type: first line of the message`, for wrapping a library error into one line."""
     text = str(e).strip().splitlines()

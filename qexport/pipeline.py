@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import targets
+from . import checkpoint, targets
 from .config import RunConfig
 from .contract import META_SOURCE, META_VOCAB_SIZE
-from .errors import QexportError, stage
+from .errors import Interrupted, QexportError, stage
 
 Progress = Callable[[str], None]
 
@@ -57,13 +57,27 @@ def run(config: RunConfig, progress: Progress | None = None) -> RunResult:
     target = targets.get(config.target)
     config = dataclasses.replace(config, quantize=_for_target(config, target))
     out = Path(config.output)
+    work = work_folder(out)
+    if not config.resume:
+        checkpoint.remove(work)
     tmp = _prepare_output(out, config.force)
     try:
-        report = _run_into(config, target, tmp, say)
+        report = _run_into(config, target, tmp, work, say)
         _commit_output(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint.describe(work)
+        hint = kept and (f"PTQ1.61 learning of {kept} is kept in {work}: rerun the same "
+                         "command to continue from there (--no-resume starts over)")
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"nothing was written to {out}" + (f"; {hint}" if hint else "")
+                              ) from None
+        if hint and isinstance(e, QexportError):
+            raise QexportError(f"{e}; {hint}") from e
+        if hint:
+            say(hint)
         raise
+    checkpoint.remove(work)
     result = RunResult(out, report, report["parity"]["ok"])
     if result.parity_ok:
         say(f"wrote {out}/ (model.onnx, "
@@ -74,7 +88,15 @@ def run(config: RunConfig, progress: Progress | None = None) -> RunResult:
     return result
 
 
-def _run_into(config: RunConfig, target: targets.Target, tmp: Path, say: Progress) -> dict:
+def work_folder(output: Path) -> Path:
+    """Where a run keeps what an interruption must not lose (PTQ1.61's finished blocks,
+    qexport.checkpoint): hidden beside the output folder; removed once the output is written."""
+    output = Path(output).absolute()
+    return output.parent / f".{output.name}.resume"
+
+
+def _run_into(config: RunConfig, target: targets.Target, tmp: Path, work: Path,
+              say: Progress) -> dict:
     import torch
 
     from . import api, models
@@ -95,7 +117,8 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, say: Progres
         data = _load_data(config, lm)
     config, kv_note = _with_kv_cache(config, lm)
     example = lm.example_inputs(batch=2, seq=8)
-    qm = api.quantize(lm.module, example, data.calib, config.quantize, progress=say)
+    qm = api.quantize(lm.module, example, data.calib, config.quantize, progress=say,
+                      checkpoint_dir=work)
     if context_note:
         qm.notes["context"] = [context_note]
     if kv_note:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from . import checkpoint
 from .config import LearnConfig
 from .errors import QexportError
 from .families import find_blocks
@@ -200,7 +201,8 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
                         config: LearnConfig | None = None,
                         progress: Callable[[str], None] | None = None,
                         include: Callable[[str], bool] | None = None,
-                        blocks: tuple[str, torch.nn.ModuleList] | None = None
+                        blocks: tuple[str, torch.nn.ModuleList] | None = None,
+                        checkpoint_dir: str | os.PathLike | None = None
                         ) -> dict[str, MixedLinearWeights]:
     """Learn α, r1, r2 block by block; return the packed weights of every Linear in the blocks.
 
@@ -210,6 +212,9 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
     include: optional filter on layer names (a Linear it rejects keeps fp weights in the
         quantized model used to compute the following blocks' inputs, and is not returned).
     blocks: (path, ModuleList) of the transformer blocks [default: families.find_blocks].
+    checkpoint_dir: a work folder that keeps each finished block (qexport.checkpoint); a run
+        given the folder of an interrupted one with the same inputs continues after its last
+        finished block, with the same result as an uninterrupted run.
     """
     config = config or LearnConfig()
     say = progress or (lambda msg: None)
@@ -232,12 +237,29 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
     out: dict[str, MixedLinearWeights] = {}
     n, bs = ids.shape[0], max(1, config.batch_size)
     gen = torch.Generator().manual_seed(config.seed)
+    ckpt = resumed = None
+    if checkpoint_dir is not None:
+        settings = {**config.as_dict(), "spill_dir": None, "group_size": salient_group_size,
+                    "names": names, "path": path, "blocks": len(blocks)}
+        ckpt = checkpoint.BlockCheckpoint(
+            checkpoint_dir, checkpoint.fingerprint(module, ids, {k: salient[k] for k in names},
+                                                   settings), len(blocks))
+        resumed = ckpt.load(MixedLinearWeights)
     t_start = time.perf_counter()
+    first_block = 0
     try:
         say(f"PTQ1.61: capturing the inputs of {path}.0 on {n}x{ids.shape[1]} tokens")
         x_fp, extra = _capture_block0_inputs(module, blocks[0], ids, 1, store)
         x_q = store.new(x_fp.shape)
         x_q.copy_(x_fp)
+        if resumed is not None:
+            first_block = resumed.next_block
+            x_fp.copy_(resumed.x_fp)
+            x_q.copy_(resumed.x_q)
+            gen.set_state(resumed.generator_state)
+            out.update(resumed.packed)
+            say(f"PTQ1.61: resuming after block {first_block}/{len(blocks)} from {checkpoint_dir}")
+            del resumed
         y_fp, y_fpq = store.new(x_fp.shape), store.new(x_fp.shape)
         batches = [(s, min(s + bs, n)) for s in range(0, n, bs)]
         extras = {e - s: _batch_extra(extra, e - s) for s, e in batches}
@@ -249,6 +271,8 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
                     y[s:e] = _out(functional_call(block, params, (x[s:e],) + args, kwargs))
 
         for bi, block in enumerate(blocks):
+            if bi < first_block:
+                continue
             t0 = time.perf_counter()
             prefix = f"{path}.{bi}."
             learned = {sub: LearnedLinear(m.weight, m.bias, salient[prefix + sub],
@@ -268,9 +292,11 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
             # next block's quantized input, with exactly the stored (fp16) weights
             run(block, {f"{sub}.weight": pk.dequantize() for sub, pk in packs.items()}, x_q, x_q)
             x_fp, y_fp = y_fp, x_fp
+            if ckpt is not None:
+                ckpt.save(bi, {prefix + sub: pk for sub, pk in packs.items()}, x_fp, x_q, gen)
             dt = time.perf_counter() - t0
             done = time.perf_counter() - t_start
-            eta = done / (bi + 1) * (len(blocks) - bi - 1)
+            eta = done / (bi + 1 - first_block) * (len(blocks) - bi - 1)
             mse = float(F.mse_loss(x_q, x_fp)) if n * x_q[0].numel() <= 2 ** 26 else \
                 float(F.mse_loss(x_q[:4], x_fp[:4]))
             say(f"PTQ1.61: block {bi + 1}/{len(blocks)}: {len(learned)} Linears, loss "

@@ -1,0 +1,180 @@
+"""Interrupted quantization resumes (qexport.checkpoint): a run killed during PTQ1.61 learning,
+then run again, writes the same model.onnx bytes as an uninterrupted run; Ctrl-C leaves no
+output folder and says how to continue.
+
+Kill points (docs/reliability.md): SIGKILL in the middle of a block's optimization, SIGKILL
+in the middle of writing a checkpoint (the block's weights written, the resume state not yet
+renamed into place), SIGINT (Ctrl-C) and SIGTERM in the middle of a block. The learning itself
+is also interrupted in-process (an exception after a block) and resumed, and a work folder of
+other inputs is discarded.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qexport import checkpoint, cli, pipeline
+from qexport.config import LearnConfig
+from qexport.ptq161 import learn_mixed_weights
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# A subprocess running the CLI with a fault injected at a kill point (argv: point, signal,
+# then the CLI's arguments). Steps are counted by wrapping ptq161.block_loss; the first
+# checkpoint write of a block is wrapped to die between the block's file and the state.
+_DRIVER = r"""
+import os, signal, sys
+import torch
+from qexport import checkpoint, cli, ptq161
+
+point, sig = sys.argv[1], getattr(signal, sys.argv[2])
+saved, steps = [], []
+
+def die():
+    os.kill(os.getpid(), sig)
+
+loss = ptq161.block_loss
+def counting_loss(*a, **k):
+    if point == "mid-block" and saved:
+        steps.append(1)
+        if len(steps) == 2:  # the second step of the block after the first checkpoint
+            die()
+    return loss(*a, **k)
+ptq161.block_loss = counting_loss
+
+def write(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    if path.name == checkpoint.STATE:
+        saved.append(1)
+        if point == "mid-save" and len(saved) == 2:  # block 1's weights written, not its state
+            die()
+    os.replace(tmp, path)
+checkpoint.BlockCheckpoint._write = staticmethod(write)
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_models import tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_llama().save_pretrained(d)
+    return d
+
+
+def _args(model, out):
+    # one thread: the bytes of a run must not depend on how many cores were idle
+    return [str(model), "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32",
+            "--preset", "fast", "--no-perplexity", "--no-kv-cache", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tmp_path_factory):
+    """model.onnx of an uninterrupted run."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert cli.main(_args(tiny_dir, out)) == 0
+    assert not pipeline.work_folder(out).exists()  # removed once the output is written
+    return (out / "model.onnx").read_bytes()
+
+
+def _interrupted(tiny_dir, out, point, sig):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-c", _DRIVER, point, sig] + _args(tiny_dir, out),
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("point,sig", [("mid-block", "SIGKILL"), ("mid-save", "SIGKILL"),
+                                       ("mid-block", "SIGINT"), ("mid-block", "SIGTERM")])
+def test_killed_run_resumes_to_the_same_bytes(tiny_dir, reference, tmp_path, capsys, point,
+                                              sig):
+    out = tmp_path / "out"
+    work = pipeline.work_folder(out)
+    proc = _interrupted(tiny_dir, out, point, sig)
+    if sig == "SIGKILL":
+        assert proc.returncode == -9, proc.stderr
+    else:  # Ctrl-C and SIGTERM: a clean exit that says what was kept and how to go on
+        assert proc.returncode == 130, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith("qexport: interrupted; nothing was written to ")
+        assert "1 of 2 blocks is kept in" in lines[0] and "rerun the same command" in lines[0]
+        # no output folder, nothing half-written beside it but the work folder
+        assert [p.name for p in tmp_path.iterdir()] == [work.name]
+    assert not out.exists()
+    assert checkpoint.describe(work) == "1 of 2 blocks"
+
+    argv = [a for a in _args(tiny_dir, out) if a != "--quiet"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "PTQ1.61: resuming after block 1/2" in err, err
+    assert "PTQ1.61: block 1/2" not in err  # not learned again
+    assert (out / "model.onnx").read_bytes() == reference
+    assert not work.exists()
+
+
+def test_no_resume_starts_over(tiny_dir, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _interrupted(tiny_dir, out, "mid-block", "SIGKILL").returncode == -9
+    assert cli.main(_args(tiny_dir, out)[:-1] + ["--no-resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" not in err and "PTQ1.61: block 1/2" in err
+    assert (out / "model.onnx").read_bytes() == reference
+
+
+# ------------------------------------------------------------------------ the learning alone
+class _Stop(Exception):
+    pass
+
+
+def _learn(model, ids, ckpt=None, stop_after=None):
+    from qexport.families import find_blocks
+
+    def progress(msg):
+        if stop_after is not None and msg.startswith(f"PTQ1.61: block {stop_after}/"):
+            raise _Stop
+    path, blocks = find_blocks(model)
+    names = [f"{path}.{bi}.{sub}" for bi, b in enumerate(blocks)
+             for sub, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
+    salient = {n: torch.tensor([1, 5, 9]) for n in names}
+    return learn_mixed_weights(model, ids, salient, 0, LearnConfig(epochs=1), progress=progress,
+                               checkpoint_dir=ckpt)
+
+
+def test_learning_resumes_bit_exactly(tmp_path):
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    ref = _learn(model, ids)
+    ckpt = tmp_path / "work"
+    with pytest.raises(_Stop):
+        _learn(model, ids, ckpt, stop_after=1)
+    assert checkpoint.describe(ckpt) == "1 of 2 blocks"
+    got = _learn(model, ids, ckpt)
+    assert got.keys() == ref.keys()
+    for name, w in ref.items():
+        for a, b in zip(w.tensors(), got[name].tensors()):
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_checkpoint_of_other_inputs_is_discarded(tmp_path):
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    ckpt = tmp_path / "work"
+    with pytest.raises(_Stop):
+        _learn(model, ids, ckpt, stop_after=1)
+    other = ids.clone()
+    other[0, 0] += 1  # one calibration token differs: another fingerprint
+    with pytest.raises(_Stop):  # learns block 1 again (a resumed run would not print it)
+        _learn(model, other, ckpt, stop_after=1)
+    assert checkpoint.describe(ckpt) == "1 of 2 blocks"  # now the other run's block
+    with pytest.raises(_Stop):  # so the first inputs do not resume from it either
+        _learn(model, ids, ckpt, stop_after=1)
