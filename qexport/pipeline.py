@@ -556,9 +556,27 @@ def _prepare_output(path: Path, force: bool) -> Path:
     parent = path.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+        _remove_stale_temps(parent, path.name)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise QexportError(f"cannot write the output folder {path}: {e.strerror}") from e
+
+
+def _remove_stale_temps(parent: Path, name: str) -> None:
+    """Temp folders of runs killed outright (SIGKILL, a power cut: no cleanup ran), told from
+    those of runs still going by the process id in their name."""
+    import re
+
+    for p in parent.glob(f".{name}.tmp-*"):
+        m = re.fullmatch(rf"\.{re.escape(name)}\.tmp-(\d+)-.*", p.name)
+        if m is None or int(m[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass  # alive (another user's process): not ours to remove
 
 
 def _commit_output(tmp: Path, path: Path) -> None:

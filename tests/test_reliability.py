@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from native_helpers import bml_model, ort_errors, require_library
+from native_helpers import ISAS, bml_model, missing_isa_flags, ort_errors, require_library
 from test_cli import run_cli
 from tiny_models import save_with_tokenizer, tiny_llama
 
@@ -40,12 +40,17 @@ def _session(model, library, threads):
                                 providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("ort_threads", [1, 2])
-def test_one_session_many_threads_from_the_first_run(ort_threads):
+def test_one_session_many_threads_from_the_first_run(ort_threads, isa, monkeypatch):
     """8 threads × 50 runs of one fresh session, all starting at once (the first runs race to
     pack the weights), each with its own inputs of varying M (the tables at small M, the GEMM
-    at larger ones): every output equals, bit for bit, the same input run alone in another
-    fresh session."""
+    at larger ones), on each CPU path: every output equals, bit for bit, the same input run
+    alone in another fresh session."""
+    missing = missing_isa_flags(isa)
+    if missing:
+        pytest.skip(f"CPU lacks {', '.join(missing)} for the {isa} path")
+    monkeypatch.setenv("QEXPORT_CPU_ISA", isa)
     lib = require_library()
     model = bml_model(_weights(384, 576), ["M", 576])
     rng = np.random.default_rng(0)

@@ -116,6 +116,8 @@ def test_killed_run_resumes_to_the_same_bytes(tiny_dir, reference, tmp_path, cap
     assert "PTQ1.61: block 1/2" not in err  # not learned again
     assert (out / "model.onnx").read_bytes() == reference
     assert not work.exists()
+    # a killed run's temp folder (SIGKILL: no cleanup ran) is removed by the next run
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_no_resume_starts_over(tiny_dir, reference, tmp_path, capsys):

@@ -162,6 +162,16 @@ def test_cpp_sample(tmp_path, lib, cpp_sample, kind):
     assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("kind", ["float", "tokens"])
+def test_cpp_sample_one_session_many_threads(tmp_path, lib, cpp_sample, kind):
+    """The C++ API's view of tests/test_reliability.py: 8 threads share one fresh session
+    from its first run, 50 runs each; every output byte-equal to the sequential run's."""
+    out = _folder(tmp_path, kind, lib, with_reference=False)
+    proc = _run([cpp_sample, out, "--concurrency", "8", "--threads", "2"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "8 threads x 50 runs on one session: 0 of 400 outputs differ" in proc.stdout, proc.stdout
+
+
 def test_cpp_sample_without_reference(tmp_path, lib, cpp_sample):
     out = _folder(tmp_path, "tokens", lib, with_reference=False)
     proc = _run([cpp_sample, out, "--batch", "2", "--seq", "3"])

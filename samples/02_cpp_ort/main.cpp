@@ -2,6 +2,7 @@
 //
 //   qexport_sample OUT_DIR [--lib PATH] [--threads N] [--batch B] [--seq S]
 //   qexport_sample OUT_DIR --generate N [--lib PATH] [--threads N]
+//   qexport_sample OUT_DIR --concurrency T [--lib PATH] [--threads N]
 //
 // Loads OUT_DIR/model.onnx, registers the op library (--lib, else OUT_DIR/libqexport_ops.so,
 // else $QEXPORT_OPS_LIBRARY) with Ort::SessionOptions::RegisterCustomOpsLibrary, feeds inputs
@@ -15,9 +16,11 @@
 // With --generate N it generates text instead: up to N tokens, greedily, after the prompt in
 // OUT_DIR/prompt.bin (written by write_prompt.py: the prompt's token ids, the stop ids and
 // each token's bytes), through model_with_past.onnx, streaming the text as it comes.
+// With --concurrency T it checks that one session serves many threads (RunConcurrent).
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -29,6 +32,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -323,10 +327,92 @@ void Generate(Ort::Env& env, const Ort::SessionOptions& options, const std::stri
   else std::printf("no tokens after it\n");
 }
 
+// One session shared by `threads` threads from its very first run (where the op library packs
+// its weights), each running kConcurrentRuns inferences on its own pseudo-random inputs of
+// varying batch and sequence length; every output must equal, byte for byte, the same inputs
+// run one after the other on a second session. Ort::Session::Run is thread-safe: this is how
+// a server shares one model between its request threads. Prints the counts; false on a
+// difference.
+constexpr int kConcurrentRuns = 50;
+
+bool RunConcurrent(Ort::Env& env, const Ort::SessionOptions& options, const std::string& model,
+                   int64_t vocab, int threads) {
+  Ort::Session shared(env, model.c_str(), options), alone(env, model.c_str(), options);
+  Ort::AllocatorWithDefaultOptions allocator;
+  std::vector<std::string> in_names, out_names;
+  std::vector<std::pair<ONNXTensorElementDataType, std::vector<int64_t>>> in_types;
+  for (size_t i = 0; i < shared.GetInputCount(); ++i) {
+    in_names.push_back(shared.GetInputNameAllocated(i, allocator).get());
+    Ort::TypeInfo type_info = shared.GetInputTypeInfo(i);
+    auto info = type_info.GetTensorTypeAndShapeInfo();
+    in_types.emplace_back(info.GetElementType(), info.GetShape());
+  }
+  for (size_t i = 0; i < shared.GetOutputCount(); ++i)
+    out_names.push_back(shared.GetOutputNameAllocated(i, allocator).get());
+  std::vector<const char*> in_c, out_c;
+  for (auto& n : in_names) in_c.push_back(n.c_str());
+  for (auto& n : out_names) out_c.push_back(n.c_str());
+  // inputs[t][r]: thread t's r-th run; outputs as raw bytes
+  std::vector<std::vector<std::vector<HostTensor>>> inputs(static_cast<size_t>(threads));
+  for (int t = 0; t < threads; ++t) {
+    std::mt19937_64 rng(1000 + static_cast<uint64_t>(t));
+    for (int r = 0; r < kConcurrentRuns; ++r) {
+      const int64_t batch = 1 + (r + t) % 2, seq = 1 + (7 * r + 3 * t) % 16;
+      std::vector<HostTensor> feeds;
+      for (auto& [type, shape] : in_types) feeds.push_back(MakeInput(type, shape, vocab, batch, seq, rng));
+      inputs[static_cast<size_t>(t)].push_back(std::move(feeds));
+    }
+  }
+  Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  auto run = [&](Ort::Session& session, std::vector<HostTensor>& feeds) {
+    std::vector<Ort::Value> values;
+    for (HostTensor& h : feeds)
+      values.push_back(Ort::Value::CreateTensor(cpu, h.bytes.data(), h.bytes.size(), h.dims.data(),
+                                                h.dims.size(), h.type));
+    std::vector<Ort::Value> out = session.Run(Ort::RunOptions{nullptr}, in_c.data(), values.data(),
+                                              values.size(), out_c.data(), out_c.size());
+    std::vector<std::vector<uint8_t>> bytes;
+    for (Ort::Value& v : out) {
+      auto info = v.GetTensorTypeAndShapeInfo();
+      const auto* p = static_cast<const uint8_t*>(v.GetTensorRawData());
+      bytes.emplace_back(p, p + info.GetElementCount() * ElementSize(info.GetElementType()));
+    }
+    return bytes;
+  };
+  std::vector<std::vector<std::vector<std::vector<uint8_t>>>> results(static_cast<size_t>(threads));
+  std::vector<std::string> errors(static_cast<size_t>(threads));
+  std::atomic<int> waiting{threads};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      try {
+        waiting.fetch_sub(1);
+        while (waiting.load() > 0) std::this_thread::yield();  // all start at once
+        for (auto& feeds : inputs[static_cast<size_t>(t)])
+          results[static_cast<size_t>(t)].push_back(run(shared, feeds));
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(t)] = e.what();
+      }
+    });
+  for (std::thread& th : pool) th.join();
+  int differ = 0;
+  for (int t = 0; t < threads; ++t) {
+    if (!errors[static_cast<size_t>(t)].empty())
+      throw std::runtime_error("thread " + std::to_string(t) + ": " + errors[static_cast<size_t>(t)]);
+    for (int r = 0; r < kConcurrentRuns; ++r)
+      differ += run(alone, inputs[static_cast<size_t>(t)][static_cast<size_t>(r)]) !=
+                results[static_cast<size_t>(t)][static_cast<size_t>(r)];
+  }
+  std::printf("concurrency: %d threads x %d runs on one session: %d of %d outputs differ from "
+              "the sequential run\n", threads, kConcurrentRuns, differ, threads * kConcurrentRuns);
+  return differ == 0;
+}
+
 int Run(int argc, char** argv) {
   std::string folder, lib;
   int threads = 0;
   int64_t batch = 1, seq = 16, generate = 0;
+  int concurrency = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -338,9 +424,11 @@ int Run(int argc, char** argv) {
     else if (a == "--batch") batch = std::stoll(value());
     else if (a == "--seq") seq = std::stoll(value());
     else if (a == "--generate") generate = std::stoll(value());
+    else if (a == "--concurrency") concurrency = std::stoi(value());
     else if (a == "-h" || a == "--help") {
       std::printf("usage: qexport_sample OUT_DIR [--lib PATH] [--threads N] [--batch B] [--seq S]\n"
-                  "       qexport_sample OUT_DIR --generate N [--lib PATH] [--threads N]\n");
+                  "       qexport_sample OUT_DIR --generate N [--lib PATH] [--threads N]\n"
+                  "       qexport_sample OUT_DIR --concurrency T [--lib PATH] [--threads N]\n");
       return 0;
     } else if (folder.empty()) folder = a;
     else throw std::runtime_error("unexpected argument " + a);
@@ -377,6 +465,10 @@ int Run(int argc, char** argv) {
     Ort::ModelMetadata meta = session.GetModelMetadata();
     Ort::AllocatedStringPtr v = meta.LookupCustomMetadataMapAllocated("qexport.vocab_size", allocator);
     if (v) vocab = std::stoll(v.get());
+  }
+  if (concurrency != 0) {
+    if (concurrency < 1) throw std::runtime_error("--concurrency takes a positive thread count");
+    return RunConcurrent(env, options, model, vocab, concurrency) ? 0 : 1;
   }
 
   const std::map<std::string, HostTensor> reference = ReadReference(folder + "/reference.bin");
