@@ -41,7 +41,9 @@ from qexport.gptq import linear_input_hessians
 from qexport.data import brown_splits, calibration_batches, eval_tokens
 from qexport.evaluate import perplexity, torch_logits_fn
 from qexport.models import load_model
-from qexport.config import LEARN_PRESETS
+from qexport.config import LEARN_PRESETS, E2EConfig
+from qexport.e2e import tune_end_to_end
+from qexport.preprocess import LoRAConfig, RestorativeLoRA
 from qexport.families import find_blocks
 from qexport.ptq161 import (LearnConfig, learn_mixed_weights, linear_input_rms,
                             substituted_weights)
@@ -49,7 +51,7 @@ from qexport.quantizers import quantize_mixed, select_salient
 from qexport.schemes import parse_scheme
 
 
-OURS = ("fp", "closed", "learned", "closed_os", "learned_os")
+OURS = ("fp", "closed", "learned", "learned_e2e", "closed_os", "learned_os")
 
 
 def log(msg):
@@ -66,6 +68,8 @@ def parse_args(argv):
     ap.add_argument("--lr", type=float, default=None, help="one lr for α, r1, r2")
     ap.add_argument("--share-r2", action="store_true",
                     help="one r2 per input activation (default: one per Linear)")
+    ap.add_argument("--mse-norm", default=None, choices=["mean", "token"],
+                    help="LearnConfig.mse_norm [default: the preset's]")
     ap.add_argument("--eval-tokens", type=int, default=20_000)
     ap.add_argument("--short-eval", type=int, default=4096,
                     help="every row also reports the perplexity of the first SHORT_EVAL tokens")
@@ -76,6 +80,19 @@ def parse_args(argv):
     ap.add_argument("--rows", default="fp,closed,learned",
                     help="comma-separated subset of " + ",".join(OURS + tuple(BASELINES)))
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--work", default=None,
+                    help="keep the PTQ1.61 learning's checkpoint (qexport.checkpoint) in this "
+                         "folder: a rerun with the same settings reuses its finished blocks")
+    ap.add_argument("--lora", action="store_true",
+                    help="restorative LoRA (qexport.preprocess) before everything but fp")
+    ap.add_argument("--lora-epochs", type=int, default=1)
+    ap.add_argument("--lora-samples", type=int, default=None)
+    ap.add_argument("--lora-rank", type=int, default=None)
+    ap.add_argument("--lora-lr", type=float, default=None)
+    ap.add_argument("--e2e-epochs", type=int, default=1, help="learned_e2e: E2EConfig.epochs")
+    ap.add_argument("--e2e-lr", type=float, default=None, help="learned_e2e: E2EConfig.lr_scale")
+    ap.add_argument("--e2e-samples", type=int, default=None,
+                    help="learned_e2e: calibration rows [default: all of them]")
     args = ap.parse_args(argv)
     if args.short_eval % 512 or args.short_eval > args.eval_tokens:
         ap.error("--short-eval must be a multiple of 512 and at most --eval-tokens")
@@ -98,22 +115,39 @@ class Bench:
             overrides.update(lr_alpha=args.lr, lr_r1=args.lr, lr_r2=args.lr)
         if args.share_r2:
             overrides["share_r2"] = True
+        if args.mse_norm:
+            overrides["mse_norm"] = args.mse_norm
         config = LearnConfig.preset(args.preset, **overrides)
         n_samples = args.n_samples or config.n_samples or 64
         self.config = LearnConfig.preset(args.preset, **{**overrides, "n_samples": n_samples})
         loaded = load_model("smollm2-135m")
-        self.module = loaded.module
-        self.mods = dict(self.module.named_modules())
+        self.module = self.fp_module = loaded.module
         calib_text, eval_text = brown_splits()
         self.calib = calibration_batches(loaded.tokenizer, calib_text, n_samples, args.seq_len)
         self.tokens = eval_tokens(loaded.tokenizer, eval_text, args.eval_tokens)
         self.path, _ = find_blocks(self.module)
         backbone = loaded.hf_model.model  # the stats need no output head
         self.stats_forward = lambda ids: backbone(input_ids=ids, use_cache=False)
+        self.lora_s = 0.0
+        if args.lora:  # the rows below quantize the LoRA-merged copy; fp stays the original
+            t0 = time.perf_counter()
+            lora = LoRAConfig(epochs=args.lora_epochs, n_samples=args.lora_samples,
+                              salient_ratio=args.salient_ratio,
+                              **({"rank": args.lora_rank, "alpha": float(args.lora_rank)}
+                                 if args.lora_rank else {}),
+                              **({"lr": args.lora_lr} if args.lora_lr else {}))
+            self.module = RestorativeLoRA(lora)(
+                self.fp_module, [(self.calib[i:i + 1],) for i in range(self.calib.shape[0])], log)
+            self.lora_s = time.perf_counter() - t0
+            self.stats_forward = None
+            log(f"restorative LoRA: {self.lora_s:.0f}s")
+            self.lora_config = lora.as_dict()
+        self.mods = dict(self.module.named_modules())
         self.full_rows = set(args.full_eval_rows.split(","))
         self.results = {"model": "smollm2-135m", "calib": list(self.calib.shape),
                         "eval_tokens": args.eval_tokens, "threads": args.threads,
-                        "config": self.config.as_dict(), "rows": {}}
+                        "config": self.config.as_dict(), "rows": {},
+                        "lora": getattr(self, "lora_config", None), "lora_s": self.lora_s}
 
     def in_blocks(self, name: str) -> bool:
         return name.startswith(self.path + ".")
@@ -149,7 +183,7 @@ class Bench:
 def our_rows(b: Bench, rows: set) -> None:
     """fp, closed (closed-form w1.61) and learned (PTQ1.61) on the same salient channels."""
     if "fp" in rows:
-        b.results["rows"]["fp"] = {"bits": 32.0, **b.ppl("fp"), "time_s": 0.0}
+        b.results["rows"]["fp"] = {"bits": 32.0, **b.ppl("fp", b.fp_module), "time_s": 0.0}
     if not rows & {"closed", "learned"}:
         return
     t0 = time.perf_counter()
@@ -162,12 +196,23 @@ def our_rows(b: Bench, rows: set) -> None:
         closed = {k: quantize_mixed(b.mods[k].weight, b.mods[k].bias, s, 0)
                   for k, s in salient.items()}
         b.add("closed", closed, t_stats + time.perf_counter() - t0)
-    if "learned" in rows:
+    if rows & {"learned", "learned_e2e"}:
         t0 = time.perf_counter()
-        learned = learn_mixed_weights(b.module, b.calib, salient, 0, b.config, progress=log)
+        learned = learn_mixed_weights(b.module, b.calib, salient, 0, b.config, progress=log,
+                                      checkpoint_dir=b.args.work)
         t = t_stats + time.perf_counter() - t0
         log(f"learning: {t - t_stats:.0f}s")
-        b.add("learned", learned, t)
+        if "learned" in rows:
+            b.add("learned", learned, t)
+        if "learned_e2e" in rows:
+            e2e = E2EConfig(epochs=b.args.e2e_epochs, n_samples=b.args.e2e_samples,
+                            **({"lr_scale": b.args.e2e_lr} if b.args.e2e_lr else {}))
+            t1 = time.perf_counter()
+            tuned = tune_end_to_end(b.module, learned, b.calib, e2e, progress=log,
+                                    teacher=b.fp_module)
+            t_e2e = time.perf_counter() - t1
+            log(f"end-to-end tuning: {t_e2e:.0f}s")
+            b.add("learned_e2e", tuned, t + t_e2e, e2e=e2e.as_dict(), e2e_s=t_e2e)
 
 
 def os_rows(b: Bench, rows: set) -> None:

@@ -23,6 +23,7 @@ from . import families
 from .calibrate import collect_linear_input_stats
 from .config import LearnConfig, QuantizeConfig
 from .contract import META_OS_FOLDED
+from .e2e import tune_end_to_end
 from .errors import QexportError, stage
 from .families.attention import why_not_fused
 from .gptq import linear_input_hessians, refine_codes
@@ -71,10 +72,12 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     say = progress or (lambda msg: None)
     timings: dict[str, float] = {}
     batches = list(calib_batches)
+    original = module  # the fp model: end-to-end tuning's teacher
     if config.preprocess is not None:
         t0 = time.perf_counter()
         say(f"preprocessing: {getattr(config.preprocess, '__name__', 'preprocess')}")
-        module = config.preprocess(module, batches)
+        with stage("quantization preprocessing"):
+            module = config.preprocess(module, batches, say)
         timings["preprocess"] = time.perf_counter() - t0
     family = families.detect(module)
     if config.skip is None:
@@ -99,7 +102,8 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     check = _runs_check(example_inputs)
     with stage("running the traced graph"):
         check("trace", gm)
-    quantizer = _Quantizer(module, batches, stats, config, say, timings, checkpoint_dir)
+    quantizer = _Quantizer(module, batches, stats, config, say, timings, checkpoint_dir,
+                           teacher=original)
     packed: dict = {}
     choose = _os_choose(config) if config.outlier_suppression else None
     manager = passes.PassManager(passes.build_passes(
@@ -129,9 +133,10 @@ class _Quantizer:
     with the folded tensors in place; each call then packs one Linear with its scheme."""
 
     def __init__(self, module, batches, stats, config: QuantizeConfig, say, timings,
-                 checkpoint_dir=None):
+                 checkpoint_dir=None, teacher=None):
         self.module, self.batches, self.stats = module, batches, stats
         self.checkpoint_dir = checkpoint_dir
+        self.teacher = module if teacher is None else teacher  # the fp model, not preprocessed
         self.config, self.say, self.timings = config, say, timings
         self.folded: dict[str, str] = {}  # original tensor name -> its attribute in gm
         self.fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -192,6 +197,14 @@ class _Quantizer:
                                       progress=self.say, include=lambda name: name in salient,
                                       blocks=blocks, checkpoint_dir=self.checkpoint_dir)
         self.timings["learn_scales"] = time.perf_counter() - t0
+        if config.e2e is not None and learned:
+            t0 = time.perf_counter()
+            e2e = config.e2e
+            if (config.learn or LearnConfig()).share_r2:  # one r2 per stacked op: keep it
+                e2e = dataclasses.replace(e2e, train_r2=False)
+            learned = tune_end_to_end(self.module, learned, calib_ids, e2e, progress=self.say,
+                                      teacher=self.teacher)
+            self.timings["e2e_tune"] = time.perf_counter() - t0
         return learned
 
     def _head_hessians(self) -> dict[str, torch.Tensor]:

@@ -99,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ptq161: learn the binary scales α, r1, r2 block by block (PTQ1.61); "
                         "closed-form: α = mean|W - μ|, no learning [default: %(default)s]")
     q.add_argument("--preset", choices=tuple(LEARN_PRESETS), default=next(iter(LEARN_PRESETS)),
-                   help="PTQ1.61 learning budget: default (every calibration sample, 2 epochs, "
-                        "as in the paper) or fast (16 samples, 1 epoch) [default: %(default)s]")
+                   help="quantization budget: default (PTQ1.61 on every calibration sample, "
+                        "2 epochs per block, as in the paper), fast (16 samples, 1 epoch) or "
+                        "best (default, then end-to-end tuning of every layer's scales, "
+                        "offsets and biases against the fp model's logits) "
+                        "[default: %(default)s]")
+    q.add_argument("--e2e-epochs", type=int,
+                   help="epochs of end-to-end tuning over the calibration text; 0: none "
+                        "[default: the preset's: 1 for best, none otherwise]")
     q.add_argument("--epochs", type=int, help="PTQ1.61 epochs per block [default: the preset's]")
     q.add_argument("--lr", type=float, help="PTQ1.61 learning rate of α, r1 and r2 "
                    "[default: the preset's]")
@@ -140,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config(args: argparse.Namespace):
     """The RunConfig an argument namespace of `build_parser` stands for."""
-    from .config import AUTO, LearnConfig, QuantizeConfig, RunConfig
+    import dataclasses
+
+    from .config import AUTO, E2EConfig, LearnConfig, QuantizeConfig, RunConfig
+    from .errors import QexportError
     from .schemes import parse_scheme
 
     learn = {k: v for k, v in (("epochs", args.epochs), ("lr_alpha", args.lr),
@@ -150,9 +159,15 @@ def run_config(args: argparse.Namespace):
     head_arg = args.head_scheme.strip().lower()
     head = None if head_arg in ("none", "fp") else AUTO if head_arg == AUTO \
         else parse_scheme(args.head_scheme)
+    e2e = E2EConfig.preset(args.preset)
+    if args.e2e_epochs is not None:
+        if args.e2e_epochs < 0:
+            raise QexportError("--e2e-epochs must be at least 0 (0: no end-to-end tuning)")
+        e2e = dataclasses.replace(e2e or E2EConfig(), epochs=args.e2e_epochs) \
+            if args.e2e_epochs else None
     quantize = QuantizeConfig(
         scheme=parse_scheme(args.scheme).with_overrides(args.salient_ratio),
-        method=args.method, learn=LearnConfig.preset(args.preset, **learn),
+        method=args.method, learn=LearnConfig.preset(args.preset, **learn), e2e=e2e,
         outlier_suppression=args.outlier_suppression, os_quantile=args.os_quantile,
         os_grid=args.os_grid, skip=args.skip, head_scheme=head,
         embeddings_fp16=args.embeddings_fp16, fused_attention=args.fused_attention)

@@ -29,9 +29,13 @@ def head_pattern(names=HEAD_NAMES) -> str:
 
 DEFAULT_SKIP = head_pattern()
 
-# PTQ1.61 learning budgets (LearnConfig.preset), the first the default.
+# Quantization budgets (--preset), the first the default: each preset's PTQ1.61 learning
+# settings (LearnConfig.preset), and for those that add end-to-end tuning after it, its
+# settings (E2EConfig.preset; a preset not in E2E_PRESETS has none).
 LEARN_PRESETS = {"default": {}, "fast": {"n_samples": 16, "epochs": 1, "lr_alpha": 3e-2,
-                                         "lr_r1": 3e-2, "lr_r2": 3e-2}}
+                                         "lr_r1": 3e-2, "lr_r2": 3e-2},
+                 "best": {}}
+E2E_PRESETS = {"best": {}}
 
 
 @dataclasses.dataclass
@@ -48,6 +52,10 @@ class LearnConfig:
     batch_size: int = 1  # calibration sequences per optimizer step
     mse_weight: float = 1.0  # weight of both MSE terms
     cos_weight: float = 1.0  # weight of both −log cos terms
+    # "mean": the MSE over every element (the paper's); "token": each token's squared error
+    # relative to its target's squared norm, averaged over tokens, so that the few tokens with
+    # massive hidden states (attention sinks) do not dominate the loss (ptq161.block_loss)
+    mse_norm: str = "mean"
     seed: int = 0
     spill_dir: str | None = None  # keep activations in memory-mapped files there (large runs)
     # One r2 for the Linears of a block that read the same activation with the same salient
@@ -69,11 +77,38 @@ class LearnConfig:
 
 
 @dataclasses.dataclass
+class E2EConfig:
+    """End-to-end tuning after the block-wise learning (qexport/e2e.py): AdamW with a cosine
+    schedule on the continuous parameters of every packed Linear, KL to the fp model."""
+    epochs: int = 1
+    lr_scale: float = 1e-3  # relative steps on the scales (row, r2, salient) and offsets
+    lr_bias: float = 1e-4  # absolute steps on the biases
+    n_samples: int | None = None  # None: every calibration row
+    batch_size: int = 1
+    train_r2: bool = True  # off for --share-r2 exports (one r2 per stacked op)
+    seed: int = 0
+    log_every: int = 8
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "E2EConfig | None":
+        """The end-to-end tuning of a --preset (None: the preset has none)."""
+        if name not in E2E_PRESETS:
+            return None
+        return dataclasses.replace(cls(**E2E_PRESETS[name]), **overrides)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
 class QuantizeConfig:
     scheme: Scheme = dataclasses.field(default_factory=lambda: parse_scheme(DEFAULT_SCHEME))
     _: dataclasses.KW_ONLY  # every setting after the scheme by name
     method: str = "ptq161"  # or "closed-form" (no learning: α = mean|W - μ|)
     learn: LearnConfig | None = dataclasses.field(default_factory=LearnConfig)  # PTQ1.61
+    # End-to-end tuning of the learned layers' continuous parameters (qexport/e2e.py); None:
+    # none (ptq161 only)
+    e2e: E2EConfig | None = None
     # OS+ shift/scale folded before quantizing; "auto": on for the activation-quantized
     # schemes (w8a8, w6a6), as the OS+ paper intends, off for weight-only ones
     outlier_suppression: bool | str = AUTO
@@ -94,9 +129,10 @@ class QuantizeConfig:
     # (qexport/families/); None: the target's default (on for ONNX Runtime, off for TensorRT,
     # whose parser lacks ONNX Runtime's contrib ops)
     fused_attention: bool | None = None
-    # Quantization preprocessing (PTQ1.61's restorative LoRA is one): preprocess(module,
-    # calib_batches) -> the module to quantize, run before tracing; see docs/design.md
-    preprocess: Callable[[Any, list[tuple]], Any] | None = None
+    # Quantization preprocessing (qexport.preprocess.RestorativeLoRA, PTQ1.61's restorative
+    # LoRA, is one): preprocess(module, calib_batches, progress) -> the module to quantize,
+    # run before tracing; see docs/design.md
+    preprocess: Callable[[Any, list[tuple], Callable[[str], None]], Any] | None = None
     # Only ops ONNX Runtime runs without the qexport library: w4a16 (the head's too) as
     # MatMulNBits; a scheme with binary weights is refused. "auto": on when the main scheme is
     # carried by ONNX Runtime's own ops (w2a16, w8a8, w6a6), so that such an export is
@@ -134,6 +170,12 @@ class QuantizeConfig:
         for lr in (learn.lr_alpha, learn.lr_r1, learn.lr_r2):
             if not lr > 0:
                 raise QexportError(f"--lr must be positive, got {lr}")
+        if learn.mse_norm not in ("mean", "token"):
+            raise QexportError(f"unknown MSE normalisation {learn.mse_norm!r}; "
+                               "choose from mean, token")
+        if self.e2e is not None and (self.e2e.epochs < 1 or not self.e2e.lr_scale > 0 or
+                                     self.e2e.lr_bias < 0):
+            raise QexportError("end-to-end tuning needs epochs >= 1 and positive learning rates")
         try:
             re.compile(self.skip or "")
         except re.error as e:
@@ -163,8 +205,11 @@ class QuantizeConfig:
                 "standard_ops": self.standard_ops,
                 "fused_attention": self.fused_attention,
                 "learn": self.learn.as_dict() if self.method == "ptq161" and self.learn else None,
+                "e2e": self.e2e.as_dict() if self.method == "ptq161" and self.e2e else None,
                 "preprocess": getattr(self.preprocess, "__name__", repr(self.preprocess))
-                if self.preprocess else None}
+                if self.preprocess else None,
+                "preprocess_config": getattr(self.preprocess, "config", None) and
+                self.preprocess.config.as_dict()}
 
 
 @dataclasses.dataclass

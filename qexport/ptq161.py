@@ -183,11 +183,16 @@ def _out(o):
 
 def block_loss(q: torch.Tensor, t_fp: torch.Tensor, t_q: torch.Tensor,
                config: LearnConfig) -> torch.Tensor:
-    """MSE and −log cos of the quantized block output q against both fp targets."""
+    """MSE (config.mse_norm) and −log cos of the quantized block output q against both fp
+    targets."""
     loss = q.new_zeros(())
     for t in (t_fp, t_q):
         if config.mse_weight:
-            loss = loss + config.mse_weight * F.mse_loss(q, t)
+            if config.mse_norm == "token":
+                err = (q - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)
+                loss = loss + config.mse_weight * err.mean()
+            else:
+                loss = loss + config.mse_weight * F.mse_loss(q, t)
         if config.cos_weight:
             cos = F.cosine_similarity(q, t, dim=-1).mean()
             loss = loss - config.cos_weight * torch.log(cos.clamp(min=1e-6))

@@ -241,8 +241,9 @@ def test_preprocess_hook_replaces_the_module_quantized():
     ids = torch.randint(0, 128, (2, 12))
     seen = {}
 
-    def double_mlp(m, batches):
+    def double_mlp(m, batches, progress):
         seen["batches"] = len(batches)
+        progress("doubling")
         m = copy.deepcopy(m)
         with torch.no_grad():
             for name, p in m.named_parameters():

@@ -1,0 +1,190 @@
+"""End-to-end tuning of a w1.61 model's continuous parameters against the fp model.
+
+After PTQ1.61's block-wise learning every Linear of the blocks is a packed
+`MixedLinearWeights`: signs, 4-bit codes and salient channels (discrete, frozen here) and the
+continuous tensors the op multiplies them by. This stage trains those continuous tensors of
+every layer at once, with a KL loss between the quantized model's next-token distribution and
+the fp model's over the calibration text (EfficientQAT's E2E-QP, applied to the PTQ1.61 format):
+
+    binary part   W[:, b] = (row_scale·a ⊙ sign + row_offset + row_scale·o) ⊙ (r2·c)
+    salient part  W[:, s] = (code − zero) ⊙ salient_scale·d
+    bias          bias + e
+
+with a, c, d multiplicative (start at 1: the learning rate is a relative step for tensors whose
+magnitudes differ by orders) and o, e additive (start at 0). The result is packed in the same
+format, rounded to what is stored (fp16 scales, fp32 bias), so what is exported is exactly what
+was trained and parity with the PyTorch reference stays exact.
+
+Memory: the fp model, the quantized weights in fp32 during the step (one copy of the model),
+the constant signs and codes as fp32 (another), and one sequence's activations for the
+backward pass. The teacher's logits are computed per step (not stored: 64 × 512 tokens × a
+49k vocabulary would be 6.4 GB).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .config import E2EConfig
+from .errors import QexportError
+from .ops.binary_mixed_linear.packing import (MixedLinearWeights, binary_channels,
+                                              unpack_nibbles, unpack_signs)
+
+
+class _Tunable(torch.nn.Module):
+    """One packed Linear with trainable continuous parameters (see the module docstring)."""
+
+    def __init__(self, w: MixedLinearWeights, train_r2: bool):
+        super().__init__()
+        self.w = w
+        n, k, s = w.out_features, w.in_features, w.num_salient
+        self.register_buffer("bidx", binary_channels(k, w.salient_idx))
+        self.register_buffer("sidx", w.salient_idx.long())
+        kb = w.num_binary
+        self.register_buffer("signs", unpack_signs(w.sign_packed, kb) if kb else
+                             torch.zeros(n, 0))
+        self.register_buffer("rs0", w.row_scale.float())
+        self.register_buffer("ro0", w.row_offset.float())
+        self.register_buffer("r20", w.r2.float() if w.r2 is not None else torch.ones(kb))
+        self.a = torch.nn.Parameter(torch.ones(n))
+        self.o = torch.nn.Parameter(torch.zeros(n))
+        self.c = torch.nn.Parameter(torch.ones(kb), requires_grad=train_r2 and w.r2 is not None)
+        if s:
+            gs = w.salient_group_size if w.salient_group_size > 0 else s
+            group_of = torch.arange(s) // gs
+            self.register_buffer("codes", unpack_nibbles(w.salient_packed, s).float() -
+                                 w.salient_zero.float()[:, group_of])
+            self.register_buffer("group_of", group_of)
+            self.register_buffer("ss0", w.salient_scale.float())
+            self.d = torch.nn.Parameter(torch.ones_like(self.ss0))
+        self.e = torch.nn.Parameter(torch.zeros(n), requires_grad=w.bias is not None)
+
+    def weight(self) -> torch.Tensor:
+        w = self.w
+        out = self.rs0.new_zeros(w.out_features, w.in_features)
+        if w.num_binary:
+            rs = (self.rs0 * self.a)[:, None]
+            wb = (rs * self.signs + (self.ro0 + self.rs0 * self.o)[:, None]) * \
+                (self.r20 * self.c)[None, :]
+            out = out.index_copy(1, self.bidx, wb)
+        if w.num_salient:
+            scale = (self.ss0 * self.d)[:, self.group_of]
+            out = out.index_copy(1, self.sidx, self.codes * scale)
+        return out
+
+    def bias(self) -> torch.Tensor | None:
+        return None if self.w.bias is None else self.w.bias + self.e
+
+    def pack(self) -> MixedLinearWeights:
+        """The trained layer in the stored format (fp16 scales: what the op executes)."""
+        w = self.w
+        with torch.no_grad():
+            rs = (self.rs0 * self.a).half()
+            ro = (self.ro0 + self.rs0 * self.o).half()
+            r2 = None if w.r2 is None else (self.r20 * self.c).half()
+            ss = (self.ss0 * self.d).half() if w.num_salient else w.salient_scale
+            bias = None if w.bias is None else (w.bias + self.e).float()
+        packed = dataclasses.replace(w, row_scale=rs, row_offset=ro, r2=r2, salient_scale=ss,
+                                     bias=bias)
+        packed.validate()
+        return packed
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise QexportError(f"end-to-end tuning: the model returned {type(out).__name__}, "
+                       "not logits")
+
+
+def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeights],
+                    calib_ids: torch.Tensor, config: E2EConfig | None = None,
+                    progress: Callable[[str], None] | None = None,
+                    teacher: torch.nn.Module | None = None) -> dict[str, MixedLinearWeights]:
+    """Train the continuous parameters of `packed` (layer name -> weights; names are module
+    paths in `module`, which maps input_ids [B, L] to logits) against the fp model `teacher`
+    (default: `module` itself with its fp weights; the original model when `module` was
+    preprocessed) by KL on the next-token distributions over `calib_ids` [n, L]; returns new
+    packed weights (same signs, codes, salient channels). Neither model is modified."""
+    teacher = module if teacher is None else teacher
+    config = config or E2EConfig()
+    say = progress or (lambda msg: None)
+    ids = calib_ids[:config.n_samples] if config.n_samples else calib_ids
+    if ids.dim() != 2 or ids.shape[0] < 1:
+        raise QexportError(f"end-to-end tuning needs ids of shape [n, L], got {tuple(ids.shape)}")
+    mods = dict(module.named_modules())
+    missing = [n for n in packed if not isinstance(mods.get(n), torch.nn.Linear)]
+    if missing:
+        raise QexportError(f"end-to-end tuning: {missing[0]} is not a Linear of the model")
+    tunable = {n: _Tunable(w, config.train_r2) for n, w in packed.items()}
+    groups = {"a": [], "o": [], "c": [], "d": [], "e": []}
+    for t in tunable.values():
+        for name in groups:
+            p = getattr(t, name, None)
+            if p is not None and p.requires_grad:
+                groups[name].append(p)
+    lrs = {"a": config.lr_scale, "o": config.lr_scale, "c": config.lr_scale,
+           "d": config.lr_scale, "e": config.lr_bias}
+    opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps],
+                            weight_decay=0.0)
+    requires = {p: p.requires_grad for m in (module, teacher) for p in m.parameters()}
+    for p in requires:
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(config.seed)
+    n, bs = ids.shape[0], max(1, config.batch_size)
+    batches = [(s, min(s + bs, n)) for s in range(0, n, bs)]
+    steps = config.epochs * len(batches)
+    total_steps = max(1, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps) / total_steps)))
+    t_start = time.perf_counter()
+    step = 0
+    first = last = float("nan")
+    try:
+        for epoch in range(config.epochs):
+            total = 0.0
+            for j in torch.randperm(len(batches), generator=gen).tolist():
+                s, e = batches[j]
+                x = ids[s:e]
+                with torch.no_grad():
+                    target = F.log_softmax(_logits(teacher(x)).float(), dim=-1)
+                params = {}
+                for name, t in tunable.items():
+                    params[f"{name}.weight"] = t.weight()
+                    b = t.bias()
+                    if b is not None:
+                        params[f"{name}.bias"] = b
+                student = F.log_softmax(_logits(functional_call(module, params, (x,))).float(),
+                                        dim=-1)
+                loss = F.kl_div(student.flatten(0, -2), target.flatten(0, -2),
+                                log_target=True, reduction="batchmean")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                value = float(loss.detach())
+                total += value * (e - s)
+                if first != first:
+                    first = value
+                if step % max(1, config.log_every) == 0 or step == steps:
+                    done = time.perf_counter() - t_start
+                    say(f"end-to-end tuning: step {step}/{steps}, KL {value:.4g}, "
+                        f"{done / step:.1f}s/step, ETA {done / step * (steps - step):.0f}s")
+            last = total / n
+            say(f"end-to-end tuning: epoch {epoch + 1}/{config.epochs}, KL {first:.4g} (first "
+                f"step) -> {last:.4g} (epoch mean)")
+    finally:
+        for p, r in requires.items():
+            p.requires_grad_(r)
+    return {name: t.pack() for name, t in tunable.items()}

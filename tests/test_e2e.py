@@ -1,0 +1,117 @@
+"""End-to-end tuning (qexport/e2e.py): the continuous parameters move, the discrete ones do not,
+the format stays the same, and the model gets closer to the fp one."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qexport.config import E2EConfig, LearnConfig
+from qexport.e2e import _Tunable, tune_end_to_end
+from qexport.families import find_blocks
+from qexport.ptq161 import learn_mixed_weights, substituted_weights
+from qexport.testing import random_mixed_linear
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, ids):
+        return self.hf(input_ids=ids).logits
+
+
+def _kl(model, packed, ids):
+    with torch.no_grad():
+        teacher = F.log_softmax(model(ids), -1)
+        with substituted_weights(model, packed):
+            student = F.log_softmax(model(ids), -1)
+    return float(F.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), log_target=True,
+                          reduction="batchmean"))
+
+
+@pytest.mark.parametrize("r2,bias,g", [(True, True, 0), (False, False, 4), (True, False, 3)])
+def test_untrained_tunable_is_the_packed_weight(r2, bias, g):
+    w = random_mixed_linear(12, 40, 7, g, with_r2=r2, with_bias=bias, seed=3)
+    t = _Tunable(w, train_r2=True)
+    assert torch.equal(t.weight().detach(), w.dequantize())
+    back = t.pack()
+    for a, b in zip(w.tensors(), back.tensors()):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_tuning_lowers_the_kl_and_keeps_the_codes():
+    from tiny_models import tiny_llama
+
+    model = _Logits(tiny_llama())
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    path, blocks = find_blocks(model)
+    names = [f"{path}.{bi}.{sub}" for bi, b in enumerate(blocks)
+             for sub, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
+    salient = {n: torch.tensor([0, 9, 17, 30]) for n in names}
+    packed = learn_mixed_weights(model, ids[:4], salient, 0, LearnConfig(epochs=1))
+    before = _kl(model, packed, ids[4:])  # held-out rows
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = tune_end_to_end(model, packed, ids[:4], E2EConfig(epochs=6, lr_scale=1e-2,
+                                                              lr_bias=1e-3))
+    after = _kl(model, tuned, ids[4:])
+    assert after < 0.9 * before, (before, after)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in params.items())  # untouched
+    for name, w in packed.items():
+        t = tuned[name]
+        t.validate()
+        for f in ("sign_packed", "salient_idx", "salient_packed", "salient_zero"):
+            assert torch.equal(getattr(w, f), getattr(t, f)), (name, f)
+        assert not torch.equal(w.row_scale, t.row_scale)  # trained
+        assert t.row_scale.dtype == torch.float16 and t.weight_nbytes() == w.weight_nbytes()
+
+
+def test_rejects_a_name_that_is_not_a_linear():
+    from qexport.errors import QexportError
+    from tiny_models import tiny_llama
+
+    model = _Logits(tiny_llama())
+    w = random_mixed_linear(4, 8, 0, 0)
+    with pytest.raises(QexportError, match="not a Linear"):
+        tune_end_to_end(model, {"hf.model.nothing": w}, torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_config_round_trip():
+    c = E2EConfig(epochs=2)
+    assert E2EConfig(**c.as_dict()) == c and dataclasses.is_dataclass(c)
+
+
+def test_preset_best_through_the_cli(tmp_path):
+    """--preset best: learning, then end-to-end tuning; the export is the tuned layers, so ORT
+    still equals the PyTorch reference exactly (the pipeline's parity check), and the config
+    in the report says what ran."""
+    import json
+
+    from qexport import cli
+    from tiny_models import tiny_llama
+
+    src = tmp_path / "llama"
+    tiny_llama().save_pretrained(src)
+    out = tmp_path / "out"
+    assert cli.main([str(src), "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32",
+                     "--preset", "best", "--no-perplexity", "--no-kv-cache", "--threads", "1",
+                     "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["ok"] and "e2e_tune" in report["timings"]
+    assert report["config"]["e2e"]["epochs"] == 1
+
+
+def test_e2e_epochs_flag():
+    from qexport import cli
+
+    def e2e(*argv):
+        return cli.run_config(cli.build_parser().parse_args(["m", *argv])).quantize.e2e
+
+    assert e2e() is None and e2e("--preset", "best").epochs == 1
+    assert e2e("--e2e-epochs", "3").epochs == 3 and e2e("--preset", "best", "--e2e-epochs",
+                                                        "0") is None
