@@ -41,9 +41,10 @@ from qexport.gptq import linear_input_hessians
 from qexport.data import brown_splits, calibration_batches, eval_tokens
 from qexport.evaluate import perplexity, torch_logits_fn
 from qexport.models import load_model
-from qexport.config import LEARN_PRESETS, E2EConfig
+from qexport.config import PRESETS, E2EConfig
 from qexport.e2e import tune_end_to_end
-from qexport.preprocess import LoRAConfig, RestorativeLoRA
+from qexport.config import LoRAConfig
+from qexport.preprocess import RestorativeLoRA
 from qexport.families import find_blocks
 from qexport.ptq161 import (LearnConfig, learn_mixed_weights, linear_input_rms,
                             substituted_weights)
@@ -60,7 +61,7 @@ def log(msg):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="default", choices=list(LEARN_PRESETS))
+    ap.add_argument("--preset", default="default", choices=list(PRESETS))
     ap.add_argument("--n-samples", type=int, default=None,
                     help="calibration sequences (default: 64, or the preset's n_samples)")
     ap.add_argument("--seq-len", type=int, default=512)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,8 +32,13 @@ STATE = "resume.pt"
 def fingerprint(module: torch.nn.Module, calib_ids: torch.Tensor,
                 salient: dict[str, torch.Tensor], settings: dict) -> str:
     """sha256 over every tensor of the module's state, the calibration ids, the salient
-    channels and the learning's settings (a dict of plain values)."""
+    channels, the learning's settings (a dict of plain values), the thread count (float sums
+    depend on it) and the qexport and torch versions."""
+    from . import __version__
+
     h = hashlib.sha256()
+    h.update(f"qexport {__version__} torch {torch.__version__} threads "
+             f"{torch.get_num_threads()};".encode())
 
     def tensor(name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous().cpu()
@@ -85,19 +89,27 @@ class BlockCheckpoint:
                         self._block(bi))
             self._write({"format": FORMAT, "fingerprint": self.fingerprint,
                          "num_blocks": self.num_blocks, "next_block": bi + 1,
+                         "threads": torch.get_num_threads(),
                          "x_fp": x_fp, "x_q": x_q,
                          "generator_state": generator.get_state()}, self.folder / STATE)
         except OSError as e:
             raise QexportError(f"cannot write the learning checkpoint in {self.folder}: "
                                f"{e.strerror or e}") from e
 
-    def load(self, weights_cls) -> Resumed | None:
-        """The checkpoint, or None when there is none. A folder left by another run (another
-        fingerprint) is emptied: this run starts over and keeps its own blocks there."""
+    def load(self, weights_cls, say=None) -> Resumed | None:
+        """The checkpoint, or None when there is none. One left by another run (another
+        fingerprint: other weights, data, settings, thread count or versions) is removed, and
+        `say` told: this run starts over and keeps its own blocks there."""
         state = read_state(self.folder)
-        if state is None or state.get("fingerprint") != self.fingerprint or \
+        if state is None:
+            remove(self.folder)  # nothing usable (e.g. killed before its first block)
+            return None
+        if state.get("fingerprint") != self.fingerprint or \
                 state.get("num_blocks") != self.num_blocks:
             remove(self.folder)
+            if say:
+                say(f"PTQ1.61: the checkpoint in {self.folder} is from other inputs or settings "
+                    "(model, data, options, thread count or versions): starting over")
             return None
         packed = {}
         for bi in range(state["next_block"]):
@@ -117,11 +129,18 @@ def read_state(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / STATE
     if not path.is_file():
         return None
-    try:
-        state = torch.load(path, weights_only=True)
+    try:  # memory-mapped: reading the counts does not read the activations (GBs on 7B)
+        state = torch.load(path, weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - a damaged state (by hand, or the disk) counts as none
         return None
     return state if isinstance(state, dict) and state.get("format") == FORMAT else None
+
+
+def saved_threads(folder: str | os.PathLike) -> int | None:
+    """The thread count the checkpoint was learned with (a resumed run uses it unless told
+    otherwise: float sums, and so the bytes, depend on it)."""
+    state = read_state(folder)
+    return None if state is None else state.get("threads")
 
 
 def describe(folder: str | os.PathLike) -> str | None:
@@ -133,4 +152,16 @@ def describe(folder: str | os.PathLike) -> str | None:
 
 
 def remove(folder: str | os.PathLike) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    """Remove a work folder's files (only those a checkpoint writes), then the folder if that
+    leaves it empty: a folder given by mistake (".", a project folder) keeps everything else."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_file() and (p.name in (STATE, STATE + ".tmp") or
+                            (p.name.startswith("block-") and p.name.endswith((".pt", ".pt.tmp")))):
+            p.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty: not only ours

@@ -11,6 +11,7 @@ TensorRT or a GPU is missing writes the ONNX outputs, says what is missing, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -25,8 +26,8 @@ def _log(msg: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import targets
-    from .config import (AUTO, DEFAULT_SCHEME, LEARN_PRESETS, METHODS,
-                         QuantizeConfig, RunConfig, default)
+    from .config import (AUTO, DEFAULT_SCHEME, METHODS, PRESETS, QuantizeConfig, RunConfig,
+                         default)
     from .schemes import SCHEMES
 
     def run_default(name):
@@ -98,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=METHODS, default=q_default("method"),
                    help="ptq161: learn the binary scales α, r1, r2 block by block (PTQ1.61); "
                         "closed-form: α = mean|W - μ|, no learning [default: %(default)s]")
-    q.add_argument("--preset", choices=tuple(LEARN_PRESETS), default=next(iter(LEARN_PRESETS)),
+    q.add_argument("--preset", choices=tuple(PRESETS), default=next(iter(PRESETS)),
                    help="quantization budget: default (PTQ1.61 on every calibration sample, "
                         "2 epochs per block, as in the paper), fast (16 samples, 1 epoch) or "
-                        "best (default, then end-to-end tuning of every layer's scales, "
-                        "offsets and biases against the fp model's logits) "
+                        "best (restorative LoRA on the fp model first, as PTQ1.61's "
+                        "preprocessing, then default, then end-to-end tuning of every layer's "
+                        "scales, offsets and biases against the fp model's logits) "
                         "[default: %(default)s]")
+    q.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="restorative LoRA before quantizing (w1.61-style schemes with PTQ1.61) "
+                        "[default: the preset's: on for best]")
     q.add_argument("--e2e-epochs", type=int,
                    help="epochs of end-to-end tuning over the calibration text; 0: none "
                         "[default: the preset's: 1 for best, none otherwise]")
@@ -148,7 +153,7 @@ def run_config(args: argparse.Namespace):
     """The RunConfig an argument namespace of `build_parser` stands for."""
     import dataclasses
 
-    from .config import AUTO, E2EConfig, LearnConfig, QuantizeConfig, RunConfig
+    from .config import AUTO, E2EConfig, LearnConfig, LoRAConfig, QuantizeConfig, RunConfig
     from .errors import QexportError
     from .schemes import parse_scheme
 
@@ -165,8 +170,17 @@ def run_config(args: argparse.Namespace):
             raise QexportError("--e2e-epochs must be at least 0 (0: no end-to-end tuning)")
         e2e = dataclasses.replace(e2e or E2EConfig(), epochs=args.e2e_epochs) \
             if args.e2e_epochs else None
+    scheme = parse_scheme(args.scheme).with_overrides(args.salient_ratio)
+    lora = LoRAConfig.preset(args.preset) if args.lora is None else \
+        LoRAConfig() if args.lora else None
+    preprocess = None
+    if lora is not None and args.method == "ptq161" and scheme.kind == "mixed" and \
+            scheme.salient_ratio < 1.0:
+        from .preprocess import RestorativeLoRA
+        preprocess = RestorativeLoRA(dataclasses.replace(lora,
+                                                         salient_ratio=scheme.salient_ratio))
     quantize = QuantizeConfig(
-        scheme=parse_scheme(args.scheme).with_overrides(args.salient_ratio),
+        scheme=scheme, preprocess=preprocess,
         method=args.method, learn=LearnConfig.preset(args.preset, **learn), e2e=e2e,
         outlier_suppression=args.outlier_suppression, os_quantile=args.os_quantile,
         os_grid=args.os_grid, skip=args.skip, head_scheme=head,
@@ -184,8 +198,8 @@ def run(args) -> int:
     from . import pipeline
 
     say = (lambda msg: None) if args.quiet else _log
-    _interrupt_on_sigterm()
-    result = pipeline.run(run_config(args), progress=say)
+    with _interrupt_on_sigterm():
+        result = pipeline.run(run_config(args), progress=say)
     if not result.parity_ok:
         print(f"qexport: error: parity check failed (ORT disagrees with the PyTorch reference); "
               f"see {result.output / 'report.md'}", file=sys.stderr)
@@ -193,17 +207,25 @@ def run(args) -> int:
     return _finish_code(result.finish, say)
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a killed CI job, `timeout`, a scheduler) ends a run as Ctrl-C does: the
-    temporary output folder removed, the finished learning kept, the way to resume said."""
+@contextlib.contextmanager
+def _interrupt_on_sigterm():
+    """SIGTERM (a killed CI job, `timeout`, a scheduler) ends a run as Ctrl-C does (exit 130):
+    the temporary output folder removed, the finished learning kept, the way to resume said.
+    The previous handler is restored afterwards."""
     import signal
     import threading
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _finish_code(finish, say) -> int:
@@ -275,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
               "with the output of --debug)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
-        print(f"qexport: interrupted; {e or 'nothing was written'}", file=sys.stderr)
+        print(f"qexport: interrupted; {str(e) or 'nothing was written'}", file=sys.stderr)
         return 130
 
 

@@ -29,13 +29,24 @@ def head_pattern(names=HEAD_NAMES) -> str:
 
 DEFAULT_SKIP = head_pattern()
 
-# Quantization budgets (--preset), the first the default: each preset's PTQ1.61 learning
-# settings (LearnConfig.preset), and for those that add end-to-end tuning after it, its
-# settings (E2EConfig.preset; a preset not in E2E_PRESETS has none).
-LEARN_PRESETS = {"default": {}, "fast": {"n_samples": 16, "epochs": 1, "lr_alpha": 3e-2,
-                                         "lr_r1": 3e-2, "lr_r2": 3e-2},
-                 "best": {}}
-E2E_PRESETS = {"best": {}}
+# Quantization budgets (--preset), the first the default. Each gives the settings of its stages
+# that differ from the dataclass defaults: "learn" (LearnConfig: PTQ1.61's block-wise learning),
+# "lora" (LoRAConfig: restorative LoRA before it; absent: none), "e2e" (E2EConfig: end-to-end
+# tuning after it; absent: none). Measured on SmolLM2 in docs/results.md.
+PRESETS = {
+    "default": {"learn": {}},
+    "fast": {"learn": {"n_samples": 16, "epochs": 1, "lr_alpha": 3e-2, "lr_r1": 3e-2,
+                       "lr_r2": 3e-2}},
+    "best": {"learn": {}, "lora": {}, "e2e": {}},
+}
+
+
+def _preset(cls, stage: str, name: str, overrides: dict):
+    if name not in PRESETS:
+        raise QexportError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if stage not in PRESETS[name]:
+        return None
+    return dataclasses.replace(cls(**PRESETS[name][stage]), **overrides)
 
 
 @dataclasses.dataclass
@@ -67,10 +78,30 @@ class LearnConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "LearnConfig":
         """"default": the paper's 2 epochs on all calibration rows; "fast": 16 rows, 1 epoch."""
-        if name not in LEARN_PRESETS:
-            raise QexportError(f"unknown PTQ1.61 preset {name!r}; "
-                               f"choose from {', '.join(LEARN_PRESETS)}")
-        return dataclasses.replace(cls(**LEARN_PRESETS[name]), **overrides)
+        return _preset(cls, "learn", name, overrides)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    """Restorative LoRA, PTQ1.61's quantization preprocessing (qexport/preprocess.py). The
+    paper: rank 64, ~20k steps on RedPajama; the defaults fit a small model on a laptop-class
+    CPU (one pass over the calibration rows)."""
+    rank: int = 64
+    alpha: float = 64.0  # the adapter is (alpha / rank)·B·A
+    epochs: int = 1
+    lr: float = 1e-3
+    n_samples: int | None = None  # None: every calibration row
+    salient_ratio: float = 0.2  # of the fake quantization (the scheme's, when run by the CLI)
+    seed: int = 0
+    log_every: int = 8
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LoRAConfig | None":
+        """The restorative LoRA of a --preset (None: the preset has none)."""
+        return _preset(cls, "lora", name, overrides)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,9 +123,7 @@ class E2EConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "E2EConfig | None":
         """The end-to-end tuning of a --preset (None: the preset has none)."""
-        if name not in E2E_PRESETS:
-            return None
-        return dataclasses.replace(cls(**E2E_PRESETS[name]), **overrides)
+        return _preset(cls, "e2e", name, overrides)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -63,8 +63,12 @@ def run(config: RunConfig, progress: Progress | None = None) -> RunResult:
     tmp = _prepare_output(out, config.force)
     try:
         report = _run_into(config, target, tmp, work, say)
-        _commit_output(tmp, out)
+        with _signals_deferred():  # an interrupt now lands after the commit
+            _commit_output(tmp, out)
     except BaseException as e:
+        if not tmp.exists() and out.exists() and isinstance(e, KeyboardInterrupt):
+            checkpoint.remove(work)  # the interrupt came once the output was in place
+            raise Interrupted(f"{out} was written completely before the interrupt") from None
         shutil.rmtree(tmp, ignore_errors=True)
         kept = checkpoint.describe(work)
         hint = kept and (f"PTQ1.61 learning of {kept} is kept in {work}: rerun the same "
@@ -101,7 +105,10 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, work: Path,
 
     from . import api, models
 
-    config = dataclasses.replace(config, threads=config.threads or idle_cores())
+    # a resumed run keeps the interrupted one's thread count (its bytes depend on it)
+    config = dataclasses.replace(config, threads=config.threads or
+                                 (config.resume and checkpoint.saved_threads(work)) or
+                                 idle_cores())
     torch.set_num_threads(config.threads)
     say(f"{config.threads} thread(s)")
     timings: dict[str, float] = {}
@@ -557,36 +564,88 @@ def _prepare_output(path: Path, force: bool) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(parent, path.name)
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=parent))
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_owner_tag()}-", dir=parent))
     except OSError as e:
         raise QexportError(f"cannot write the output folder {path}: {e.strerror}") from e
 
 
+def _owner_tag() -> str:
+    """host-pid, in the names of a run's temp folders: another run can tell whether their
+    process is gone (a process id alone says nothing across hosts of a shared file system)."""
+    import socket
+
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _dead(tag: str) -> bool:
+    """Whether the run of a temp folder's host-pid tag is gone (only decidable on this host)."""
+    import socket
+
+    host, _, pid = tag.rpartition("-")
+    if host != socket.gethostname().replace("-", "_") or not pid.isdigit() or \
+            int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # alive (another user's process)
+    return False
+
+
 def _remove_stale_temps(parent: Path, name: str) -> None:
-    """Temp folders of runs killed outright (SIGKILL, a power cut: no cleanup ran), told from
-    those of runs still going by the process id in their name."""
+    """Leftovers of runs killed outright (SIGKILL: no cleanup ran), told from those of runs
+    still going by the host and process id in their names: a temp folder is removed; the
+    previous output set aside during a commit is put back if the new one never arrived."""
     import re
 
-    for p in parent.glob(f".{name}.tmp-*"):
-        m = re.fullmatch(rf"\.{re.escape(name)}\.tmp-(\d+)-.*", p.name)
-        if m is None or int(m[1]) == os.getpid():
+    for p in parent.glob(f".{name}.*-*"):
+        m = re.fullmatch(rf"\.{re.escape(name)}\.(tmp|old)-([^-]+-\d+)(-.*)?", p.name)
+        if m is None or not _dead(m[2]):
             continue
-        try:
-            os.kill(int(m[1]), 0)
-        except ProcessLookupError:
+        if m[1] == "old" and not (parent / name).exists():
+            p.rename(parent / name)
+        else:
             shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass  # alive (another user's process): not ours to remove
+
+
+class _signals_deferred:
+    """SIGINT and SIGTERM held back for the duration (delivered at exit), where the platform
+    allows it (the main thread on POSIX): the two renames of a commit are not split."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.mask = None
+        if hasattr(signal, "pthread_sigmask") and \
+                threading.current_thread() is threading.main_thread():
+            self.mask = signal.pthread_sigmask(signal.SIG_BLOCK,
+                                               {signal.SIGINT, signal.SIGTERM})
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
 
 
 def _commit_output(tmp: Path, path: Path) -> None:
+    """tmp becomes path; a previous path is set aside first and put back on any failure."""
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{_owner_tag()}")
         path.rename(old)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
-    tmp.rename(path)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
+        tmp.rename(path)
+    except BaseException:
+        if old is not None and not path.exists():
+            old.rename(path)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,6 @@ weights, or per-block training against block outputs (not built).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from typing import Callable
@@ -31,27 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .config import LoRAConfig
 from .e2e import _logits
 from .errors import QexportError
 from .families import find_blocks
 from .quantizers import select_salient
-
-
-@dataclasses.dataclass
-class LoRAConfig:
-    """Restorative LoRA (PTQ1.61's quantization preprocessing). The paper: rank 64, ~20k steps
-    on RedPajama; the defaults here fit a small model on a laptop-class CPU."""
-    rank: int = 64
-    alpha: float = 64.0  # the adapter is (alpha / rank)·B·A
-    epochs: int = 1
-    lr: float = 1e-3
-    n_samples: int | None = None  # None: every calibration row
-    salient_ratio: float = 0.2  # of the fake quantization (the scheme's, when run by the CLI)
-    seed: int = 0
-    log_every: int = 8
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def fake_quantize_w161(w: torch.Tensor, salient: torch.Tensor) -> torch.Tensor:

@@ -243,16 +243,16 @@ def learn_mixed_weights(module: torch.nn.Module, calib_ids: torch.Tensor,
     n, bs = ids.shape[0], max(1, config.batch_size)
     gen = torch.Generator().manual_seed(config.seed)
     ckpt = resumed = None
-    if checkpoint_dir is not None:
-        settings = {**config.as_dict(), "spill_dir": None, "group_size": salient_group_size,
-                    "names": names, "path": path, "blocks": len(blocks)}
-        ckpt = checkpoint.BlockCheckpoint(
-            checkpoint_dir, checkpoint.fingerprint(module, ids, {k: salient[k] for k in names},
-                                                   settings), len(blocks))
-        resumed = ckpt.load(MixedLinearWeights)
     t_start = time.perf_counter()
     first_block = 0
     try:
+        if checkpoint_dir is not None:
+            settings = {**config.as_dict(), "spill_dir": None, "group_size": salient_group_size,
+                        "names": names, "path": path, "blocks": len(blocks)}
+            ckpt = checkpoint.BlockCheckpoint(
+                checkpoint_dir, checkpoint.fingerprint(
+                    module, ids, {k: salient[k] for k in names}, settings), len(blocks))
+            resumed = ckpt.load(MixedLinearWeights, say)
         say(f"PTQ1.61: capturing the inputs of {path}.0 on {n}x{ids.shape[1]} tokens")
         x_fp, extra = _capture_block0_inputs(module, blocks[0], ids, 1, store)
         x_q = store.new(x_fp.shape)

@@ -104,6 +104,8 @@ def test_preset_best_through_the_cli(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["ok"] and "e2e_tune" in report["timings"]
     assert report["config"]["e2e"]["epochs"] == 1
+    assert report["config"]["preprocess"] == "restorative_lora" and \
+        report["config"]["preprocess_config"]["rank"] == 64 and "preprocess" in report["timings"]
 
 
 def test_e2e_epochs_flag():
@@ -112,6 +114,13 @@ def test_e2e_epochs_flag():
     def e2e(*argv):
         return cli.run_config(cli.build_parser().parse_args(["m", *argv])).quantize.e2e
 
+    def lora(*argv):
+        return cli.run_config(cli.build_parser().parse_args(["m", *argv])).quantize.preprocess
+
+    assert lora() is None and lora("--preset", "best").config.rank == 64
+    assert lora("--lora").config.salient_ratio == 0.2 and lora("--preset", "best",
+                                                               "--no-lora") is None
+    assert lora("--lora", "--scheme", "w4a16") is None  # nothing binary to prepare for
     assert e2e() is None and e2e("--preset", "best").epochs == 1
     assert e2e("--e2e-epochs", "3").epochs == 3 and e2e("--preset", "best", "--e2e-epochs",
                                                         "0") is None

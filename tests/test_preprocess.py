@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from qexport.families import find_blocks
-from qexport.preprocess import LoRAConfig, RestorativeLoRA, fake_quantize_w161
+from qexport.config import LoRAConfig
+from qexport.preprocess import RestorativeLoRA, fake_quantize_w161
 from qexport.quantizers import quantize_mixed, select_salient
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

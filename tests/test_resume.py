@@ -123,6 +123,7 @@ def test_killed_run_resumes_to_the_same_bytes(tiny_dir, reference, tmp_path, cap
 def test_no_resume_starts_over(tiny_dir, reference, tmp_path, capsys):
     out = tmp_path / "out"
     assert _interrupted(tiny_dir, out, "mid-block", "SIGKILL").returncode == -9
+    assert checkpoint.describe(pipeline.work_folder(out)) == "1 of 2 blocks"
     assert cli.main(_args(tiny_dir, out)[:-1] + ["--no-resume"]) == 0
     err = capsys.readouterr().err
     assert "resuming" not in err and "PTQ1.61: block 1/2" in err
@@ -180,3 +181,34 @@ def test_checkpoint_of_other_inputs_is_discarded(tmp_path):
     assert checkpoint.describe(ckpt) == "1 of 2 blocks"  # now the other run's block
     with pytest.raises(_Stop):  # so the first inputs do not resume from it either
         _learn(model, ids, ckpt, stop_after=1)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_leftovers_of_a_killed_commit(tmp_path):
+    """SIGKILL between the commit's two renames: the previous output, set aside, is put back
+    by the next run; a dead run's temp folder is removed; a live run's is left alone."""
+    tag = f"{pipeline._owner_tag().rsplit('-', 1)[0]}-{_dead_pid()}"
+    old = tmp_path / f".out.old-{tag}"
+    old.mkdir()
+    (old / "report.json").write_text("{}")
+    dead_tmp = tmp_path / f".out.tmp-{tag}-abc"
+    live_tmp = tmp_path / f".out.tmp-{pipeline._owner_tag()}-def"
+    dead_tmp.mkdir()
+    live_tmp.mkdir()
+    pipeline._remove_stale_temps(tmp_path, "out")
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert not old.exists() and not dead_tmp.exists() and live_tmp.exists()
+
+
+def test_checkpoint_removal_keeps_foreign_files(tmp_path):
+    """A work folder given by mistake (an existing folder) loses only checkpoint files."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "block-0000.pt").write_bytes(b"x")
+    (tmp_path / checkpoint.STATE).write_bytes(b"x")
+    checkpoint.remove(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -383,6 +383,15 @@ bool RunConcurrent(Ort::Env& env, const Ort::SessionOptions& options, const std:
   std::vector<std::string> errors(static_cast<size_t>(threads));
   std::atomic<int> waiting{threads};
   std::vector<std::thread> pool;
+  struct Release {  // if a thread fails to start, the started ones must not wait forever
+    std::atomic<int>& waiting;
+    std::vector<std::thread>& pool;
+    ~Release() {
+      waiting.store(0);
+      for (std::thread& th : pool)
+        if (th.joinable()) th.join();
+    }
+  } release{waiting, pool};
   for (int t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
       try {
