@@ -185,7 +185,7 @@ def our_rows(b: Bench, rows: set) -> None:
     """fp, closed (closed-form w1.61) and learned (PTQ1.61) on the same salient channels."""
     if "fp" in rows:
         b.results["rows"]["fp"] = {"bits": 32.0, **b.ppl("fp", b.fp_module), "time_s": 0.0}
-    if not rows & {"closed", "learned"}:
+    if not rows & {"closed", "learned", "learned_e2e"}:
         return
     t0 = time.perf_counter()
     rms = linear_input_rms(b.module, b.calib, include=b.in_blocks, forward=b.stats_forward)

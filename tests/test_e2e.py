@@ -87,9 +87,9 @@ def test_config_round_trip():
 
 
 def test_preset_best_through_the_cli(tmp_path):
-    """--preset best: learning, then end-to-end tuning; the export is the tuned layers, so ORT
-    still equals the PyTorch reference exactly (the pipeline's parity check), and the config
-    in the report says what ran."""
+    """--preset best: restorative LoRA, learning, then end-to-end tuning; the export is
+    the tuned layers, so ORT still equals the PyTorch reference exactly (the pipeline's parity
+    check), and the config in the report says what ran."""
     import json
 
     from qexport import cli
@@ -99,8 +99,8 @@ def test_preset_best_through_the_cli(tmp_path):
     tiny_llama().save_pretrained(src)
     out = tmp_path / "out"
     assert cli.main([str(src), "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32",
-                     "--preset", "best", "--no-perplexity", "--no-kv-cache", "--threads", "1",
-                     "--quiet"]) == 0
+                     "--preset", "best", "--no-perplexity", "--no-kv-cache",
+                     "--threads", "1", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["ok"] and "e2e_tune" in report["timings"]
     assert report["config"]["e2e"]["epochs"] == 1
@@ -118,8 +118,9 @@ def test_e2e_epochs_flag():
         return cli.run_config(cli.build_parser().parse_args(["m", *argv])).quantize.preprocess
 
     assert lora() is None and lora("--preset", "best").config.rank == 64
-    assert lora("--lora").config.salient_ratio == 0.2 and lora("--preset", "best",
-                                                               "--no-lora") is None
+    assert lora("--preset", "best", "--no-lora") is None
+    assert lora("--lora").config.salient_ratio == 0.2 and lora("--lora").config.rank == 64
+    assert lora("--lora", "--salient-ratio", "0.1").config.salient_ratio == 0.1
     assert lora("--lora", "--scheme", "w4a16") is None  # nothing binary to prepare for
     assert e2e() is None and e2e("--preset", "best").epochs == 1
     assert e2e("--e2e-epochs", "3").epochs == 3 and e2e("--preset", "best", "--e2e-epochs",
