@@ -32,6 +32,8 @@ import torch
 from qexport import checkpoint, cli, ptq161
 
 point, sig = sys.argv[1], getattr(signal, sys.argv[2])
+# Ctrl-C as at a terminal: a job started in the background (CI) inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 saved, steps = [], []
 
 def die():
