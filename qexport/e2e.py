@@ -107,6 +107,28 @@ def _logits(out) -> torch.Tensor:
                        "not logits")
 
 
+def teacher_logprobs(teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fp model's next-token log-probabilities on ids x (no grad)."""
+    with torch.no_grad():
+        return F.log_softmax(_logits(teacher(x)).float(), dim=-1)
+
+
+def kl_to_teacher(module: torch.nn.Module, params: dict, x: torch.Tensor,
+                  target: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || module with `params` substituted) per token on ids x: the distillation
+    loss of end-to-end tuning and of restorative LoRA."""
+    student = F.log_softmax(_logits(functional_call(module, params, (x,))).float(), dim=-1)
+    return F.kl_div(student.flatten(0, -2), target.flatten(0, -2), log_target=True,
+                    reduction="batchmean")
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int):
+    """Learning rates decayed from their value to 0 over `steps` optimizer steps."""
+    steps = max(1, steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+
+
 def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeights],
                     calib_ids: torch.Tensor, config: E2EConfig | None = None,
                     progress: Callable[[str], None] | None = None,
@@ -144,9 +166,7 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     n, bs = ids.shape[0], max(1, config.batch_size)
     batches = [(s, min(s + bs, n)) for s in range(0, n, bs)]
     steps = config.epochs * len(batches)
-    total_steps = max(1, steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps) / total_steps)))
+    sched = cosine_schedule(opt, steps)
     t_start = time.perf_counter()
     step = 0
     first = last = float("nan")
@@ -156,18 +176,14 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
             for j in torch.randperm(len(batches), generator=gen).tolist():
                 s, e = batches[j]
                 x = ids[s:e]
-                with torch.no_grad():
-                    target = F.log_softmax(_logits(teacher(x)).float(), dim=-1)
+                target = teacher_logprobs(teacher, x)
                 params = {}
                 for name, t in tunable.items():
                     params[f"{name}.weight"] = t.weight()
                     b = t.bias()
                     if b is not None:
                         params[f"{name}.bias"] = b
-                student = F.log_softmax(_logits(functional_call(module, params, (x,))).float(),
-                                        dim=-1)
-                loss = F.kl_div(student.flatten(0, -2), target.flatten(0, -2),
-                                log_target=True, reduction="batchmean")
+                loss = kl_to_teacher(module, params, x, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

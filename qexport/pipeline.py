@@ -107,8 +107,7 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, work: Path,
 
     # a resumed run keeps the interrupted one's thread count (its bytes depend on it)
     config = dataclasses.replace(config, threads=config.threads or
-                                 (config.resume and checkpoint.saved_threads(work)) or
-                                 idle_cores())
+                                 checkpoint.saved_threads(work) or idle_cores())
     torch.set_num_threads(config.threads)
     say(f"{config.threads} thread(s)")
     timings: dict[str, float] = {}

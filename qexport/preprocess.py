@@ -27,11 +27,9 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 from .config import LoRAConfig
-from .e2e import _logits
+from .e2e import cosine_schedule, kl_to_teacher, teacher_logprobs
 from .errors import QexportError
 from .families import find_blocks
 from .quantizers import select_salient
@@ -94,8 +92,7 @@ class RestorativeLoRA:
         opt = torch.optim.AdamW([p for ab in adapters.values() for p in ab], lr=c.lr,
                                 weight_decay=0.0)
         steps = c.epochs * ids.shape[0]
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(1, steps))))
+        sched = cosine_schedule(opt, steps)
         requires = {p: p.requires_grad for p in module.parameters()}
         for p in requires:
             p.requires_grad_(False)
@@ -105,15 +102,11 @@ class RestorativeLoRA:
                 total, first = 0.0, float("nan")
                 for j in torch.randperm(ids.shape[0], generator=g).tolist():
                     x = ids[j:j + 1]
-                    with torch.no_grad():
-                        teacher = F.log_softmax(_logits(module(x)).float(), -1)
+                    target = teacher_logprobs(module, x)
                     params = {f"{n}.weight": fake_quantize_w161(
                         mods[n].weight + scale * (b @ a), salient[n])
                         for n, (a, b) in adapters.items()}
-                    student = F.log_softmax(_logits(functional_call(module, params, (x,))).float(),
-                                            -1)
-                    loss = F.kl_div(student.flatten(0, -2), teacher.flatten(0, -2),
-                                    log_target=True, reduction="batchmean")
+                    loss = kl_to_teacher(module, params, x, target)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

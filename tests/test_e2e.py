@@ -17,15 +17,6 @@ from qexport.testing import random_mixed_linear
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, hf):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, ids):
-        return self.hf(input_ids=ids).logits
-
-
 def _kl(model, packed, ids):
     with torch.no_grad():
         teacher = F.log_softmax(model(ids), -1)
@@ -46,9 +37,9 @@ def test_untrained_tunable_is_the_packed_weight(r2, bias, g):
 
 
 def test_tuning_lowers_the_kl_and_keeps_the_codes():
-    from tiny_models import tiny_llama
+    from tiny_models import LogitsOnly, tiny_llama
 
-    model = _Logits(tiny_llama())
+    model = LogitsOnly(tiny_llama())
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
     path, blocks = find_blocks(model)
     names = [f"{path}.{bi}.{sub}" for bi, b in enumerate(blocks)
@@ -73,12 +64,12 @@ def test_tuning_lowers_the_kl_and_keeps_the_codes():
 
 def test_rejects_a_name_that_is_not_a_linear():
     from qexport.errors import QexportError
-    from tiny_models import tiny_llama
+    from tiny_models import LogitsOnly, tiny_llama
 
-    model = _Logits(tiny_llama())
+    model = LogitsOnly(tiny_llama())
     w = random_mixed_linear(4, 8, 0, 0)
     with pytest.raises(QexportError, match="not a Linear"):
-        tune_end_to_end(model, {"hf.model.nothing": w}, torch.zeros(1, 4, dtype=torch.long))
+        tune_end_to_end(model, {"model.model.nothing": w}, torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_config_round_trip():

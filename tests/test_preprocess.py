@@ -15,15 +15,6 @@ from qexport.quantizers import quantize_mixed, select_salient
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, hf):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, ids):
-        return self.hf(input_ids=ids).logits
-
-
 def test_fake_quantization_is_the_closed_form_format():
     """The STE's forward value is exactly what quantize_mixed stores (up to its fp16 scales)."""
     w = torch.randn(24, 50, generator=torch.Generator().manual_seed(0))
@@ -53,9 +44,9 @@ def _fq_kl(model, ref, ids, ratio=0.2):
 
 
 def test_lora_makes_the_model_binarize_better():
-    from tiny_models import tiny_llama
+    from tiny_models import LogitsOnly, tiny_llama
 
-    model = _Logits(tiny_llama())
+    model = LogitsOnly(tiny_llama())
     before_params = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 128, (12, 32), generator=torch.Generator().manual_seed(0))
     pre = RestorativeLoRA(LoRAConfig(rank=8, alpha=8, epochs=4, lr=3e-3))
