@@ -1,17 +1,21 @@
 """Benchmark of the qexport::BinaryMixedLinear CPU kernel against ONNX Runtime's own ops.
 
 Not a test (nothing under tests/ imports it). Per shape (given as N x K: out_features x
-in_features; X is [M, K], Y is [M, N]), per M and per intra-op thread count, three one-node
-ONNX Runtime sessions on the same random X:
-- ours: qexport::BinaryMixedLinear, w1.61 (20 % salient channels, one salient group per row,
-  no r2, no bias), random packed weights (qexport.testing.random_mixed_linear);
-- fp32: ONNX MatMul with an fp32 [K, N] initializer;
-- nbits: com.microsoft MatMulNBits, bits=4, block_size=32 (accuracy_level 0: fp32 compute),
-  weights quantized by a plain round-to-nearest with a zero point per block.
+in_features; X is [M, K], Y is [M, N]), per M and per intra-op thread count, one-node ONNX
+Runtime sessions on the same random X (--contenders; default all):
+- ours (one per --isa path, e.g. ours:avx512, ours:avx2): qexport::BinaryMixedLinear, w1.61
+  (20 % salient channels, one salient group per row, no r2, no bias), random packed weights
+  (qexport.testing.random_mixed_linear), the CPU path forced by QEXPORT_CPU_ISA;
+- fp32: ONNX MatMul with an fp32 [K, N] initializer (MLAS);
+- nbits4, nbits2: com.microsoft MatMulNBits, bits=4 or 2, block_size=32, accuracy_level 0,
+  weights quantized by a plain round-to-nearest with a zero point per block;
+- nbits2lut: the 2-bit op with the session option mlas.use_lut_gemm=1 (ONNX Runtime's
+  lookup-table GEMM; it quantizes X to int8 per block, so its output is not the exact one).
 Reported: median wall latency per layer, effective weight GB/s (stored weight bytes /
-latency), the ratios fp32/ours and nbits/ours (> 1: ours is faster), all measured in the same
-run with the three sessions taking turns in blocks (_time_all), and the process CPU time per
-layer (getrusage; summed over threads), which shows threads spinning.
+latency) and each contender's time over the first ours' (> 1: ours is faster), all measured
+in the same run with the sessions taking turns in blocks (_time_all), and the process CPU
+time per layer (getrusage; summed over threads), which shows threads spinning. The header
+prints the CPU's model and SIMD flags.
 
 Where the weights are (--weights):
 - layers (default): each session holds enough copies of its layer, each with weights of its
@@ -144,29 +148,39 @@ def _model_fp32(n, k, rng):
     return model, w.nbytes
 
 
-def _model_nbits(n, k, rng, block=32):
-    """MatMulNBits per the ORT contrib-op doc: B uint8 [N, k_blocks, blob], scales
-    [N * k_blocks], zero_points uint8 [N * ceil(k_blocks / 2)] (two 4-bit zero points a byte,
-    low nibble first); element 2i of a block in the low nibble of byte i."""
+def _model_nbits(n, k, rng, block=32, bits=4):
+    """MatMulNBits per the ONNX Runtime contrib-op doc: B uint8 [N, k_blocks, block * bits / 8],
+    scales [N * k_blocks], zero_points uint8 [N * ceil(k_blocks * bits / 8)] (8 / bits zero
+    points a byte, low bits first); element i of a block in bits (i * bits) % 8 of byte
+    i * bits / 8."""
     from onnx import TensorProto, helper, numpy_helper
 
+    per = 8 // bits
+    levels = (1 << bits) - 1
     k_blocks = (k + block - 1) // block
     w = rng.standard_normal((n, k_blocks * block), dtype=np.float32) * 0.02
     w[:, k:] = 0
     wb = w.reshape(n, k_blocks, block)
     lo, hi = wb.min(-1), wb.max(-1)
-    scale = np.maximum(hi - lo, 1e-8) / 15.0
-    zp = np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
-    q = np.clip(np.round(wb / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
-    b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # [N, k_blocks, block/2]
-    zp_pad = np.zeros((n, (k_blocks + 1) // 2 * 2), np.uint8)
+    scale = np.maximum(hi - lo, 1e-8) / levels
+    zp = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
+    q = np.clip(np.round(wb / scale[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
+
+    def pack(v):  # [..., m * per] -> [..., m] bytes, low bits first
+        out = np.zeros(v.shape[:-1] + (v.shape[-1] // per,), np.uint8)
+        for i in range(per):
+            out |= (v[..., i::per] << (bits * i)).astype(np.uint8)
+        return out
+
+    b = pack(q)  # [N, k_blocks, block * bits / 8]
+    zp_pad = np.zeros((n, -(-k_blocks // per) * per), np.uint8)
     zp_pad[:, :k_blocks] = zp
-    zpp = (zp_pad[:, 0::2] | (zp_pad[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    zpp = pack(zp_pad).reshape(-1)
     scales = scale.astype(np.float32).reshape(-1)
     node = helper.make_node("MatMulNBits", ["X", "B", "scales", "zero_points"], ["Y"],
-                            domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
+                            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block)
     graph = helper.make_graph(
-        [node], "nbits",
+        [node], f"nbits{bits}",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
         initializer=[numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales"),
@@ -175,6 +189,27 @@ def _model_nbits(n, k, rng, block=32):
                               opset_imports=[helper.make_opsetid("", 17),
                                              helper.make_opsetid("com.microsoft", 1)])
     return model, b.nbytes + scales.nbytes + zpp.nbytes
+
+
+CONTENDERS = ("ours", "fp32", "nbits4", "nbits2", "nbits2lut")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the SIMD flags that choose kernels (Linux /proc/cpuinfo)."""
+    want = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512vbmi",
+            "avx512_vnni", "avx512_bf16", "amx_int8", "asimd", "sve")
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    have = [f for f in want if f in flags]
+    return f"{model}; {os.cpu_count()} CPUs; flags: {' '.join(have) or 'none of ' + ' '.join(want)}"
 
 
 # The CPUs this process may use, read before pin_threads narrows the calling thread's set.
@@ -198,12 +233,14 @@ def pin_threads(options, threads: int) -> bool:
     return True
 
 
-def _session(model, threads, custom):
+def _session(model, threads, custom, config=None):
     import onnxruntime as ort
 
     from qexport import native
 
     so = native.session_options() if custom else ort.SessionOptions()
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     pin_threads(so, threads)
@@ -285,11 +322,55 @@ def memory_bandwidth(mb=512, reps=5):
             a.nbytes / best_dot / 1e9)
 
 
+def _contenders(names, isas):
+    """Contender labels in order: ours:<isa> per --isa (plain "ours" for the path the
+    environment gives), then the others named."""
+    labels = []
+    for name in names:
+        if name == "ours":
+            labels += [f"ours:{isa}" for isa in isas] if isas else ["ours"]
+        else:
+            labels.append(name)
+    return labels
+
+
+def _build(label, n, k, rng):
+    """label -> build(i) returning (one-node model, weight bytes), and its session extras."""
+    if label.startswith("ours"):
+        return (lambda i: _model_ours(n, k, seed=i)), True, None
+    if label == "fp32":
+        return (lambda i: _model_fp32(n, k, rng)), False, None
+    bits = int(label[5])
+    config = {"mlas.use_lut_gemm": "1"} if label.endswith("lut") else None
+    return (lambda i: _model_nbits(n, k, rng, bits=bits)), False, config
+
+
+def _with_isa(label, make):
+    """make() with QEXPORT_CPU_ISA set to the label's path (read when a session creates the
+    kernel), the environment restored after."""
+    isa = label.partition(":")[2]
+    if not isa:
+        return make()
+    old = os.environ.get("QEXPORT_CPU_ISA")
+    os.environ["QEXPORT_CPU_ISA"] = isa
+    try:
+        return make()
+    finally:
+        if old is None:
+            del os.environ["QEXPORT_CPU_ISA"]
+        else:
+            os.environ["QEXPORT_CPU_ISA"] = old
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=SHAPES, help="N x K (out x in) [default: all]")
     p.add_argument("--m", nargs="+", type=int, default=[1, 8, 64, 256], help="rows of X")
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    p.add_argument("--isa", nargs="+", choices=("portable", "avx2", "avx512"), default=[],
+                   help="one 'ours' per CPU path (QEXPORT_CPU_ISA) [default: the "
+                        "environment's]; ratios are over the first")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     p.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure one thread's memory bandwidth (numpy copy, dot product)")
@@ -306,32 +387,39 @@ def main(argv=None):
     args = p.parse_args(argv)
     global PIN_THREADS
     PIN_THREADS = args.pin
+    labels = _contenders(args.contenders, args.isa)
+    if not labels[0].startswith("ours"):
+        p.error("the contenders must include ours (the ratios are over it)")
+    first = labels[0]
 
     rng = np.random.default_rng(0)
-    print(f"# qexport bench_linear; CPU path: {os.environ.get('QEXPORT_CPU_ISA', 'auto')}; "
-          f"shapes are N x K (out x in); weights: {args.weights} (last-level cache "
+    print(f"# qexport bench_linear; {cpu_description()}")
+    print(f"# CPU path of ours: {', '.join(args.isa) or os.environ.get('QEXPORT_CPU_ISA', 'auto')}"
+          f"; shapes are N x K (out x in); weights: {args.weights} (last-level cache "
           f"{_last_level_cache() >> 20} MiB); "
           f"threads {'pinned, one CPU each' if args.pin else 'not pinned'}")
     if args.bandwidth:
         rw, r, read = memory_bandwidth()
         print(f"# memory, 1 thread: numpy copy {rw:.1f} GB/s read+write ({r:.1f} GB/s copied); "
               f"dot product {read:.1f} GB/s read")
-    hdr = (f"{'shape NxK':>11} {'M':>4} {'thr':>3} | {'ours ms':>8} {'fp32 ms':>8} {'nbits ms':>8}"
-           f" | {'ours GB/s':>9} {'fp32 GB/s':>9} {'nbits GB/s':>10} | {'fp32/ours':>9}"
-           f" {'nbits/ours':>10} | cpu ms ours/fp32/nbits")
+    others = labels[1:]
+    width = max(9, *(len(lb) for lb in labels))
+    hdr = (f"{'shape NxK':>11} {'M':>4} {'thr':>3} | ms: " +
+           " ".join(f"{lb:>{width}}" for lb in labels) + " | GB/s: " +
+           " ".join(f"{lb:>{width}}" for lb in labels) + f" | time / {first}: " +
+           " ".join(f"{lb:>{width}}" for lb in others))
     print(hdr)
     print("-" * len(hdr))
     for shape in args.shapes:
         n, k = (int(v) for v in shape.lower().split("x"))
-        builders = {"ours": lambda i: _model_ours(n, k, seed=i),
-                    "fp32": lambda i: _model_fp32(n, k, rng),
-                    "nbits": lambda i: _model_nbits(n, k, rng)}
-        models, copies, singles = {}, {}, {}
-        for name, build in builders.items():
-            singles[name] = build(0)
-            copies[name] = copies_for(singles[name][1], args.weights)
-            models[name] = (singles[name] if copies[name] == 1
-                            else _layers(build, copies[name]))
+        models, copies, singles, extras = {}, {}, {}, {}
+        for label in labels:
+            build, custom, config = _build(label, n, k, rng)
+            extras[label] = (custom, config)
+            singles[label] = build(0)
+            copies[label] = copies_for(singles[label][1], args.weights)
+            models[label] = (singles[label] if copies[label] == 1
+                             else _layers(build, copies[label]))
         if args.check:
             import torch
 
@@ -340,29 +428,35 @@ def main(argv=None):
 
             w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=0)
             x = rng.standard_normal((3, k), dtype=np.float32)
-            (y,) = _session(singles["ours"][0], 1, True).run(None, {"X": x})
             ref = binary_mixed_linear_reference(torch.from_numpy(x), *w.tensors(),
                                                 **w.attributes()).numpy()
-            err = np.abs(y - ref).max() / np.abs(ref).max()
-            assert err < 1e-4, f"{shape}: ours differs from the reference by {err:.2e}"
+            for label in labels:
+                if label.startswith("ours"):
+                    (y,) = _with_isa(label, lambda: _session(singles[label][0], 1, True)).run(
+                        None, {"X": x})
+                    err = np.abs(y - ref).max() / np.abs(ref).max()
+                    assert err < 1e-4, f"{shape} {label}: differs from the reference by {err:.2e}"
         for threads in args.threads:
-            sessions = {name: (_session(m, threads, name == "ours"), copies[name])
-                        for name, (m, _) in models.items()}
+            sessions = {
+                label: (_with_isa(label, lambda: _session(models[label][0], threads,
+                                                          *extras[label])), copies[label])
+                for label in labels}
             for m in args.m:
                 x = rng.standard_normal((m, k), dtype=np.float32)
                 t, cpu = _time_all(sessions, x, args.min_time, args.weights)
-                gbs = {name: models[name][1] / t[name] / 1e9 for name in t}
-                print(f"{shape:>11} {m:>4} {threads:>3} | {t['ours'] * 1e3:8.3f} "
-                      f"{t['fp32'] * 1e3:8.3f} {t['nbits'] * 1e3:8.3f} | {gbs['ours']:9.1f} "
-                      f"{gbs['fp32']:9.1f} {gbs['nbits']:10.1f} | "
-                      f"{t['fp32'] / t['ours']:9.2f} {t['nbits'] / t['ours']:10.2f} | "
-                      f"{cpu['ours'] * 1e3:.3f}/{cpu['fp32'] * 1e3:.3f}/{cpu['nbits'] * 1e3:.3f}",
+                gbs = {lb: models[lb][1] / t[lb] / 1e9 for lb in t}
+                print(f"{shape:>11} {m:>4} {threads:>3} | ms: " +
+                      " ".join(f"{t[lb] * 1e3:{width}.3f}" for lb in labels) + " | GB/s: " +
+                      " ".join(f"{gbs[lb]:{width}.1f}" for lb in labels) +
+                      f" | time / {first}: " +
+                      " ".join(f"{t[lb] / t[first]:{width}.2f}" for lb in others) +
+                      " | cpu ms " + "/".join(f"{cpu[lb] * 1e3:.3f}" for lb in labels),
                       flush=True)
-        print(f"# {shape}: stored weight bytes ours {models['ours'][1]} "
-              f"({8 * models['ours'][1] / (n * k):.3f} bits/weight), fp32 {models['fp32'][1]}, "
-              f"nbits {models['nbits'][1]}; layers per session ours {copies['ours']}, "
-              f"fp32 {copies['fp32']}, nbits {copies['nbits']}", flush=True)
-    print("# stored weight bytes per shape: ours (inputs 1-9), fp32 (N*K*4), nbits (B+scales+zp)")
+        print(f"# {shape}: stored weight bytes " +
+              ", ".join(f"{lb} {models[lb][1]}" for lb in labels) +
+              f" ({8 * models[first][1] / (n * k):.3f} bits/weight for ours); layers per "
+              "session " + ", ".join(f"{lb} {copies[lb]}" for lb in labels), flush=True)
+    print("# stored weight bytes: ours (inputs 1-9), fp32 (N*K*4), nbits (B+scales+zp)")
     return 0
 
 

@@ -267,6 +267,28 @@ def test_large_m(lib, isa, m, k, n, threads):
 
 # Random shapes for both algorithms: odd N (panel tails of the GEMM), K, salient counts and
 # groups (padded code slots), r2, bias, fp16, 1 and 2 threads, M from 1 to several row tiles.
+@pytest.mark.parametrize("m,k,n,frac,g", [(1, 576, 1536, 0.2, 0), (3, 1000, 77, 0.2, 32),
+                                           (17, 300, 200, 0.5, 8), (1, 132_000, 16, 0.0, 0),
+                                           (2, 33_000, 16, 1.0, 0)])
+def test_integer_tables_same_on_avx2_and_avx512(lib, monkeypatch, m, k, n, frac, g):
+    """The AVX2 path builds the AVX-512 path's integer table entries by the same arithmetic
+    and sums the same integers (vpshufb over byte-major lines against vpermb + vpdpbusd), so
+    their outputs are equal bit for bit, long rows (several int32 sums) included."""
+    for name in ("avx2", "avx512"):
+        if missing_isa_flags(name):
+            pytest.skip(f"needs both paths; CPU lacks {', '.join(missing_isa_flags(name))}")
+    w = _weights(n, k, frac, g, True, True, seed=k + n)
+    x = np.random.default_rng(k).standard_normal((m, k)).astype(np.float32)
+    x[:, 3] *= 500.0  # an outlier channel sets its section's step
+    monkeypatch.setenv("QEXPORT_CPU_ALGO", "tables")
+    out = {}
+    for name in ("avx2", "avx512"):
+        monkeypatch.setenv("QEXPORT_CPU_ISA", name)
+        (out[name],) = _session(bml_model(w, ["M", k]), lib, threads=2).run(None, {"X": x})
+    np.testing.assert_array_equal(out["avx2"], out["avx512"])
+    _assert_close(out["avx2"], _reference(w, x), FP32_RTOL)
+
+
 _ALGO_SEEDS = list(range(10))
 
 

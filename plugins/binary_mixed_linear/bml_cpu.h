@@ -95,7 +95,10 @@ using PackedPtr = std::shared_ptr<const PackedWeights>;
 // brings the data back: file pages from the file, anonymous ones from swap, and without swap
 // anonymous pages simply stay); it keeps a model whose weights ONNX Runtime maps from an
 // external data file from holding both the mapped and the packed copy (docs/kernels.md).
-Status PackWeights(const Args& args, PackedPtr* out, bool release_source = false) noexcept;
+// The packed form suits the ISA path `isa` (kAuto: the best; paths differ in the order of
+// bytes within a line): RunCpuPacked must run the same path, else it returns an error.
+Status PackWeights(const Args& args, PackedPtr* out, bool release_source = false,
+                   Isa isa = Isa::kAuto) noexcept;
 
 // Runs the kernel on weights packed by PackWeights from the same weight inputs, on the given
 // path (kAuto: best ISA, measured crossover), spreading the work with `parallel`

@@ -75,6 +75,11 @@ const char* IsaName(Isa isa) {
 
 bool IsaSupported(Isa isa) { return Kernels(isa) != nullptr && CpuHasIsa(isa); }
 
+const CpuKernels* KernelsFor(Isa isa) {
+  if (isa == Isa::kAuto) isa = BestIsa();
+  return IsaSupported(isa) ? Kernels(isa) : nullptr;
+}
+
 Isa BestIsa() {
   if (IsaSupported(Isa::kAvx512)) return Isa::kAvx512;
   if (IsaSupported(Isa::kAvx2)) return Isa::kAvx2;
@@ -137,10 +142,13 @@ Status RunCpuPacked(const Args& a, const PackedWeights& p, const CpuPath& path,
       return Status::Error("packed weights were built for other sizes");
     if (a.m == 0 || a.n == 0) return Status::Ok();
     if (!a.x || !a.y) return Status::Error("a required input pointer is null");
-    const Isa isa = path.isa == Isa::kAuto ? BestIsa() : path.isa;
-    if (!IsaSupported(isa))
-      return Status::Error(std::string("CPU path ") + IsaName(isa) + " is not available here");
-    const CpuKernels& kern = *Kernels(isa);
+    const CpuKernels* found = KernelsFor(path.isa);
+    if (!found)
+      return Status::Error(std::string("CPU path ") + IsaName(path.isa) +
+                           " is not available here");
+    const CpuKernels& kern = *found;
+    if (p.byte_major != kern.byte_major)
+      return Status::Error("packed weights were built for another CPU path");
     if (!p.finite || !kern.all_finite(a.x, a.m * a.k, a.act == ActType::kFloat16))
       return RunCpuPlain(a);
     return a.act == ActType::kFloat32 ? Run<float>(a, p, kern, path.algo, par)
@@ -158,7 +166,7 @@ Status RunCpu(const Args& a) noexcept {
   st = CpuPathFromEnvironment(&path);
   if (!st) return st;
   PackedPtr packed;
-  st = PackWeights(a, &packed);
+  st = PackWeights(a, &packed, /*release_source=*/false, path.isa);
   if (!st) return st;
   return RunCpuPacked(a, *packed, path, ParallelFor{});
 }

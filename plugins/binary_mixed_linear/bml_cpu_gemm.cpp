@@ -34,12 +34,12 @@ void DequantPanel(const PackedWeights& p, const CpuKernels& kern, int64_t n0, fl
     }
     const int64_t line = GroupLine(row / kRowBlock, p.nblk);
     if (p.kb > 0)
-      kern.dequant_signs(p.wb + LineOffset(row, p.kb_dw), line, p.kb, p.bin_chan.data(),
+      kern.dequant_signs(p.wb + BlockOffset(row / kRowBlock, p.kb_dw), line, p.kb, p.bin_chan.data(),
                          p.r2.empty() ? nullptr : p.r2.data(), p.pos.data() + row,
                          p.neg.data() + row, dst, nr);
     for (int64_t g = 0; g < p.groups; ++g) {
       const int64_t d0 = p.group_dw[g];
-      kern.dequant_codes(p.ws + LineOffset(row, p.s_dw) + d0 * line, line,
+      kern.dequant_codes(p.ws + BlockOffset(row / kRowBlock, p.s_dw) + d0 * line, line,
                          p.group_dw[g + 1] - d0, p.slot_chan.data() + kNibbles * d0,
                          p.sscale.data() + g * p.npad + row, p.szero.data() + g * p.npad + row,
                          dst, nr);

@@ -16,8 +16,8 @@
 //   of 8, the last group holding what is left;
 // - binary part: per group, per dword q of the sign rows (binary columns 32q..32q+31), the
 //   group's blocks' 64-byte lines of 16 rows x the layout-1 bytes 4q..4q+3
-//   (bml_cpu_kernels.h): one 64-byte load gives 16 rows x 32 signs, and a group is read as
-//   one stream;
+//   (bml_cpu_kernels.h), in row-major or byte-major order as the ISA path reads them
+//   (LineByte): one 64-byte load gives 16 rows x 32 signs, and a group is read as one stream;
 // - salient part: the same order over the 4-bit codes, each group's columns padded to a
 //   multiple of 8 so that no dword straddles two groups;
 // - fp16 parameters as fp32, per-group scales as [group][N] rows.
@@ -59,6 +59,7 @@ struct PackedWeights {
   bool has_zero = false;              // some zero point is not 0
   std::vector<float> bias;            // [npad]; empty: none
   bool finite = true;                 // every fp16 parameter finite
+  bool byte_major = false;            // line order of wb and ws (LineByte): the ISA path's
 };
 
 using detail::CpuKernels;
@@ -75,13 +76,18 @@ inline int64_t GroupLine(int64_t blk, int64_t nblk) {
   return std::min<int64_t>(kGroupBlocks, nblk - first) * kBlockLine;
 }
 
-// Offset of row `row`'s line (dword 0) in a [group][dword][block][row][4 bytes] array with
-// `dw` dwords per row (the groups before it are full); dword q of the row is q * GroupLine
+// Offset of block `blk`'s line (dword 0) in a [group][dword][block][64-byte line] array with
+// `dw` dwords per row (the groups before it are full); dword q of the block is q * GroupLine
 // further.
-inline int64_t LineOffset(int64_t row, int64_t dw) {
-  const int64_t blk = row / kRowBlock;
-  return (blk / kGroupBlocks) * dw * kGroupLine + (blk % kGroupBlocks) * kBlockLine +
-         4 * (row % kRowBlock);
+inline int64_t BlockOffset(int64_t blk, int64_t dw) {
+  return (blk / kGroupBlocks) * dw * kGroupLine + (blk % kGroupBlocks) * kBlockLine;
+}
+
+// Offset of byte e (0..3) of a dword of row r (0..15) of a block in the block's 64-byte line:
+// row-major lines hold each row's 4 bytes together (16 rows x 4 bytes), byte-major lines each
+// byte position's 16 rows together (4 x 16 rows; CpuKernels::byte_major).
+inline int64_t LineByte(int64_t r, int64_t e, bool byte_major) {
+  return byte_major ? kRowBlock * e + r : 4 * r + e;
 }
 
 // The sizes of a call, checked before anything is read.
@@ -98,6 +104,9 @@ inline float LoadF(const float* p, int64_t i) { return p[i]; }
 inline float LoadF(const uint16_t* p, int64_t i) { return HalfToFloat(p[i]); }
 inline void StoreF(float* p, int64_t i, float v) { p[i] = v; }
 inline void StoreF(uint16_t* p, int64_t i, float v) { p[i] = FloatToHalf(v); }
+
+// The kernels of an ISA path (kAuto: the best the CPU has); null when not available here.
+const CpuKernels* KernelsFor(Isa isa);
 
 // The two algorithms, on sizes and pointers already checked (RunCpuPacked), for T = float or
 // uint16_t (fp16 bits). Tables: bml_cpu_lut.cpp; dequantize + GEMM: bml_cpu_gemm.cpp (needs

@@ -37,6 +37,11 @@ struct GemmCosts {
 };
 
 struct CpuKernels {
+  // Order of the bytes within a block's 64-byte line that this path's loops read (PackWeights
+  // packs for it): false: row-major, 16 rows x the 4 bytes of a dword (byte e of row r at
+  // 4 r + e, the layout above); true: byte-major, 4 x the 16 rows' byte e (at 16 e + r), so
+  // that a 16-byte lane holds one nibble position of 16 rows (the AVX2 path's vpshufb).
+  bool byte_major;
   // Whether no value of x[0, count) is an infinity or NaN (fp32, or fp16 bits when half).
   bool (*all_finite)(const void* x, int64_t count, bool half);
 

@@ -39,6 +39,7 @@ constexpr int kBase = 250;
 constexpr float kEntryMax = 126.0f * kBase * kBase;  // 7,875,000: ~23 bits
 constexpr int64_t kLutDwBytes = 6 * 64;
 constexpr int64_t kLutDwFloats = kLutDwBytes / 4;
+constexpr bool kByteMajor = false;
 // Dwords per integer sum: 8 x 4096 lookups of at most 126 * (kBase + 1) stay below 2^31.
 constexpr int64_t kSumDw = 4096;
 

@@ -13,6 +13,7 @@ namespace {
 
 constexpr int kLutMaxBlocks = kGroupBlocks;
 constexpr int64_t kLutDwFloats = 16 * kNibbles;  // fp32 tables
+constexpr bool kByteMajor = false;
 
 template <int NB>
 inline void LutDotN(const uint8_t* w, int64_t line_bytes, const float* lut, int64_t ndw,

@@ -95,15 +95,15 @@ void AllocateBytes(const Args& a, int64_t gsz, PackedWeights* p) {
   p->ws = p->wb + wb_bytes;
 }
 
-// Binary signs: the bytes of layout 1 unchanged, 4 per dword (LineOffset).
+// Binary signs: the bytes of layout 1 unchanged, 4 per dword (BlockOffset, LineByte).
 void PackSigns(const Args& a, PackedWeights* p, bool release) {
   const int64_t kbb = (p->kb + 7) / 8;
   RowReleaser sign_release(release, a.sign_packed, kbb, a.n);
   for (int64_t row = 0; row < a.n; ++row) {
     const uint8_t* src = a.sign_packed + row * kbb;
-    uint8_t* dst = p->wb + LineOffset(row, p->kb_dw);
-    const int64_t line = GroupLine(row / kRowBlock, p->nblk);
-    for (int64_t b = 0; b < kbb; ++b) dst[(b / 4) * line + b % 4] = src[b];
+    uint8_t* dst = p->wb + BlockOffset(row / kRowBlock, p->kb_dw);
+    const int64_t line = GroupLine(row / kRowBlock, p->nblk), r = row % kRowBlock;
+    for (int64_t b = 0; b < kbb; ++b) dst[(b / 4) * line + LineByte(r, b % 4, p->byte_major)] = src[b];
     sign_release.Done(row);
   }
 }
@@ -122,12 +122,13 @@ void PackCodes(const Args& a, int64_t gsz, PackedWeights* p, bool release) {
   RowReleaser code_release(release, a.salient_packed, sal_bytes, a.n);
   for (int64_t row = 0; row < a.n; ++row) {
     const uint8_t* src = a.salient_packed + row * sal_bytes;
-    uint8_t* dst = p->ws + LineOffset(row, p->s_dw);
-    const int64_t line = GroupLine(row / kRowBlock, p->nblk);
+    uint8_t* dst = p->ws + BlockOffset(row / kRowBlock, p->s_dw);
+    const int64_t line = GroupLine(row / kRowBlock, p->nblk), r = row % kRowBlock;
     for (int64_t j = 0; j < a.s; ++j) {
       const int q = (src[j >> 1] >> ((j & 1) * 4)) & 0xf;
       const int64_t slot = p->slot_of[j], nib = slot % kNibbles;
-      dst[(slot / kNibbles) * line + nib / 2] |= static_cast<uint8_t>(q << ((nib & 1) * 4));
+      dst[(slot / kNibbles) * line + LineByte(r, nib / 2, p->byte_major)] |=
+          static_cast<uint8_t>(q << ((nib & 1) * 4));
     }
     code_release.Done(row);
   }
@@ -163,7 +164,7 @@ void ReleaseParameters(const Args& a, const PackedWeights& p) {
   if (a.bias) ReleasePages(a.bias, static_cast<size_t>(n) * 4);
 }
 
-Status Pack(const Args& a, PackedWeights* p, bool release) {
+Status Pack(const Args& a, PackedWeights* p, bool release, bool byte_major) {
   Status st = CheckSizes(a);
   if (!st) return st;
   const bool have_binary = a.k > a.s, have_salient = a.s > 0;
@@ -172,6 +173,7 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
                         !a.salient_zero)))
     return Status::Error("a required weight pointer is null");
   if (!(st = PackChannels(a, p))) return st;
+  p->byte_major = byte_major;
   const int64_t gsz = a.group_size > 0 ? a.group_size : a.s;
   PackRowParameters(a, p);
   AllocateBytes(a, gsz, p);
@@ -184,10 +186,13 @@ Status Pack(const Args& a, PackedWeights* p, bool release) {
 
 }  // namespace
 
-Status PackWeights(const Args& a, PackedPtr* out, bool release_source) noexcept {
+Status PackWeights(const Args& a, PackedPtr* out, bool release_source, Isa isa) noexcept {
   try {
+    const CpuKernels* kern = KernelsFor(isa);
+    if (!kern)
+      return Status::Error(std::string("CPU path ") + IsaName(isa) + " is not available here");
     auto p = std::make_shared<PackedWeights>();
-    Status st = Pack(a, p.get(), release_source);
+    Status st = Pack(a, p.get(), release_source, kern->byte_major);
     if (!st) return st;
     *out = std::move(p);
     return Status::Ok();

@@ -87,7 +87,7 @@ struct BmlKernel : KernelBase<BmlKernel> {
   std::string Packed(const std::vector<TensorView>& in, const Args& args, PackedPtr* out) {
     Key key;
     const bool cacheable = Cacheable(in, &key);
-    Status st = PackWeights(args, out, /*release_source=*/cacheable);
+    Status st = PackWeights(args, out, /*release_source=*/cacheable, path_.isa);
     if (!st) return st.message;
     if (cacheable) {
       std::lock_guard<std::mutex> lock(cache_mutex_);
