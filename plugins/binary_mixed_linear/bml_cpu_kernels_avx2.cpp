@@ -24,10 +24,12 @@ namespace {
 // rows 0..15, then byte 1; bytes 32..63 bytes 2 and 3. Masked to its low (high) nibbles, the
 // first half indexes the tables of nibbles 0 | 2 (1 | 3), the second those of 4 | 6 (5 | 7):
 // 4 vpshufb look up 16 rows x 8 nibbles per digit. Each lookup's bytes, 16 rows x 2 tables,
-// are widened to int16 by two vpmaddubsw with 0/1 weights (even rows, odd rows) and summed in
-// int16 over a chunk of kChunkDw dwords (at most 16 x 4 x 126 per lane), then in int32.
-// Per line (16 rows x 32 weights): 2 loads, 6 ops for the indices, 12 table loads, 12 vpshufb,
-// 24 vpmaddubsw, 24 adds; no cross-lane shuffle.
+// are paired with another lookup's (vpunpck[lh]bw: byte r of both side by side) and summed
+// into int16 by vpmaddubsw with weights 1 (rows 0..7 and 8..15 of each lane), then added over
+// a chunk of kChunkDw dwords (at most 16 x 4 x 126 per lane), then in int32. Per line (16 rows
+// x 32 weights): 2 loads, 6 ops for the indices, 12 table loads, 12 vpshufb, 12 unpacks, 12
+// vpmaddubsw, 12 adds; no cross-lane shuffle. (Widening each lookup by two vpmaddubsw with
+// 0/1 weights, even and odd rows, without the unpacks: 17 % slower on Zen 5.)
 constexpr int kLutMaxBlocks = kGroupBlocks;  // a group per call; its blocks one at a time
 constexpr bool kByteMajor = true;
 constexpr int kBase = 250;
@@ -43,14 +45,14 @@ constexpr int64_t kChunkDw = 16;   // dwords per int16 sum: 16 x 4 x 126 < 2^15
 // Offset of table j (< 8) of a dword in its digit's kDigitBytes.
 constexpr int64_t TableOffset(int j) { return 32 * (2 * (j >> 2) + (j & 1)) + 16 * ((j >> 1) & 1); }
 
-// int16 sums of one block over dwords [q0, q1) (of one digit each: acc[d][parity], the even
-// and odd rows, lane h holding the tables of the register's lane h), added to `sums` (int32,
-// [digit][parity][lane h][8]).
+// int16 sums of one block over dwords [q0, q1) (per digit d: acc[d][half], rows 8 half..
+// 8 half + 7, lane h holding the tables of the register's lane h), added to `sums` (int32,
+// [digit][half][lane h][8]).
 inline void ChunkSums(const uint8_t* w, int64_t line, const uint8_t* tables, int64_t q0,
                       int64_t q1, const uint8_t* pf, int64_t pf_step, int32_t* sums) {
-  const __m256i nibble = _mm256_set1_epi8(0x0f);
-  const __m256i even = _mm256_set1_epi16(0x0001), odd = _mm256_set1_epi16(0x0100);
+  const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi8(1);
   __m256i acc[3][2];
+#pragma GCC unroll 3
   for (int d = 0; d < 3; ++d) acc[d][0] = acc[d][1] = _mm256_setzero_si256();
   for (int64_t q = q0; q < q1; ++q) {
     _mm_prefetch(reinterpret_cast<const char*>(pf + (q - q0) * pf_step), _MM_HINT_T0);
@@ -62,30 +64,32 @@ inline void ChunkSums(const uint8_t* w, int64_t line, const uint8_t* tables, int
                             _mm256_and_si256(b, nibble),
                             _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble)};
     const uint8_t* t = tables + kLutDwBytes * q;
+#pragma GCC unroll 3
     for (int d = 0; d < 3; ++d) {
       __m256i lk[4];
+#pragma GCC unroll 4
       for (int r = 0; r < 4; ++r)
         lk[r] = _mm256_shuffle_epi8(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + kDigitBytes * d + 32 * r)),
             idx[r]);
+      // Bytes r of lookups 0 and 1 (2 and 3) side by side, then summed in int16: rows 0..7
+      // (unpacklo) and 8..15 (unpackhi) of each lane.
       acc[d][0] = _mm256_add_epi16(
-          acc[d][0],
-          _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(even, lk[0]),
-                                            _mm256_maddubs_epi16(even, lk[1])),
-                           _mm256_add_epi16(_mm256_maddubs_epi16(even, lk[2]),
-                                            _mm256_maddubs_epi16(even, lk[3]))));
+          acc[d][0], _mm256_add_epi16(
+                         _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(lk[0], lk[1])),
+                         _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(lk[2], lk[3]))));
       acc[d][1] = _mm256_add_epi16(
-          acc[d][1],
-          _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(odd, lk[0]),
-                                            _mm256_maddubs_epi16(odd, lk[1])),
-                           _mm256_add_epi16(_mm256_maddubs_epi16(odd, lk[2]),
-                                            _mm256_maddubs_epi16(odd, lk[3]))));
+          acc[d][1], _mm256_add_epi16(
+                         _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(lk[0], lk[1])),
+                         _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(lk[2], lk[3]))));
     }
   }
+#pragma GCC unroll 3
   for (int d = 0; d < 3; ++d)
-    for (int par = 0; par < 2; ++par) {
-      __m256i* s = reinterpret_cast<__m256i*>(sums + 16 * (2 * d + par));
-      const __m256i v = acc[d][par];
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      __m256i* s = reinterpret_cast<__m256i*>(sums + 16 * (2 * d + half));
+      const __m256i v = acc[d][half];
       s[0] = _mm256_add_epi32(s[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
       s[1] = _mm256_add_epi32(s[1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
     }
@@ -96,7 +100,7 @@ inline void LutDotN(const uint8_t* w, int64_t line, const float* lut, int64_t nd
                     float* out, const float* scale, float tscale) {
   const uint8_t* tables = reinterpret_cast<const uint8_t*>(lut);
   const __m256 ts = _mm256_set1_ps(tscale), base2 = _mm256_set1_ps(float(kBase) * kBase);
-  // Per block: [digit][parity][lane][8 rows].
+  // Per block: [digit][half][lane][8 rows].
   alignas(32) int32_t sums[NB][3 * 2 * 16];
   for (int64_t q0 = 0; q0 < ndw; q0 += kSumDw) {
     const int64_t q1 = std::min(ndw, q0 + kSumDw);
@@ -112,14 +116,15 @@ inline void LutDotN(const uint8_t* w, int64_t line, const float* lut, int64_t nd
                   sums[i]);
     }
     for (int i = 0; i < NB; ++i) {
-      // Rows 2j + parity: lane sums, then d2 and 250 d1 + d0 (exact int32), joined in fp32
-      // as on AVX-512.
+      // Lane sums, then d2 and 250 d1 + d0 (exact int32), joined in fp32 as on AVX-512.
       alignas(32) int32_t hi[kRowBlock], lo[kRowBlock];
       const int32_t* s = sums[i];
-      for (int j = 0; j < 8; ++j)
-        for (int par = 0; par < 2; ++par) {
-          const int r = 2 * j + par;
-          auto digit = [&](int d) { return s[16 * (2 * d + par) + j] + s[16 * (2 * d + par) + 8 + j]; };
+      for (int half = 0; half < 2; ++half)
+        for (int j = 0; j < 8; ++j) {
+          const int r = 8 * half + j;
+          auto digit = [&](int d) {
+            return s[16 * (2 * d + half) + j] + s[16 * (2 * d + half) + 8 + j];
+          };
           hi[r] = digit(0);
           lo[r] = digit(1) * kBase + digit(2);
         }
@@ -286,9 +291,10 @@ void DequantCodes(const uint8_t* w, int64_t line_bytes, int64_t ndw, const int32
 #define BML_HAS_GEMM
 constexpr int kGemmMr = 6;
 constexpr int kGemmNr = 16;
-// Fit on Zen 5 run as AVX2 (bml_cpu_kernels.h): the two-register lookups cost 3.7 GEMM
-// steps, so the GEMM wins from M ~ 8 on every shape measured.
-constexpr GemmCosts kGemmCosts{3.67f, 3.0f, 8.8f, 0.0f, 4.0f, 4};
+// Fit on Zen 5 run as AVX2 (bml_cpu_kernels.h; docs/kernels.md): with the integer tables a
+// lookup costs 2.6 GEMM steps (3.7 with the fp32 tables before), so the tables serve up to
+// M ~ 8 on SmolLM2's shapes and up to M ~ 32-64 at 4096 x 4096.
+constexpr GemmCosts kGemmCosts{2.6f, 1.0f, 8.8f, 16.0f, 2.0f, 4};
 
 template <int MR>
 inline void GemmTile(const float* a, int64_t lda, const float* b, int64_t k, const float* bias,
