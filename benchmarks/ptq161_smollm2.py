@@ -92,6 +92,8 @@ def parse_args(argv):
     ap.add_argument("--lora-lr", type=float, default=None)
     ap.add_argument("--e2e-epochs", type=int, default=1, help="learned_e2e: E2EConfig.epochs")
     ap.add_argument("--e2e-lr", type=float, default=None, help="learned_e2e: E2EConfig.lr_scale")
+    ap.add_argument("--e2e-norms", action=argparse.BooleanOptionalAction, default=True,
+                    help="learned_e2e: E2EConfig.train_norms")
     ap.add_argument("--e2e-samples", type=int, default=None,
                     help="learned_e2e: calibration rows [default: all of them]")
     args = ap.parse_args(argv)
@@ -169,15 +171,16 @@ class Bench:
         log(f"{row}: perplexity {out} ({time.perf_counter() - t0:.0f}s)")
         return out
 
-    def add(self, row, packed, t, model=None, **extra):
-        """A result row: bits of `packed` substituted (or `model` evaluated as it is)."""
+    def add(self, row, packed, t, model=None, tensors=None, **extra):
+        """A result row: bits of `packed` substituted with `tensors` (or `model` evaluated as
+        it is)."""
         bits = 8 * sum(p.weight_nbytes() for p in packed.values()) / sum(
             p.in_features * p.out_features for p in packed.values())
         if model is not None:
             self.results["rows"][row] = {"bits": bits, **self.ppl(row, model), "time_s": t,
                                          **extra}
             return
-        with substituted_weights(self.module, packed):
+        with substituted_weights(self.module, packed, tensors):
             self.results["rows"][row] = {"bits": bits, **self.ppl(row), "time_s": t, **extra}
 
 
@@ -207,13 +210,15 @@ def our_rows(b: Bench, rows: set) -> None:
             b.add("learned", learned, t)
         if "learned_e2e" in rows:
             e2e = E2EConfig(epochs=b.args.e2e_epochs, n_samples=b.args.e2e_samples,
+                            train_norms=b.args.e2e_norms,
                             **({"lr_scale": b.args.e2e_lr} if b.args.e2e_lr else {}))
             t1 = time.perf_counter()
             tuned = tune_end_to_end(b.module, learned, b.calib, e2e, progress=log,
                                     teacher=b.fp_module)
             t_e2e = time.perf_counter() - t1
             log(f"end-to-end tuning: {t_e2e:.0f}s")
-            b.add("learned_e2e", tuned, t + t_e2e, e2e=e2e.as_dict(), e2e_s=t_e2e)
+            b.add("learned_e2e", tuned.packed, t + t_e2e, tensors=tuned.tensors,
+                  e2e=e2e.as_dict(), e2e_s=t_e2e)
 
 
 def os_rows(b: Bench, rows: set) -> None:

@@ -20,6 +20,7 @@ import torch
 import passes
 
 from . import families
+from . import graph as G
 from .calibrate import collect_linear_input_stats
 from .config import LearnConfig, QuantizeConfig
 from .contract import META_OS_FOLDED
@@ -48,8 +49,9 @@ class QuantizedModel:
     stats: dict  # layer name -> qexport.outlier.OutlierStats of its input
     timings: dict[str, float]
     notes: dict[str, list[str]]
-    # OS+: original name -> graph attribute (= ONNX initializer) of the folded tensors that
-    # are not inside packed weights (norm γ/β, fp Linears); `qexport eval` reapplies them
+    # original name -> graph attribute (= ONNX initializer) of the tensors the graph holds in
+    # place of the model's, outside packed weights: OS+-folded ones (norm γ/β, fp Linears) and
+    # end-to-end tuned norm weights; `qexport eval` and the KV-cache export reapply them
     folded: dict[str, str] = dataclasses.field(default_factory=dict)
     family: str = families.GENERIC.name
 
@@ -141,6 +143,7 @@ class _Quantizer:
         self.folded: dict[str, str] = {}  # original tensor name -> its attribute in gm
         self.fp_weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.learned: dict = {}
+        self.tuned_tensors: dict[str, torch.Tensor] = {}  # end-to-end tuned norm weights
         self.hessians: dict[str, torch.Tensor] = {}
         self.notes: list[str] = []
         self.prepare_seconds = 0.0
@@ -154,7 +157,23 @@ class _Quantizer:
                 self.learned = self._learn()
             with stage("the head's Hessian (GPTQ)"):
                 self.hessians = self._head_hessians()
+        self._install_tuned(gm)
         self.prepare_seconds = time.perf_counter() - t0
+
+    def _install_tuned(self, gm: torch.fx.GraphModule) -> None:
+        """The norm weights end-to-end tuning trained, in the graph in place of the model's (or
+        of their OS+-folded values), recorded in `folded` like OS+'s, so that the KV-cache
+        export and `qexport eval` rebuild the graph with them."""
+        if not self.tuned_tensors:
+            return
+        nodes = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, value in self.tuned_tensors.items():
+            node = nodes.get(self.folded.get(name, name))
+            if node is None:
+                raise QexportError(f"end-to-end tuning trained {name}, which the traced graph "
+                                   "does not read")
+            G.set_tensor(gm, node, value, f"qexport_e2e_{name}")
+            self.folded[name] = node.target
 
     def __call__(self, name, weight, bias):
         chosen = self.config.scheme_for(name)
@@ -202,8 +221,9 @@ class _Quantizer:
             e2e = config.e2e
             if (config.learn or LearnConfig()).share_r2:  # one r2 per stacked op: keep it
                 e2e = dataclasses.replace(e2e, train_r2=False)
-            learned = tune_end_to_end(self.module, learned, calib_ids, e2e, progress=self.say,
-                                      teacher=self.teacher)
+            tuned = tune_end_to_end(self.module, learned, calib_ids, e2e, progress=self.say,
+                                    teacher=self.teacher)
+            learned, self.tuned_tensors = tuned.packed, tuned.tensors
             self.timings["e2e_tune"] = time.perf_counter() - t0
         return learned
 

@@ -118,6 +118,9 @@ class E2EConfig:
     n_samples: int | None = None  # None: every calibration row
     batch_size: int = 1
     train_r2: bool = True  # off for --share-r2 exports (one r2 per stacked op)
+    # The weights (γ) of the normalization layers too (e2e.norm_weights), put into the graph
+    # in place of the model's
+    train_norms: bool = True
     seed: int = 0
     log_every: int = 8
 

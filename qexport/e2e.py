@@ -9,11 +9,14 @@ the fp model's over the calibration text (EfficientQAT's E2E-QP, applied to the 
     binary part   W[:, b] = (row_scale·a ⊙ sign + row_offset + row_scale·o) ⊙ (r2·c)
     salient part  W[:, s] = (code − zero) ⊙ salient_scale·d
     bias          bias + e
+    norm weight   γ ⊙ n      (every normalization layer's weight, E2EConfig.train_norms)
 
-with a, c, d multiplicative (start at 1: the learning rate is a relative step for tensors whose
+with a, c, d, n multiplicative (start at 1: the learning rate is a relative step for tensors whose
 magnitudes differ by orders) and o, e additive (start at 0). The result is packed in the same
 format, rounded to what is stored (fp16 scales, fp32 bias), so what is exported is exactly what
-was trained and parity with the PyTorch reference stays exact.
+was trained and parity with the PyTorch reference stays exact; the norm weights come back as
+tensors of the model's dtype, which the pipeline puts into the graph in place of the originals
+(as it does with OS+-folded ones).
 
 Memory: the fp model, the quantized weights in fp32 during the step (one copy of the model),
 the constant signs and codes as fp32 (another), and one sequence's activations for the
@@ -129,15 +132,32 @@ def cosine_schedule(opt: torch.optim.Optimizer, steps: int):
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
 
 
+@dataclasses.dataclass
+class E2EResult:
+    packed: dict[str, MixedLinearWeights]  # layer name -> tuned packed weights
+    tensors: dict[str, torch.Tensor]  # tensor name in the model -> tuned value (norm weights)
+
+
+def norm_weights(module: torch.nn.Module) -> list[str]:
+    """Names of the weights (γ) of the normalization layers of `module` (LayerNorm, RMSNorm and
+    the families' own *Norm classes): 1-D parameters of modules whose class name has "Norm"."""
+    return [f"{name}.weight" for name, m in module.named_modules()
+            if "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None),
+                                                        torch.nn.Parameter)
+            and m.weight.dim() == 1]
+
+
 def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeights],
                     calib_ids: torch.Tensor, config: E2EConfig | None = None,
                     progress: Callable[[str], None] | None = None,
-                    teacher: torch.nn.Module | None = None) -> dict[str, MixedLinearWeights]:
+                    teacher: torch.nn.Module | None = None) -> E2EResult:
     """Train the continuous parameters of `packed` (layer name -> weights; names are module
-    paths in `module`, which maps input_ids [B, L] to logits) against the fp model `teacher`
-    (default: `module` itself with its fp weights; the original model when `module` was
-    preprocessed) by KL on the next-token distributions over `calib_ids` [n, L]; returns new
-    packed weights (same signs, codes, salient channels). Neither model is modified."""
+    paths in `module`, which maps input_ids [B, L] to logits) and, with config.train_norms,
+    the weights of `module`'s normalization layers, against the fp model `teacher` (default:
+    `module` itself with its fp weights; the original model when `module` was preprocessed) by
+    KL on the next-token distributions over `calib_ids` [n, L]. Returns new packed weights
+    (same signs, codes, salient channels) and the tuned norm weights. Neither model is
+    modified."""
     teacher = module if teacher is None else teacher
     config = config or E2EConfig()
     say = progress or (lambda msg: None)
@@ -149,16 +169,27 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     if missing:
         raise QexportError(f"end-to-end tuning: {missing[0]} is not a Linear of the model")
     tunable = {n: _Tunable(w, config.train_r2) for n, w in packed.items()}
-    groups = {"a": [], "o": [], "c": [], "d": [], "e": []}
+    norms = {}
+    if config.train_norms:
+        params = dict(module.named_parameters())
+        norms = {name: params[name].detach() for name in norm_weights(module) if name in params}
+    norm_factors = {name: torch.nn.Parameter(torch.ones_like(w, dtype=torch.float32))
+                    for name, w in norms.items()}
+    groups = {"a": [], "o": [], "c": [], "d": [], "e": [], "n": list(norm_factors.values())}
     for t in tunable.values():
-        for name in groups:
+        for name in "acdeo":
             p = getattr(t, name, None)
             if p is not None and p.requires_grad:
                 groups[name].append(p)
     lrs = {"a": config.lr_scale, "o": config.lr_scale, "c": config.lr_scale,
-           "d": config.lr_scale, "e": config.lr_bias}
+           "d": config.lr_scale, "e": config.lr_bias, "n": config.lr_scale}
     opt = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps],
                             weight_decay=0.0)
+
+    def norm_value(name: str) -> torch.Tensor:
+        w = norms[name]
+        return (w.float() * norm_factors[name]).to(w.dtype)
+
     requires = {p: p.requires_grad for m in (module, teacher) for p in m.parameters()}
     for p in requires:
         p.requires_grad_(False)
@@ -170,6 +201,8 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     t_start = time.perf_counter()
     step = 0
     first = last = float("nan")
+    say(f"end-to-end tuning: {len(tunable)} packed Linears"
+        f"{f' and {len(norms)} norm weights' if norms else ''}, {steps} steps")
     try:
         for epoch in range(config.epochs):
             total = 0.0
@@ -177,7 +210,7 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
                 s, e = batches[j]
                 x = ids[s:e]
                 target = teacher_logprobs(teacher, x)
-                params = {}
+                params = {name: norm_value(name) for name in norms}
                 for name, t in tunable.items():
                     params[f"{name}.weight"] = t.weight()
                     b = t.bias()
@@ -203,4 +236,6 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
-    return {name: t.pack() for name, t in tunable.items()}
+    with torch.no_grad():
+        tensors = {name: norm_value(name).detach().clone() for name in norms}
+    return E2EResult({name: t.pack() for name, t in tunable.items()}, tensors)

@@ -400,24 +400,38 @@ def linear_input_rms(module: torch.nn.Module, calib_ids: torch.Tensor, batch_siz
 
 class substituted_weights:
     """Context manager: Linear weights of `module` replaced by dequantized packed weights
-    (keyed by module path), restored on exit. For evaluating a quantized model in eager mode."""
+    (keyed by module path), and other tensors by `tensors` (keyed by their names, e.g. the
+    norm weights end-to-end tuning returns), restored on exit. For evaluating a quantized model
+    in eager mode."""
 
-    def __init__(self, module: torch.nn.Module, packed: dict[str, MixedLinearWeights]):
+    def __init__(self, module: torch.nn.Module, packed: dict[str, MixedLinearWeights],
+                 tensors: dict[str, torch.Tensor] | None = None):
         self.module, self.packed, self.saved = module, packed, {}
+        self.tensors = tensors or {}
+
+    def _targets(self) -> dict[str, torch.Tensor]:
+        mods = dict(self.module.named_modules())
+        out = {f"{name}.weight": mods[name].weight for name in self.packed}
+        params = dict(self.module.named_parameters())
+        out.update({name: params[name] for name in self.tensors})
+        return out
 
     def __enter__(self):
-        mods = dict(self.module.named_modules())
+        targets = self._targets()
         with torch.no_grad():
             for name, pk in self.packed.items():
-                w = mods[name].weight
-                self.saved[name] = w.detach().clone()
+                w = targets[f"{name}.weight"]
+                self.saved[f"{name}.weight"] = w.detach().clone()
                 w.copy_(pk.dequantize().to(w.dtype))
+            for name, value in self.tensors.items():
+                self.saved[name] = targets[name].detach().clone()
+                targets[name].copy_(value)
         return self.module
 
     def __exit__(self, *exc):
-        mods = dict(self.module.named_modules())
+        targets = self._targets()
         with torch.no_grad():
             for name, w in self.saved.items():
-                mods[name].weight.copy_(w)
+                targets[name].copy_(w)
         self.saved = {}
         return False

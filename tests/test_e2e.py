@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qexport.config import E2EConfig, LearnConfig
-from qexport.e2e import _Tunable, tune_end_to_end
+from qexport.e2e import _Tunable, norm_weights, tune_end_to_end
 from qexport.families import find_blocks
 from qexport.ptq161 import learn_mixed_weights, substituted_weights
 from qexport.testing import random_mixed_linear
@@ -17,10 +18,10 @@ from qexport.testing import random_mixed_linear
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _kl(model, packed, ids):
+def _kl(model, packed, ids, tensors=None):
     with torch.no_grad():
         teacher = F.log_softmax(model(ids), -1)
-        with substituted_weights(model, packed):
+        with substituted_weights(model, packed, tensors):
             student = F.log_softmax(model(ids), -1)
     return float(F.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), log_target=True,
                           reduction="batchmean"))
@@ -48,9 +49,10 @@ def test_tuning_lowers_the_kl_and_keeps_the_codes():
     packed = learn_mixed_weights(model, ids[:4], salient, 0, LearnConfig(epochs=1))
     before = _kl(model, packed, ids[4:])  # held-out rows
     params = {k: v.clone() for k, v in model.state_dict().items()}
-    tuned = tune_end_to_end(model, packed, ids[:4], E2EConfig(epochs=6, lr_scale=1e-2,
-                                                              lr_bias=1e-3))
-    after = _kl(model, tuned, ids[4:])
+    result = tune_end_to_end(model, packed, ids[:4], E2EConfig(epochs=6, lr_scale=1e-2,
+                                                               lr_bias=1e-3))
+    tuned = result.packed
+    after = _kl(model, tuned, ids[4:], result.tensors)
     assert after < 0.9 * before, (before, after)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in params.items())  # untouched
     for name, w in packed.items():
@@ -60,6 +62,11 @@ def test_tuning_lowers_the_kl_and_keeps_the_codes():
             assert torch.equal(getattr(w, f), getattr(t, f)), (name, f)
         assert not torch.equal(w.row_scale, t.row_scale)  # trained
         assert t.row_scale.dtype == torch.float16 and t.weight_nbytes() == w.weight_nbytes()
+    # every norm weight trained, none of the model's own changed
+    assert sorted(result.tensors) == sorted(norm_weights(model)) and result.tensors
+    params = dict(model.named_parameters())
+    for name, value in result.tensors.items():
+        assert value.dtype == params[name].dtype and not torch.equal(value, params[name])
 
 
 def test_rejects_a_name_that_is_not_a_linear():
@@ -90,10 +97,23 @@ def test_preset_best_through_the_cli(tmp_path):
     tiny_llama().save_pretrained(src)
     out = tmp_path / "out"
     assert cli.main([str(src), "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32",
-                     "--preset", "best", "--no-perplexity", "--no-kv-cache",
-                     "--threads", "1", "--quiet"]) == 0
+                     "--preset", "best", "--no-perplexity", "--threads", "1", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["ok"] and "e2e_tune" in report["timings"]
+    # the tuned norm weights are in both graphs (the KV-cache decoder's rebuilt with them)
+    import onnx
+    from onnx import numpy_helper
+
+    def values(name):
+        model = onnx.load(out / name)  # with its external data
+        return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    tuned = {k: v for k, v in values("model.onnx").items() if k.startswith("qexport_e2e_")}
+    assert len(tuned) == 2 * 2 + 1  # two norms per block, the final one
+    past = [v.tobytes() for v in values("model_with_past.onnx").values()]
+    for name, value in tuned.items():
+        assert value.tobytes() in past, name
+        assert not np.all(value == 1.0), name  # moved from the initial ones
     assert report["config"]["e2e"]["epochs"] == 1
     assert report["config"]["preprocess"] == "restorative_lora" and \
         report["config"]["preprocess_config"]["rank"] == 64 and "preprocess" in report["timings"]
