@@ -188,6 +188,7 @@ def main(argv=None) -> int:
         if not path:
             p.error(f"--also wants LABEL=PATH, got {item!r}")
         models[label] = pathlib.Path(path)
+    print(f"# {bench_linear.cpu_description()}", flush=True)
     print(f"# ORT CPU, QEXPORT_CPU_ISA={os.environ.get('QEXPORT_CPU_ISA', 'auto')}; latencies: "
           f"median of {args.reps} (1 token) / {max(5, args.reps // 4)} (prefill) runs, models "
           f"taking turns in one process, threads {'pinned' if args.pin else 'not pinned'}; "

@@ -24,7 +24,7 @@ from . import graph as G
 from .calibrate import collect_linear_input_stats
 from .config import LearnConfig, QuantizeConfig
 from .contract import META_OS_FOLDED
-from .e2e import tune_end_to_end
+from .e2e import NotLogits, tune_end_to_end
 from .errors import QexportError, stage
 from .families.attention import why_not_fused
 from .gptq import linear_input_hessians, refine_codes
@@ -221,8 +221,14 @@ class _Quantizer:
             e2e = config.e2e
             if (config.learn or LearnConfig()).share_r2:  # one r2 per stacked op: keep it
                 e2e = dataclasses.replace(e2e, train_r2=False)
-            tuned = tune_end_to_end(self.module, learned, calib_ids, e2e, progress=self.say,
-                                    teacher=self.teacher)
+            try:
+                tuned = tune_end_to_end(self.module, learned, calib_ids, e2e,
+                                        progress=self.say, teacher=self.teacher)
+            except NotLogits as e:
+                msg = f"end-to-end tuning skipped: {e}"
+                self.say(msg)
+                self.notes.append(msg)
+                return learned
             learned, self.tuned_tensors = tuned.packed, tuned.tensors
             self.timings["e2e_tune"] = time.perf_counter() - t0
         return learned

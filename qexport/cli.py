@@ -100,19 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ptq161: learn the binary scales α, r1, r2 block by block (PTQ1.61); "
                         "closed-form: α = mean|W - μ|, no learning [default: %(default)s]")
     q.add_argument("--preset", choices=tuple(PRESETS), default=next(iter(PRESETS)),
-                   help="quantization budget: default (PTQ1.61 on every calibration sample, "
-                        "2 epochs per block, as in the paper), fast (16 samples, 1 epoch) or "
-                        "best (restorative LoRA first, then default, then end-to-end tuning "
-                        "of every layer's scales, offsets and biases against the fp model's "
-                        "logits: SmolLM2 perplexity 357 -> 270, ~2x the time; "
-                        "docs/results.md) [default: %(default)s]")
+                   help="quantization budget: default (one epoch of PTQ1.61's block-wise "
+                        "learning, then one of end-to-end tuning of every layer's scales, "
+                        "offsets, biases and the norm weights against the fp model's logits: "
+                        "SmolLM2 perplexity 234 in ~16 minutes here), fast (16 samples, one "
+                        "epoch, no end-to-end tuning: a few minutes) or best (restorative LoRA "
+                        "first, two epochs of learning as in the paper, three of end-to-end "
+                        "tuning; docs/results.md) [default: %(default)s]")
     q.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                    help="restorative LoRA on the fp model before quantizing, PTQ1.61's "
                         "preprocessing (w1.61-style schemes with PTQ1.61) "
                         "[default: the preset's: on for best]")
     q.add_argument("--e2e-epochs", type=int,
                    help="epochs of end-to-end tuning over the calibration text; 0: none "
-                        "[default: the preset's: 1 for best, none otherwise]")
+                        "[default: the preset's: 1 for default, 3 for best, none for fast]")
     q.add_argument("--epochs", type=int, help="PTQ1.61 epochs per block [default: the preset's]")
     q.add_argument("--lr", type=float, help="PTQ1.61 learning rate of α, r1 and r2 "
                    "[default: the preset's]")

@@ -99,6 +99,10 @@ class _Tunable(torch.nn.Module):
         return packed
 
 
+class NotLogits(QexportError):
+    """The model's output has no logits to distil (e.g. an encoder's hidden states object)."""
+
+
 def _logits(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -106,8 +110,7 @@ def _logits(out) -> torch.Tensor:
         return out.logits
     if isinstance(out, (tuple, list)):
         return out[0]
-    raise QexportError(f"end-to-end tuning: the model returned {type(out).__name__}, "
-                       "not logits")
+    raise NotLogits(f"the model returned {type(out).__name__}, not logits")
 
 
 def teacher_logprobs(teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -122,11 +122,16 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, work: Path,
             say(context_note)
         data = _load_data(config, lm)
     config, kv_note = _with_kv_cache(config, lm)
+    config, distil_note = _with_distillation(config, lm)
+    if distil_note:
+        say(distil_note)
     example = lm.example_inputs(batch=2, seq=8)
     qm = api.quantize(lm.module, example, data.calib, config.quantize, progress=say,
                       checkpoint_dir=work)
     if context_note:
         qm.notes["context"] = [context_note]
+    if distil_note:
+        qm.notes["distillation"] = [distil_note]
     if kv_note:
         qm.notes["kv_cache"] = [kv_note]
     timings.update(qm.timings)
@@ -201,6 +206,20 @@ def _with_kv_cache(config: RunConfig, lm) -> tuple[RunConfig, str | None]:
         reason = "the attention is not fused (--no-fused-attention or the target's default)"
     note = f"no model_with_past.onnx: {reason}" if reason else None
     return dataclasses.replace(config, kv_cache=reason is None), note
+
+
+def _with_distillation(config: RunConfig, lm) -> tuple[RunConfig, str | None]:
+    """Restorative LoRA and end-to-end tuning distil the fp model's next-token distributions:
+    off, with a note, for a model without a language-model head (an encoder)."""
+    q = config.quantize
+    if lm.is_causal_lm or (q.e2e is None and q.preprocess is None):
+        return config, None
+    stages = [name for name, on in (("restorative LoRA", q.preprocess is not None),
+                                    ("end-to-end tuning", q.e2e is not None)) if on]
+    note = (f"{' and '.join(stages)} skipped: they distil next-token distributions, and the "
+            "model has no language-model head")
+    return dataclasses.replace(config, quantize=dataclasses.replace(q, e2e=None,
+                                                                    preprocess=None)), note
 
 
 def _within_context(config: RunConfig, module) -> tuple[RunConfig, str | None]:

@@ -114,7 +114,7 @@ def test_preset_best_through_the_cli(tmp_path):
     for name, value in tuned.items():
         assert value.tobytes() in past, name
         assert not np.all(value == 1.0), name  # moved from the initial ones
-    assert report["config"]["e2e"]["epochs"] == 1
+    assert report["config"]["e2e"]["epochs"] == 3
     assert report["config"]["preprocess"] == "restorative_lora" and \
         report["config"]["preprocess_config"]["rank"] == 64 and "preprocess" in report["timings"]
 
@@ -133,6 +133,27 @@ def test_e2e_epochs_flag():
     assert lora("--lora").config.salient_ratio == 0.2 and lora("--lora").config.rank == 64
     assert lora("--lora", "--salient-ratio", "0.1").config.salient_ratio == 0.1
     assert lora("--lora", "--scheme", "w4a16") is None  # nothing binary to prepare for
-    assert e2e() is None and e2e("--preset", "best").epochs == 1
+    assert e2e().epochs == 1 and e2e("--preset", "best").epochs == 3
+    assert e2e("--preset", "fast") is None
     assert e2e("--e2e-epochs", "3").epochs == 3 and e2e("--preset", "best", "--e2e-epochs",
                                                         "0") is None
+
+
+def test_distillation_off_for_models_without_a_language_model_head():
+    """End-to-end tuning and LoRA distil next-token distributions: an encoder gets neither,
+    and a note says why; a causal LM keeps both."""
+    import types
+
+    from qexport import cli
+    from qexport.pipeline import _with_distillation
+
+    config = cli.run_config(cli.build_parser().parse_args(["m", "--preset", "best"]))
+    assert config.quantize.e2e is not None and config.quantize.preprocess is not None
+    encoder = types.SimpleNamespace(is_causal_lm=False)
+    off, note = _with_distillation(config, encoder)
+    assert off.quantize.e2e is None and off.quantize.preprocess is None
+    assert "restorative LoRA and end-to-end tuning skipped" in note
+    same, none = _with_distillation(config, types.SimpleNamespace(is_causal_lm=True))
+    assert same is config and none is None
+    fast = cli.run_config(cli.build_parser().parse_args(["m", "--preset", "fast"]))
+    assert _with_distillation(fast, encoder) == (fast, None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qexport import cli, pipeline
-from qexport.config import LearnConfig, QuantizeConfig, RunConfig
+from qexport.config import E2EConfig, LearnConfig, QuantizeConfig, RunConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,7 +40,8 @@ def test_cli_and_api_write_identical_model_bytes(tmp_path):
     torch.manual_seed(1234)  # any global RNG state: the run must not depend on it
     result = pipeline.run(RunConfig(str(src), str(tmp_path / "api"), calib_samples=2,
                                     calib_seqlen=16, perplexity=False, threads=1,
-                                    quantize=QuantizeConfig(learn=LearnConfig.preset("fast"))))
+                                    quantize=QuantizeConfig(learn=LearnConfig.preset("fast"),
+                                                            e2e=E2EConfig.preset("fast"))))
     assert result.parity_ok and result.finish is None
     written = sorted(p.name for p in (tmp_path / "cli").iterdir())
     assert written == sorted(p.name for p in (tmp_path / "api").iterdir())
