@@ -3,12 +3,13 @@
 // -m flags and only called after __builtin_cpu_supports says the CPU has them). Internal to
 // the CPU kernel: see bml_cpu_internal.h for the data layout.
 //
-// Packed weight layout both paths read (built by PackWeights): output rows in blocks of 16,
+// Packed weight layout every path reads (built by PackWeights): output rows in blocks of 16,
 // blocks in groups of 8 (the last group holds what is left: `width` blocks, 1..8); per
 // group, per dword q of a row's packed bits, the group's blocks' lines of 64 bytes (16 rows
 // x 4 bytes, the layout-1 bytes 4q..4q+3 of each row) follow each other: byte e of dword q
 // of row r of block i of the group is at
-//   group_base + q * line + i * kBlockLine + 4 * r + e,   line = width * kBlockLine.
+//   group_base + q * line + i * kBlockLine + 4 * r + e,   line = width * kBlockLine
+// (row-major lines; a byte-major path, CpuKernels::byte_major, has 16 * e + r instead).
 // So a group (128 output rows) is one sequential stream, and one 64-byte load gives 16 rows
 // x 32 sign bits (or 8 four-bit codes): nibble j of a dword is its bits 4j..4j+3.
 #pragma once
