@@ -259,7 +259,13 @@ def test_read_export_round_trip(tmp_path):
         for a, b in zip(packed[name].tensors(), w.tensors()):
             assert (a is None and b is None) or torch.equal(a, b)
         assert packed[name].attributes() == w.attributes()
-    assert meta[C.META_SCHEME] == "w1.61a16-g8" and folded == {}  # no OS+
+    assert meta[C.META_SCHEME] == "w1.61a16-g8"
+    # no OS+: what the graph holds in place of the model's tensors are the norm weights that
+    # end-to-end tuning (in the default preset) trained, read back as they were exported
+    assert sorted(folded) == sorted(qm.folded) and folded
+    assert all(name.endswith("norm.weight") for name in folded)
+    for name, attr in qm.folded.items():
+        assert torch.equal(folded[name], getattr(qm.graph_module, attr))
 
 
 def test_eval_errors_are_one_line(tmp_path):
