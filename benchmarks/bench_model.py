@@ -20,6 +20,9 @@ cleanups as the quantized export), example batch 2, dynamic batch and sequence.
 --w161-past OUT/model_with_past.onnx --fp32-past PATH (written when missing) add a decoding
 table: one token after --cached tokens with a KV cache (the cache copied every call, or
 updated in place in buffers of --max-length positions), against the whole-sequence forward.
+--llama-cpp FORMAT... then adds llama.cpp on the same weights (benchmarks/bench_llama_cpp.py:
+built from source into a cache, GGUF per format, llama-bench) in tokens/s beside the
+in-place rows, with the stored bits per block-Linear weight of each.
 """
 from __future__ import annotations
 
@@ -161,6 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=2048,
                    help="cache buffer length of the in-place decoding rows [default: "
                         "%(default)s]")
+    p.add_argument("--llama-cpp", nargs="+", default=[], metavar="FORMAT",
+                   help="with --w161-past: also llama.cpp in these GGUF formats (e.g. Q4_0 "
+                        "TQ1_0; benchmarks/bench_llama_cpp.py)")
     p.add_argument("--reps", type=int, default=20, help="runs per measurement")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="pin each thread to its own CPU, every model alike "
@@ -206,14 +212,19 @@ def main(argv=None) -> int:
                   f"{one['fp32'] / one[label]:16.2f} {pre['fp32'] / pre[label]:7.2f} | "
                   f"{rss[label]:12.0f} {rss[label] / rss['fp32']:6.2f}", flush=True)
     if args.w161_past:
-        _decode_table(args)
+        decode = _decode_table(args)
+        if args.llama_cpp:
+            _peer_table(args, decode)
+    elif args.llama_cpp:
+        p.error("--llama-cpp needs --w161-past (it compares decoding with a KV cache)")
     return 0
 
 
-def _decode_table(args) -> None:
+def _decode_table(args) -> dict[int, tuple[dict, dict]]:
     """One decoded token after `--cached` tokens: the KV-cache models, and for comparison the
     whole-sequence forward of the models without a cache (what a generation loop without a
-    cache pays per token)."""
+    cache pays per token). Returns threads -> (seconds per decoded token, per prompt) by
+    row label."""
     if not args.fp32_past:
         raise SystemExit("--w161-past needs --fp32-past")
     if args.max_length <= args.cached:
@@ -239,6 +250,7 @@ def _decode_table(args) -> None:
                  "w1.61a16 + kv in place": args.w161_past}
     in_place = {label: args.max_length for label in kv_models if label.endswith("in place")}
     full_models = {"fp32, no cache": args.fp32, "w1.61a16, no cache": args.w161}
+    results = {}
     for threads in args.threads:
         reps = max(5, args.reps // 4)
         step = {**_latencies(kv_models, threads, 1, args.reps, past=cached, buffer=in_place),
@@ -250,6 +262,39 @@ def _decode_table(args) -> None:
             print(f"{label:>22} {threads:>3} | {step[label] * 1e3:10.2f} "
                   f"{step[base] / step[label]:9.2f} | {prompt[label] * 1e3:9.2f} "
                   f"{prompt[base] / prompt[label]:9.2f}", flush=True)
+        results[threads] = (step, prompt)
+    return results
+
+
+def _peer_table(args, decode: dict[int, tuple[dict, dict]]) -> None:
+    """Tokens/s of the in-place rows of the decoding table beside llama.cpp's on the same
+    weights (llama-bench: the same prompt length; --cached tokens then 64 decoded, mean)."""
+    import bench_llama_cpp as llama_cpp
+
+    report = args.w161_past.parent / "report.json"
+    ours = json.loads(report.read_text())["bits"]["bits_per_weight"] if report.exists() else None
+    rows = []
+    for threads, (step, prompt) in decode.items():
+        for label, bits in (("fp32 + kv in place", 32.0), ("w1.61a16 + kv in place", ours)):
+            rows.append({"label": label, "threads": threads, "bits": bits,
+                         "decode_tps": 1 / step[label], "prompt_tps": args.cached / prompt[label]})
+    # llama.cpp's build for the CPU path the qexport rows ran on (QEXPORT_CPU_ISA)
+    isa = "avx2" if os.environ.get("QEXPORT_CPU_ISA") == "avx2" else "native"
+    rows += llama_cpp.table(args.llama_cpp, args.threads, args.cached, 64, args.cached, isa=isa)
+    print(f"# tokens/s: qexport's in-place rows above (1 token after {args.cached} cached; "
+          f"{args.cached}-token prompt) beside llama.cpp on the same weights (llama-bench: 64 "
+          f"tokens decoded after {args.cached} cached, the {args.cached}-token prompt; mean of "
+          f"5). bits/w: stored bits per block-Linear weight. Ratio: tokens/s over "
+          f"w1.61a16's at the same threads", flush=True)
+    print(f"{'model':>30} {'thr':>3} | {'bits/w':>6} | {'decode tok/s':>12} {'/ ours':>6} | "
+          f"{'prompt tok/s':>12} {'/ ours':>6}")
+    ours_rows = {r["threads"]: r for r in rows if r["label"].startswith("w1.61a16")}
+    for r in sorted(rows, key=lambda r: r["threads"]):
+        base = ours_rows[r["threads"]]
+        bits = "-" if r["bits"] is None else f"{r['bits']:.3f}"
+        print(f"{r['label']:>30} {r['threads']:>3} | {bits:>6} | {r['decode_tps']:12.1f} "
+              f"{r['decode_tps'] / base['decode_tps']:6.2f} | {r['prompt_tps']:12.1f} "
+              f"{r['prompt_tps'] / base['prompt_tps']:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

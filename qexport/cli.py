@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization budget: default (one epoch of PTQ1.61's block-wise "
                         "learning, then one of end-to-end tuning of every layer's scales, "
                         "offsets, biases and the norm weights against the fp model's logits: "
-                        "SmolLM2 perplexity 234 in ~16 minutes here), fast (16 samples, one "
+                        "SmolLM2 perplexity 234 in ~18 minutes here), fast (16 samples, one "
                         "epoch, no end-to-end tuning: a few minutes) or best (restorative LoRA "
                         "first, two epochs of learning as in the paper, three of end-to-end "
                         "tuning; docs/results.md) [default: %(default)s]")

@@ -1,0 +1,80 @@
+"""Where a model's time goes in ONNX Runtime, per op type (by hand, not a test).
+
+Runs a model under ONNX Runtime's profiler and prints, per op type of the graph ORT runs
+(after its own fusions), the time per call of the model and the nodes per call, with the
+share of the summed kernel time. For a KV-cache model (`model_with_past.onnx`) the cache
+is bound in place (bench_model's runner) with --cached positions before the --seq new ones.
+
+    python benchmarks/profile_model.py OUT/model_with_past.onnx --seq 1 --cached 128
+    python benchmarks/profile_model.py OUT/model_with_past.onnx --seq 128 --cached 0
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+
+import bench_linear
+import bench_model
+
+
+def profile(model: pathlib.Path, threads: int, seq: int, cached: int, runs: int,
+            max_length: int = 2048) -> tuple[float, dict[str, tuple[float, float]]]:
+    """(median microseconds per call, {op type: (microseconds per call, nodes per call)})."""
+    import onnxruntime as ort
+
+    from qexport import native
+
+    so = native.session_options()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    bench_linear.pin_threads(so, threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "prof")
+        sess = ort.InferenceSession(str(model), sess_options=so,
+                                    providers=["CPUExecutionProvider"])
+        past = any(i.name.startswith("past.") for i in sess.get_inputs())
+        run = bench_model._runner(sess, seq, cached if past else 0,
+                                  max_length if past else 0)
+        for _ in range(runs):
+            run()
+        events = json.load(open(sess.end_profiling()))
+    calls = [e["dur"] for e in events if e.get("name") == "model_run"][1:]  # the first: warm-up
+    per_op: dict[str, float] = collections.defaultdict(float)
+    nodes: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+            nodes[e["args"]["op_name"]] += 1
+    return statistics.median(calls), {op: (us / runs, nodes[op] / runs)
+                                      for op, us in per_op.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", type=pathlib.Path)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seq", type=int, default=1, help="new tokens per call")
+    p.add_argument("--cached", type=int, default=128, help="cached tokens (KV-cache models)")
+    p.add_argument("--runs", type=int, default=200)
+    args = p.parse_args(argv)
+    median, ops = profile(args.model, args.threads, args.seq, args.cached, args.runs)
+    total = sum(us for us, _ in ops.values())
+    print(f"# {bench_linear.cpu_description()}")
+    print(f"# {args.model}: {args.seq} new tokens, {args.cached} cached, {args.threads} threads; "
+          f"median call {median / 1e3:.3f} ms under the profiler, summed kernel time "
+          f"{total / 1e3:.3f} ms")
+    print(f"{'op type':>32} | {'ms/call':>8} {'share':>6} | {'nodes/call':>10} {'us/node':>8}")
+    for op, (us, n) in sorted(ops.items(), key=lambda kv: -kv[1][0]):
+        print(f"{op:>32} | {us / 1e3:8.3f} {us / total:6.1%} | {n:10.0f} {us / n:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
