@@ -218,11 +218,8 @@ class _Quantizer:
         self.timings["learn_scales"] = time.perf_counter() - t0
         if config.e2e is not None and learned:
             t0 = time.perf_counter()
-            e2e = config.e2e
-            if (config.learn or LearnConfig()).share_r2:  # one r2 per stacked op: keep it
-                e2e = dataclasses.replace(e2e, train_r2=False)
             try:
-                tuned = tune_end_to_end(self.module, learned, calib_ids, e2e,
+                tuned = tune_end_to_end(self.module, learned, calib_ids, config.e2e,
                                         progress=self.say, teacher=self.teacher)
             except NotLogits as e:
                 msg = f"end-to-end tuning skipped: {e}"

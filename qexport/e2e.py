@@ -99,6 +99,21 @@ class _Tunable(torch.nn.Module):
         return packed
 
 
+def _tie_shared_r2(tunable: dict[str, _Tunable]) -> None:
+    """One r2 factor for the Linears that share their r2 (LearnConfig.share_r2: q/k/v and
+    gate/up read one activation with the same salient channels), so that they still stack
+    into one op after tuning (MixedLinearWeights.stacks_with, passes.fuse_shared_input)."""
+    firsts: list[_Tunable] = []
+    for t in tunable.values():
+        if t.w.r2 is None:
+            continue
+        first = next((f for f in firsts if f.w.stacks_with(t.w)), None)
+        if first is None:
+            firsts.append(t)
+        else:
+            t.c = first.c
+
+
 class NotLogits(QexportError):
     """The model's output has no logits to distil (e.g. an encoder's hidden states object)."""
 
@@ -172,6 +187,7 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     if missing:
         raise QexportError(f"end-to-end tuning: {missing[0]} is not a Linear of the model")
     tunable = {n: _Tunable(w, config.train_r2) for n, w in packed.items()}
+    _tie_shared_r2(tunable)
     norms = {}
     if config.train_norms:
         params = dict(module.named_parameters())
@@ -179,10 +195,12 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     norm_factors = {name: torch.nn.Parameter(torch.ones_like(w, dtype=torch.float32))
                     for name, w in norms.items()}
     groups = {"a": [], "o": [], "c": [], "d": [], "e": [], "n": list(norm_factors.values())}
+    seen = set()  # a tied r2 factor once
     for t in tunable.values():
         for name in "acdeo":
             p = getattr(t, name, None)
-            if p is not None and p.requires_grad:
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
                 groups[name].append(p)
     lrs = {"a": config.lr_scale, "o": config.lr_scale, "c": config.lr_scale,
            "d": config.lr_scale, "e": config.lr_bias, "n": config.lr_scale}

@@ -69,6 +69,28 @@ def test_tuning_lowers_the_kl_and_keeps_the_codes():
         assert value.dtype == params[name].dtype and not torch.equal(value, params[name])
 
 
+def test_shared_r2_stays_shared():
+    """With LearnConfig.share_r2 the Linears reading one activation share r2; end-to-end
+    tuning trains it as one factor, so they still stack into one op."""
+    from tiny_models import LogitsOnly, tiny_llama
+
+    model = LogitsOnly(tiny_llama())
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    path, blocks = find_blocks(model)
+    names = [f"{path}.{bi}.{sub}" for bi, b in enumerate(blocks)
+             for sub, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
+    salient = {n: torch.tensor([0, 9, 17, 30]) for n in names}
+    packed = learn_mixed_weights(model, ids, salient, 0, LearnConfig(epochs=1, share_r2=True))
+    qkv = [f"{path}.0.self_attn.{p}_proj" for p in "qkv"]
+    assert all(packed[qkv[0]].stacks_with(packed[n]) for n in qkv[1:])
+    tuned = tune_end_to_end(model, packed, ids, E2EConfig(epochs=2, lr_scale=1e-2)).packed
+    assert all(tuned[qkv[0]].stacks_with(tuned[n]) for n in qkv[1:])  # one r2 for the three
+    assert not torch.equal(tuned[qkv[0]].r2, packed[qkv[0]].r2)  # and it was trained
+    gate_up = [f"{path}.0.mlp.{p}_proj" for p in ("gate", "up")]
+    assert tuned[gate_up[0]].stacks_with(tuned[gate_up[1]])
+    assert not tuned[qkv[0]].stacks_with(tuned[gate_up[0]])
+
+
 def test_rejects_a_name_that_is_not_a_linear():
     from qexport.errors import QexportError
     from tiny_models import LogitsOnly, tiny_llama
