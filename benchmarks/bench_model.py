@@ -157,6 +157,9 @@ def main(argv=None) -> int:
                    help="also an fp32 ONNX without the fused attention (exported when missing)")
     p.add_argument("--w161-past", type=pathlib.Path,
                    help="model_with_past.onnx of a qexport --kv-cache folder: also time decoding")
+    p.add_argument("--also-past", nargs="+", default=[], metavar="LABEL=PATH",
+                   help="more KV-cache models for the decoding table, run in place (e.g. "
+                        "w1.61a16-share-r2=share/model_with_past.onnx)")
     p.add_argument("--fp32-past", type=pathlib.Path,
                    help="fp32 KV-cache ONNX for the decoding table (exported when missing)")
     p.add_argument("--cached", type=int, default=128,
@@ -212,19 +215,19 @@ def main(argv=None) -> int:
                   f"{one['fp32'] / one[label]:16.2f} {pre['fp32'] / pre[label]:7.2f} | "
                   f"{rss[label]:12.0f} {rss[label] / rss['fp32']:6.2f}", flush=True)
     if args.w161_past:
-        decode = _decode_table(args)
+        paths, decode = _decode_table(args)
         if args.llama_cpp:
-            _peer_table(args, decode)
+            _peer_table(args, paths, decode)
     elif args.llama_cpp:
         p.error("--llama-cpp needs --w161-past (it compares decoding with a KV cache)")
     return 0
 
 
-def _decode_table(args) -> dict[int, tuple[dict, dict]]:
+def _decode_table(args) -> tuple[dict[str, pathlib.Path], dict[int, tuple[dict, dict]]]:
     """One decoded token after `--cached` tokens: the KV-cache models, and for comparison the
     whole-sequence forward of the models without a cache (what a generation loop without a
-    cache pays per token). Returns threads -> (seconds per decoded token, per prompt) by
-    row label."""
+    cache pays per token). Returns the KV-cache models by row label, and threads -> (seconds
+    per decoded token, per prompt) by row label."""
     if not args.fp32_past:
         raise SystemExit("--w161-past needs --fp32-past")
     if args.max_length <= args.cached:
@@ -243,11 +246,18 @@ def _decode_table(args) -> dict[int, tuple[dict, dict]]:
           f"cache every call); in place: cache buffers of {args.max_length} positions bound as "
           f"both pasts and presents (IOBinding; ORT writes the new token into them). Ratios: "
           f"fp32 of the same kind over the row", flush=True)
-    print(f"{'model':>22} {'thr':>3} | {'1 token ms':>10} {'fp32/row':>9} | {'prompt ms':>9} "
-          f"{'fp32/row':>9}")
+    width = max(22, *(len(label) + 14 for label in [i.partition("=")[0]
+                                                      for i in args.also_past] or [""]))
+    print(f"{'model':>{width}} {'thr':>3} | {'1 token ms':>10} {'fp32/row':>9} | "
+          f"{'prompt ms':>9} {'fp32/row':>9}")
     kv_models = {"fp32 + kv cache": args.fp32_past, "w1.61a16 + kv cache": args.w161_past,
                  "fp32 + kv in place": args.fp32_past,
                  "w1.61a16 + kv in place": args.w161_past}
+    for item in args.also_past:
+        label, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--also-past wants LABEL=PATH, got {item!r}")
+        kv_models[f"{label} + kv in place"] = pathlib.Path(path)
     in_place = {label: args.max_length for label in kv_models if label.endswith("in place")}
     full_models = {"fp32, no cache": args.fp32, "w1.61a16, no cache": args.w161}
     results = {}
@@ -259,23 +269,31 @@ def _decode_table(args) -> dict[int, tuple[dict, dict]]:
                   **_latencies(full_models, threads, cached, reps)}
         for label in step:
             base = "fp32 + kv in place" if label in in_place else "fp32 + kv cache"
-            print(f"{label:>22} {threads:>3} | {step[label] * 1e3:10.2f} "
+            print(f"{label:>{width}} {threads:>3} | {step[label] * 1e3:10.2f} "
                   f"{step[base] / step[label]:9.2f} | {prompt[label] * 1e3:9.2f} "
                   f"{prompt[base] / prompt[label]:9.2f}", flush=True)
         results[threads] = (step, prompt)
-    return results
+    return kv_models, results
 
 
-def _peer_table(args, decode: dict[int, tuple[dict, dict]]) -> None:
+def _bits(model: pathlib.Path) -> float | None:
+    """Stored bits per block-Linear weight from the qexport folder's report.json."""
+    report = model.parent / "report.json"
+    return json.loads(report.read_text())["bits"]["bits_per_weight"] if report.exists() else None
+
+
+def _peer_table(args, paths: dict[str, pathlib.Path],
+                decode: dict[int, tuple[dict, dict]]) -> None:
     """Tokens/s of the in-place rows of the decoding table beside llama.cpp's on the same
     weights (llama-bench: the same prompt length; --cached tokens then 64 decoded, mean)."""
     import bench_llama_cpp as llama_cpp
 
-    report = args.w161_past.parent / "report.json"
-    ours = json.loads(report.read_text())["bits"]["bits_per_weight"] if report.exists() else None
     rows = []
     for threads, (step, prompt) in decode.items():
-        for label, bits in (("fp32 + kv in place", 32.0), ("w1.61a16 + kv in place", ours)):
+        for label in step:
+            if not label.endswith("in place"):
+                continue
+            bits = 32.0 if label.startswith("fp32") else _bits(paths[label])
             rows.append({"label": label, "threads": threads, "bits": bits,
                          "decode_tps": 1 / step[label], "prompt_tps": args.cached / prompt[label]})
     # llama.cpp's build for the CPU path the qexport rows ran on (QEXPORT_CPU_ISA)
@@ -288,7 +306,7 @@ def _peer_table(args, decode: dict[int, tuple[dict, dict]]) -> None:
           f"w1.61a16's at the same threads", flush=True)
     print(f"{'model':>30} {'thr':>3} | {'bits/w':>6} | {'decode tok/s':>12} {'/ ours':>6} | "
           f"{'prompt tok/s':>12} {'/ ours':>6}")
-    ours_rows = {r["threads"]: r for r in rows if r["label"].startswith("w1.61a16")}
+    ours_rows = {r["threads"]: r for r in rows if r["label"] == "w1.61a16 + kv in place"}
     for r in sorted(rows, key=lambda r: r["threads"]):
         base = ours_rows[r["threads"]]
         bits = "-" if r["bits"] is None else f"{r['bits']:.3f}"

@@ -220,7 +220,8 @@ class _Quantizer:
             t0 = time.perf_counter()
             try:
                 tuned = tune_end_to_end(self.module, learned, calib_ids, config.e2e,
-                                        progress=self.say, teacher=self.teacher)
+                                        progress=self.say, teacher=self.teacher,
+                                        checkpoint_dir=self.checkpoint_dir)
             except NotLogits as e:
                 msg = f"end-to-end tuning skipped: {e}"
                 self.say(msg)

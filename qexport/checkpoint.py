@@ -27,6 +27,7 @@ from .errors import QexportError
 
 FORMAT = 1
 STATE = "resume.pt"
+E2E_STATE = "e2e.pt"  # end-to-end tuning's progress (E2ECheckpoint), after the blocks
 
 
 def fingerprint(module: torch.nn.Module, calib_ids: torch.Tensor,
@@ -124,6 +125,44 @@ class BlockCheckpoint:
                        state["generator_state"])
 
 
+class E2ECheckpoint:
+    """End-to-end tuning's progress in the same work folder (qexport.e2e): every few steps
+    the trained factors, the optimizer's and schedule's states, the epoch's sample order and
+    position, written beside its final name and renamed into place. A run resumed from it
+    takes the same steps on the same values as an uninterrupted one (tests/test_resume.py)."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def save(self, state: dict) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            BlockCheckpoint._write({"format": FORMAT, "fingerprint": self.fingerprint,
+                                    **state}, self.folder / E2E_STATE)
+        except OSError as e:
+            raise QexportError(f"cannot write the end-to-end tuning checkpoint in "
+                               f"{self.folder}: {e.strerror or e}") from e
+
+    def load(self, say=None) -> dict | None:
+        """The saved state, or None. One of other inputs or settings is removed (and `say`
+        told): the tuning starts over."""
+        path = self.folder / E2E_STATE
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - damaged (killed mid-write is not: renamed whole)
+            state = None
+        if not isinstance(state, dict) or state.get("format") != FORMAT or \
+                state.get("fingerprint") != self.fingerprint:
+            path.unlink(missing_ok=True)
+            if say:
+                say(f"end-to-end tuning: the checkpoint in {self.folder} is from other inputs "
+                    "or settings: starting over")
+            return None
+        return state
+
+
 def read_state(folder: str | os.PathLike) -> dict | None:
     """The resume state of a work folder (None: no folder, no state, or unreadable)."""
     path = Path(folder) / STATE
@@ -144,11 +183,18 @@ def saved_threads(folder: str | os.PathLike) -> int | None:
 
 
 def describe(folder: str | os.PathLike) -> str | None:
-    """"3 of 30 blocks" when the folder holds a checkpoint, else None."""
+    """"3 of 30 blocks" when the folder holds a checkpoint ("30 of 30 blocks and 24 of 64
+    end-to-end tuning steps" once that stage saved), else None."""
     state = read_state(folder)
     if state is None:
         return None
-    return f"{state['next_block']} of {state['num_blocks']} blocks"
+    text = f"{state['next_block']} of {state['num_blocks']} blocks"
+    try:
+        e2e = torch.load(Path(folder) / E2E_STATE, weights_only=True)
+        text += f" and {e2e['step']} of {e2e['steps']} end-to-end tuning steps"
+    except Exception:  # noqa: BLE001 - none (or unreadable): the blocks alone
+        pass
+    return text
 
 
 def remove(folder: str | os.PathLike) -> None:
@@ -158,7 +204,7 @@ def remove(folder: str | os.PathLike) -> None:
     if not folder.is_dir():
         return
     for p in folder.iterdir():
-        if p.is_file() and (p.name in (STATE, STATE + ".tmp") or
+        if p.is_file() and (p.name in (STATE, STATE + ".tmp", E2E_STATE, E2E_STATE + ".tmp") or
                             (p.name.startswith("block-") and p.name.endswith((".pt", ".pt.tmp")))):
             p.unlink(missing_ok=True)
     try:

@@ -124,12 +124,15 @@ class E2EConfig:
     lr_bias: float = 1e-4  # absolute steps on the biases
     n_samples: int | None = None  # None: every calibration row
     batch_size: int = 1
-    train_r2: bool = True  # off for --share-r2 exports (one r2 per stacked op)
+    train_r2: bool = True  # a shared r2 (--share-r2) trains as one factor: the ops still stack
     # The weights (γ) of the normalization layers too (e2e.norm_weights), put into the graph
     # in place of the model's
     train_norms: bool = True
     seed: int = 0
     log_every: int = 8
+    # Steps between checkpoints in the run's work folder (qexport.checkpoint.E2ECheckpoint;
+    # ~50 s of SmolLM2 tuning here, a write of ~1 MB per 1M trained values)
+    checkpoint_every: int = 8
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "E2EConfig | None":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Callable
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from . import checkpoint
 from .config import E2EConfig
 from .errors import QexportError
 from .ops.binary_mixed_linear.packing import (MixedLinearWeights, binary_channels,
@@ -143,6 +145,18 @@ def kl_to_teacher(module: torch.nn.Module, params: dict, x: torch.Tensor,
                     reduction="batchmean")
 
 
+def _fingerprint(module, packed, ids, norms, config: E2EConfig) -> str:
+    """What the tuning's result depends on (qexport.checkpoint.fingerprint): the model, the
+    packed weights it starts from, the ids, the norm weights and the settings that change
+    the steps (not how often it logs or saves)."""
+    tensors = {f"{name}.{i}": t for name, w in packed.items()
+               for i, t in enumerate(w.tensors()) if t is not None}
+    tensors.update({f"norm:{name}": t for name, t in norms.items()})
+    settings = {k: v for k, v in config.as_dict().items()
+                if k not in ("log_every", "checkpoint_every")}
+    return checkpoint.fingerprint(module, ids, tensors, {"stage": "e2e", **settings})
+
+
 def cosine_schedule(opt: torch.optim.Optimizer, steps: int):
     """Learning rates decayed from their value to 0 over `steps` optimizer steps."""
     steps = max(1, steps)
@@ -168,14 +182,16 @@ def norm_weights(module: torch.nn.Module) -> list[str]:
 def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeights],
                     calib_ids: torch.Tensor, config: E2EConfig | None = None,
                     progress: Callable[[str], None] | None = None,
-                    teacher: torch.nn.Module | None = None) -> E2EResult:
+                    teacher: torch.nn.Module | None = None,
+                    checkpoint_dir: str | os.PathLike | None = None) -> E2EResult:
     """Train the continuous parameters of `packed` (layer name -> weights; names are module
     paths in `module`, which maps input_ids [B, L] to logits) and, with config.train_norms,
     the weights of `module`'s normalization layers, against the fp model `teacher` (default:
     `module` itself with its fp weights; the original model when `module` was preprocessed) by
     KL on the next-token distributions over `calib_ids` [n, L]. Returns new packed weights
     (same signs, codes, salient channels) and the tuned norm weights. Neither model is
-    modified."""
+    modified. `checkpoint_dir`: a work folder where the tuning saves its progress every
+    config.checkpoint_every steps and resumes from (qexport.checkpoint.E2ECheckpoint)."""
     teacher = module if teacher is None else teacher
     config = config or E2EConfig()
     say = progress or (lambda msg: None)
@@ -219,16 +235,32 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     batches = [(s, min(s + bs, n)) for s in range(0, n, bs)]
     steps = config.epochs * len(batches)
     sched = cosine_schedule(opt, steps)
-    t_start = time.perf_counter()
-    step = 0
+    trained = [p for ps in groups.values() for p in ps]  # in the optimizer's order
+    ckpt = None if checkpoint_dir is None else checkpoint.E2ECheckpoint(
+        checkpoint_dir, _fingerprint(module, packed, ids, norms, config))
+    state = ckpt.load(say) if ckpt else None
+    step, start_epoch, order, position, total = 0, 0, None, 0, 0.0
     first = last = float("nan")
+    if state is not None:
+        with torch.no_grad():
+            for p, v in zip(trained, state["params"]):
+                p.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        step, start_epoch, order = state["step"], state["epoch"], state["order"]
+        position, total, first = state["position"], state["total"], state["first"]
+        say(f"end-to-end tuning: resuming at step {step}/{steps} from {checkpoint_dir}")
+    t_start, step0 = time.perf_counter(), step
     say(f"end-to-end tuning: {len(tunable)} packed Linears"
         f"{f' and {len(norms)} norm weights' if norms else ''}, {steps} steps")
     try:
-        for epoch in range(config.epochs):
-            total = 0.0
-            for j in torch.randperm(len(batches), generator=gen).tolist():
-                s, e = batches[j]
+        for epoch in range(start_epoch, config.epochs):
+            if order is None:  # a new epoch (a resumed one keeps its saved order)
+                order = torch.randperm(len(batches), generator=gen).tolist()
+                position, total = 0, 0.0
+            for position in range(position, len(order)):
+                s, e = batches[order[position]]
                 x = ids[s:e]
                 target = teacher_logprobs(teacher, x)
                 params = {name: norm_value(name) for name in norms}
@@ -248,9 +280,16 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
                 if first != first:
                     first = value
                 if step % max(1, config.log_every) == 0 or step == steps:
-                    done = time.perf_counter() - t_start
+                    rate = (time.perf_counter() - t_start) / (step - step0)
                     say(f"end-to-end tuning: step {step}/{steps}, KL {value:.4g}, "
-                        f"{done / step:.1f}s/step, ETA {done / step * (steps - step):.0f}s")
+                        f"{rate:.1f}s/step, ETA {rate * (steps - step):.0f}s")
+                if ckpt and step < steps and step % max(1, config.checkpoint_every) == 0:
+                    ckpt.save({"step": step, "steps": steps, "epoch": epoch, "order": order,
+                               "position": position + 1, "total": total, "first": first,
+                               "params": [p.detach().clone() for p in trained],
+                               "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                               "generator": gen.get_state()})
+            order = None
             last = total / n
             say(f"end-to-end tuning: epoch {epoch + 1}/{config.epochs}, KL {first:.4g} (first "
                 f"step) -> {last:.4g} (epoch mean)")

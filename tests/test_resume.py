@@ -39,6 +39,20 @@ saved, steps = [], []
 def die():
     os.kill(os.getpid(), sig)
 
+if point == "mid-e2e":  # the second end-to-end step after its first checkpoint
+    from qexport import e2e
+    save, kl = checkpoint.E2ECheckpoint.save, e2e.kl_to_teacher
+    def saving(self, state):
+        save(self, state)
+        saved.append(1)
+    def counting_kl(*a, **k):
+        if saved:
+            steps.append(1)
+            if len(steps) == 2:
+                die()
+        return kl(*a, **k)
+    checkpoint.E2ECheckpoint.save, e2e.kl_to_teacher = saving, counting_kl
+
 loss = ptq161.block_loss
 def counting_loss(*a, **k):
     if point == "mid-block" and saved:
@@ -51,7 +65,7 @@ ptq161.block_loss = counting_loss
 def write(obj, path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
-    if path.name == checkpoint.STATE:
+    if path.name == checkpoint.STATE and point != "mid-e2e":
         saved.append(1)
         if point == "mid-save" and len(saved) == 2:  # block 1's weights written, not its state
             die()
@@ -70,10 +84,11 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
-def _args(model, out):
+def _args(model, out, *extra):
     # one thread: the bytes of a run must not depend on how many cores were idle
     return [str(model), "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32",
-            "--preset", "fast", "--no-perplexity", "--no-kv-cache", "--threads", "1", "--quiet"]
+            "--preset", "fast", *extra, "--no-perplexity", "--no-kv-cache", "--threads", "1",
+            "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +100,10 @@ def reference(tiny_dir, tmp_path_factory):
     return (out / "model.onnx").read_bytes()
 
 
-def _interrupted(tiny_dir, out, point, sig):
+def _interrupted(tiny_dir, out, point, sig, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-c", _DRIVER, point, sig] + _args(tiny_dir, out),
+    return subprocess.run([sys.executable, "-c", _DRIVER, point, sig] +
+                          _args(tiny_dir, out, *extra),
                           capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -120,6 +136,28 @@ def test_killed_run_resumes_to_the_same_bytes(tiny_dir, reference, tmp_path, cap
     assert not work.exists()
     # a killed run's temp folder (SIGKILL: no cleanup ran) is removed by the next run
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_killed_end_to_end_tuning_resumes_to_the_same_bytes(tiny_dir, tmp_path, capsys):
+    """Killed in the middle of end-to-end tuning (after the blocks, after its first
+    checkpoint): the rerun learns no block again, resumes the tuning at its saved step and
+    writes the bytes of an uninterrupted run."""
+    extra = ("--e2e-epochs", "3")  # 3 x 4 steps, a checkpoint after step 8 (every 8)
+    ref = tmp_path / "ref"
+    assert cli.main(_args(tiny_dir, ref, *extra)) == 0
+    out = tmp_path / "out"
+    work = pipeline.work_folder(out)
+    proc = _interrupted(tiny_dir, out, "mid-e2e", "SIGKILL", *extra)
+    assert proc.returncode == -9, proc.stderr
+    assert checkpoint.describe(work) == "2 of 2 blocks and 8 of 12 end-to-end tuning steps"
+    capsys.readouterr()
+    assert cli.main([a for a in _args(tiny_dir, out, *extra) if a != "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "PTQ1.61: resuming after block 2/2" in err, err
+    assert "end-to-end tuning: resuming at step 8/12" in err, err
+    assert "end-to-end tuning: step 8/12" not in err  # not tuned again
+    assert (out / "model.onnx").read_bytes() == (ref / "model.onnx").read_bytes()
+    assert not work.exists()
 
 
 def test_no_resume_starts_over(tiny_dir, reference, tmp_path, capsys):
