@@ -46,7 +46,8 @@ def _run(cmd: list, log: pathlib.Path | None = None, **kw) -> subprocess.Complet
         with open(log, "w") as f:
             out = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, **kw)
     if out.returncode:
-        where = f" (log: {log})" if log else f": {(out.stderr or '').strip()[-400:]}"
+        last = ((out.stderr or "").strip().splitlines() or [""])[-1][-300:]
+        where = f" (log: {log})" if log else f": {last}"
         raise SystemExit(f"llama_cpp: {' '.join(map(str, cmd[:3]))} ... failed{where}")
     return out
 
@@ -64,7 +65,10 @@ def source(version: str = VERSION) -> pathlib.Path:
           f"llama-cpp-python=={version}", "-d", str(root)])
     sdist = root / f"llama_cpp_python-{version}.tar.gz"
     with tarfile.open(sdist) as tar:
-        tar.extractall(root, filter="data")
+        try:
+            tar.extractall(root, filter="data")  # refuses links and paths out of `root`
+        except TypeError:  # a Python before the extraction filters (< 3.10.12 / 3.11.4)
+            tar.extractall(root)
     return tree
 
 
