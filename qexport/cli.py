@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PTQ1.61: learn one r2 per input activation instead of one per Linear, "
                         "so that q/k/v and gate/up stack into one op each: faster decoding "
                         "(8-26%% less time per token on SmolLM2), slightly higher perplexity "
-                        "(~3%%)")
+                        "(~3%%, also after end-to-end tuning; docs/results.md)")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction,
                    default=q_default("outlier_suppression"),
                    help="fold OS+ shift/scale into norms and Linears before quantizing (and "
