@@ -375,9 +375,10 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
     place), outputs `logits` [B, 1, V] and `present.{i}.key` / `.value` [.., max(T, P), ..]
     (docs/format.md). `module` is the Hugging Face causal LM wrapper (models.CausalLMLogits)
     `qmodel` was quantized from; its graph is traced again with past inputs and gets the same
-    packed weights, passes and OS+-folded tensors (qmodel None: the floating-point model, for
-    baselines). Weights whose bytes are already in `share_data_with`'s external data file
-    (model.onnx) are referenced there, not copied. Returns the files written."""
+    packed weights, passes and replaced tensors (OS+ folds, tuned norm weights; qmodel None:
+    the floating-point model, for baselines). Weights whose bytes are already in
+    `share_data_with`'s external data file (model.onnx) are referenced there, not copied.
+    Returns the files written."""
     family = families.detect(module)
     reason = family.kv_cache_reason(module)
     if reason:
@@ -418,9 +419,9 @@ def rebuild(module: torch.nn.Module, traced: torch.nn.Module, example_inputs: tu
             stack: bool = True) -> torch.fx.GraphModule:
     """The quantized graph again from packed weights, without quantizing: `traced` (`module`
     itself, or a wrapper around it such as a KV-cache decoder) traced with `module`'s
-    OS+-folded tensors in place, then the passes of `config` with `packed` (keyed by layer
-    name) as the quantizer, stacking where ops share an input (`stack`). Used by `qexport
-    eval` (from a file's weights) and `export_with_past`."""
+    replaced tensors (OS+ folds, tuned norm weights) in place, then the passes of `config`
+    with `packed` (keyed by layer name) as the quantizer, stacking where ops share an input
+    (`stack`). Used by `qexport eval` (from a file's weights) and `export_with_past`."""
     family = families.detect(module)
     with folded_into(module, folded):  # the graph keeps the folded tensors
         gm = trace(traced, example_inputs,

@@ -554,7 +554,8 @@ def evaluate_export(output: str | Path, model: str | None = None, trust_pickle: 
         text, text_source = data.brown_splits()[1], "Brown corpus from character 3,000,000"
     eval_ids = data.eval_tokens(lm.tokenizer, text, eval_tokens)
     say(f"rebuilding the PyTorch quantized model from {len(packed)} packed layers"
-        + (f" and {len(folded)} OS+-folded tensors" if folded else ""))
+        + (f" and {len(folded)} replaced tensors (OS+ folds, tuned norm weights)" if folded
+           else ""))
     passes_config = QuantizeConfig(embeddings_fp16=bool(config.get("embeddings_fp16")),
                                    fused_attention=config.get("fused_attention"))
     candidates = {
