@@ -27,9 +27,20 @@ import subprocess
 import sys
 import tarfile
 
+# The CPUs this process may use, read at import: bench_model imports this module before
+# bench_linear.pin_threads narrows the calling thread (and so every child it starts) to one
+# CPU; llama-bench gets them all back (_unpinned), or its 2 threads would share one CPU.
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
 VERSION = "0.3.36"  # llama-cpp-python source package; its vendor/llama.cpp is what we build
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|"
                           r"ffn_down)\.weight$")
+
+
+def _unpinned() -> None:
+    """In the child before exec: every CPU this process could use at import."""
+    if CPUS:
+        os.sched_setaffinity(0, CPUS)
 
 
 def cache_root() -> pathlib.Path:
@@ -152,7 +163,8 @@ def bench(path: pathlib.Path, threads: list[int], prompt: int, gen: int, depth: 
     out = {}
     for kind, args in (("prompt", ["-p", str(prompt), "-n", "0", "-d", "0"]),
                        ("decode", ["-p", "0", "-n", str(gen), "-d", str(depth)])):
-        res = _run([exe, "-m", str(path), "-t", thr, "-r", str(reps), "-o", "json", *args])
+        res = _run([exe, "-m", str(path), "-t", thr, "-r", str(reps), "-o", "json", *args],
+                   preexec_fn=_unpinned)
         for row in json.loads(res.stdout):
             out[(kind, int(row["n_threads"]))] = float(row["avg_ts"])
     return out

@@ -36,6 +36,7 @@ import sys
 import time
 
 import bench_linear  # noqa: E402  (this folder: pin_threads)
+import bench_llama_cpp  # noqa: E402  (before any pinning: it keeps the process's CPU set)
 
 
 def export_fp32(path: pathlib.Path, fused_attention: bool = True) -> None:
@@ -286,8 +287,6 @@ def _peer_table(args, paths: dict[str, pathlib.Path],
                 decode: dict[int, tuple[dict, dict]]) -> None:
     """Tokens/s of the in-place rows of the decoding table beside llama.cpp's on the same
     weights (llama-bench: the same prompt length; --cached tokens then 64 decoded, mean)."""
-    import bench_llama_cpp as llama_cpp
-
     rows = []
     for threads, (step, prompt) in decode.items():
         for label in step:
@@ -298,7 +297,8 @@ def _peer_table(args, paths: dict[str, pathlib.Path],
                          "decode_tps": 1 / step[label], "prompt_tps": args.cached / prompt[label]})
     # llama.cpp's build for the CPU path the qexport rows ran on (QEXPORT_CPU_ISA)
     isa = "avx2" if os.environ.get("QEXPORT_CPU_ISA") == "avx2" else "native"
-    rows += llama_cpp.table(args.llama_cpp, args.threads, args.cached, 64, args.cached, isa=isa)
+    rows += bench_llama_cpp.table(args.llama_cpp, args.threads, args.cached, 64, args.cached,
+                                  isa=isa)
     print(f"# tokens/s: qexport's in-place rows above (1 token after {args.cached} cached; "
           f"{args.cached}-token prompt) beside llama.cpp on the same weights (llama-bench: 64 "
           f"tokens decoded after {args.cached} cached, the {args.cached}-token prompt; mean of "

@@ -30,6 +30,7 @@ def test_llama_bench_json_to_tokens_per_second(monkeypatch, tmp_path):
 
     def fake_run(cmd, log=None, **kw):
         calls.append(cmd)
+        assert kw.get("preexec_fn") is bench_llama_cpp._unpinned  # all CPUs, not the pinned one
         prompt = cmd[cmd.index("-p") + 1] != "0"
         rows = [{"n_threads": t, "n_prompt": 128 if prompt else 0, "n_gen": 0 if prompt else 64,
                  "avg_ts": (400.0 if prompt else 100.0) * t} for t in (1, 2)]
