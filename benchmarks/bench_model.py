@@ -247,10 +247,6 @@ def _decode_table(args) -> tuple[dict[str, pathlib.Path], dict[int, tuple[dict, 
           f"cache every call); in place: cache buffers of {args.max_length} positions bound as "
           f"both pasts and presents (IOBinding; ORT writes the new token into them). Ratios: "
           f"fp32 of the same kind over the row", flush=True)
-    width = max(22, *(len(label) + 14 for label in [i.partition("=")[0]
-                                                      for i in args.also_past] or [""]))
-    print(f"{'model':>{width}} {'thr':>3} | {'1 token ms':>10} {'fp32/row':>9} | "
-          f"{'prompt ms':>9} {'fp32/row':>9}")
     kv_models = {"fp32 + kv cache": args.fp32_past, "w1.61a16 + kv cache": args.w161_past,
                  "fp32 + kv in place": args.fp32_past,
                  "w1.61a16 + kv in place": args.w161_past}
@@ -261,6 +257,9 @@ def _decode_table(args) -> tuple[dict[str, pathlib.Path], dict[int, tuple[dict, 
         kv_models[f"{label} + kv in place"] = pathlib.Path(path)
     in_place = {label: args.max_length for label in kv_models if label.endswith("in place")}
     full_models = {"fp32, no cache": args.fp32, "w1.61a16, no cache": args.w161}
+    width = max(len(label) for label in [*kv_models, *full_models])
+    print(f"{'model':>{width}} {'thr':>3} | {'1 token ms':>10} {'fp32/row':>9} | "
+          f"{'prompt ms':>9} {'fp32/row':>9}")
     results = {}
     for threads in args.threads:
         reps = max(5, args.reps // 4)
@@ -297,12 +296,13 @@ def _peer_table(args, paths: dict[str, pathlib.Path],
                          "decode_tps": 1 / step[label], "prompt_tps": args.cached / prompt[label]})
     # llama.cpp's build for the CPU path the qexport rows ran on (QEXPORT_CPU_ISA)
     isa = "avx2" if os.environ.get("QEXPORT_CPU_ISA") == "avx2" else "native"
-    rows += bench_llama_cpp.table(args.llama_cpp, args.threads, args.cached, 64, args.cached,
-                                  isa=isa)
+    gen, reps = 64, 5  # llama-bench: tokens decoded (its tokens/s are a mean over them), runs
+    rows += bench_llama_cpp.table(args.llama_cpp, args.threads, args.cached, gen, args.cached,
+                                  reps=reps, isa=isa)
     print(f"# tokens/s: qexport's in-place rows above (1 token after {args.cached} cached; "
-          f"{args.cached}-token prompt) beside llama.cpp on the same weights (llama-bench: 64 "
-          f"tokens decoded after {args.cached} cached, the {args.cached}-token prompt; mean of "
-          f"5). bits/w: stored bits per block-Linear weight. Ratio: tokens/s over "
+          f"{args.cached}-token prompt) beside llama.cpp on the same weights (llama-bench: "
+          f"{gen} tokens decoded after {args.cached} cached, the {args.cached}-token prompt; "
+          f"mean of {reps}). bits/w: stored bits per block-Linear weight. Ratio: tokens/s over "
           f"w1.61a16's at the same threads", flush=True)
     print(f"{'model':>30} {'thr':>3} | {'bits/w':>6} | {'decode tok/s':>12} {'/ ours':>6} | "
           f"{'prompt tok/s':>12} {'/ ours':>6}")

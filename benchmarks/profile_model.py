@@ -45,15 +45,18 @@ def profile(model: pathlib.Path, threads: int, seq: int, cached: int, runs: int,
         for _ in range(runs):
             run()
         events = json.load(open(sess.end_profiling()))
-    calls = [e["dur"] for e in events if e.get("name") == "model_run"][1:]  # the first: warm-up
+    # The first call warms caches and the pool: left out of both the median and the sums.
+    calls = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    start, timed = calls[1]["ts"], len(calls) - 1
     per_op: dict[str, float] = collections.defaultdict(float)
     nodes: collections.Counter = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and \
+                e["ts"] >= start:
             per_op[e["args"]["op_name"]] += e["dur"]
             nodes[e["args"]["op_name"]] += 1
-    return statistics.median(calls), {op: (us / runs, nodes[op] / runs)
-                                      for op, us in per_op.items()}
+    return statistics.median(e["dur"] for e in calls[1:]), {
+        op: (us / timed, nodes[op] / timed) for op, us in per_op.items()}
 
 
 def main(argv=None) -> int:
@@ -62,8 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seq", type=int, default=1, help="new tokens per call")
     p.add_argument("--cached", type=int, default=128, help="cached tokens (KV-cache models)")
-    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--runs", type=int, default=200, help="calls, the first a warm-up")
     args = p.parse_args(argv)
+    if args.runs < 2:
+        p.error("--runs must be at least 2 (the first is a warm-up)")
     median, ops = profile(args.model, args.threads, args.seq, args.cached, args.runs)
     total = sum(us for us, _ in ops.values())
     print(f"# {bench_linear.cpu_description()}")

@@ -131,7 +131,8 @@ class E2EConfig:
     seed: int = 0
     log_every: int = 8
     # Steps between checkpoints in the run's work folder (qexport.checkpoint.E2ECheckpoint;
-    # ~50 s of SmolLM2 tuning here, a write of ~1 MB per 1M trained values)
+    # ~50 s of SmolLM2 tuning here); each writes every trained factor and AdamW's two
+    # moments of it (3 floats per trained value)
     checkpoint_every: int = 8
 
     @classmethod

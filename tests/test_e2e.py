@@ -37,16 +37,24 @@ def test_untrained_tunable_is_the_packed_weight(r2, bias, g):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_tuning_lowers_the_kl_and_keeps_the_codes():
+def _tiny_learned(rows: int, seed: int, learn: LearnConfig, learn_rows: int | None = None):
+    """A tiny Llama with logits, `rows` calibration rows of 32 ids, and its block Linears
+    learned by PTQ1.61 on the first `learn_rows` of them (salient channels 0, 9, 17, 30).
+    Returns (model, ids, block path, packed)."""
     from tiny_models import LogitsOnly, tiny_llama
 
     model = LogitsOnly(tiny_llama())
-    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (rows, 32), generator=torch.Generator().manual_seed(seed))
     path, blocks = find_blocks(model)
     names = [f"{path}.{bi}.{sub}" for bi, b in enumerate(blocks)
              for sub, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
     salient = {n: torch.tensor([0, 9, 17, 30]) for n in names}
-    packed = learn_mixed_weights(model, ids[:4], salient, 0, LearnConfig(epochs=1))
+    packed = learn_mixed_weights(model, ids[:learn_rows or rows], salient, 0, learn)
+    return model, ids, path, packed
+
+
+def test_tuning_lowers_the_kl_and_keeps_the_codes():
+    model, ids, _, packed = _tiny_learned(8, 0, LearnConfig(epochs=1), learn_rows=4)
     before = _kl(model, packed, ids[4:])  # held-out rows
     params = {k: v.clone() for k, v in model.state_dict().items()}
     result = tune_end_to_end(model, packed, ids[:4], E2EConfig(epochs=6, lr_scale=1e-2,
@@ -72,15 +80,7 @@ def test_tuning_lowers_the_kl_and_keeps_the_codes():
 def test_shared_r2_stays_shared():
     """With LearnConfig.share_r2 the Linears reading one activation share r2; end-to-end
     tuning trains it as one factor, so they still stack into one op."""
-    from tiny_models import LogitsOnly, tiny_llama
-
-    model = LogitsOnly(tiny_llama())
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    path, blocks = find_blocks(model)
-    names = [f"{path}.{bi}.{sub}" for bi, b in enumerate(blocks)
-             for sub, m in b.named_modules() if isinstance(m, torch.nn.Linear)]
-    salient = {n: torch.tensor([0, 9, 17, 30]) for n in names}
-    packed = learn_mixed_weights(model, ids, salient, 0, LearnConfig(epochs=1, share_r2=True))
+    model, ids, path, packed = _tiny_learned(4, 1, LearnConfig(epochs=1, share_r2=True))
     qkv = [f"{path}.0.self_attn.{p}_proj" for p in "qkv"]
     assert all(packed[qkv[0]].stacks_with(packed[n]) for n in qkv[1:])
     tuned = tune_end_to_end(model, packed, ids, E2EConfig(epochs=2, lr_scale=1e-2)).packed
