@@ -4,8 +4,9 @@ Not a test (nothing under tests/ imports it). Per shape (given as N x K: out_fea
 in_features; X is [M, K], Y is [M, N]), per M and per intra-op thread count, one-node ONNX
 Runtime sessions on the same random X (--contenders; default all):
 - ours (one per --isa path, e.g. ours:avx512, ours:avx2): qexport::BinaryMixedLinear, w1.61
-  (20 % salient channels, one salient group per row, no r2, no bias), random packed weights
-  (qexport.testing.random_mixed_linear), the CPU path forced by QEXPORT_CPU_ISA;
+  (20 % salient channels, one salient group per row, unless --salient / --salient-group say
+  otherwise; no r2, no bias), random packed weights (qexport.testing.random_mixed_linear),
+  the CPU path forced by QEXPORT_CPU_ISA;
 - fp32: ONNX MatMul with an fp32 [K, N] initializer (MLAS);
 - nbits4, nbits2: com.microsoft MatMulNBits, bits=4 or 2, block_size=32, accuracy_level 0,
   weights quantized by a plain round-to-nearest with a zero point per block;
@@ -51,16 +52,26 @@ import numpy as np  # noqa: E402
 SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008"]
 
 
+# Our layers' salient channels (a fraction of K) and salient group size (0: one group a row):
+# w1.61's, unless --salient / --salient-group ask for another (1.0 / 64: the 4-bit head).
+SALIENT = [0.2, 0]
+
+
+def _random_ours(n, k, seed=0):
+    from qexport.testing import random_mixed_linear
+
+    return random_mixed_linear(n, k, int(round(SALIENT[0] * k)), SALIENT[1], seed=seed)
+
+
 def _model_ours(n, k, seed=0):
     from onnx import TensorProto, helper, numpy_helper
 
     from qexport import contract as C
     from qexport.ops.binary_mixed_linear import contract as B
     from qexport import ops
-    from qexport.testing import random_mixed_linear
 
     ops.register_onnx_schemas()
-    w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=seed)
+    w = _random_ours(n, k, seed=seed)
     names = list(B.INPUT_NAMES)
     inits, node_inputs, nbytes = [], ["X"], 0
     for i, t in enumerate(w.tensors(), start=1):
@@ -382,11 +393,18 @@ def main(argv=None):
                         "fit this L3)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare our output with the PyTorch reference once per shape")
+    p.add_argument("--salient", type=float, default=SALIENT[0],
+                   help="ours: salient (4-bit) fraction of K [default: %(default)s, w1.61's]")
+    p.add_argument("--salient-group", type=int, default=SALIENT[1],
+                   help="ours: salient channels per scale group, 0: one group a row "
+                        "[default: %(default)s]; --salient 1 --salient-group 64 is the 4-bit "
+                        "head of the default export")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="pin each thread to its own CPU, every contender alike (pin_threads)")
     args = p.parse_args(argv)
     global PIN_THREADS
     PIN_THREADS = args.pin
+    SALIENT[:] = [args.salient, args.salient_group]
     labels = _contenders(args.contenders, args.isa)
     if not labels[0].startswith("ours"):
         p.error("the contenders must include ours (the ratios are over it)")
@@ -395,7 +413,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     print(f"# qexport bench_linear; {cpu_description()}")
     print(f"# CPU path of ours: {', '.join(args.isa) or os.environ.get('QEXPORT_CPU_ISA', 'auto')}"
-          f"; shapes are N x K (out x in); weights: {args.weights} (last-level cache "
+          f"; ours {args.salient:.0%} salient, group {args.salient_group or 'a row'}; shapes are N x K (out x in); weights: {args.weights} (last-level cache "
           f"{_last_level_cache() >> 20} MiB); "
           f"threads {'pinned, one CPU each' if args.pin else 'not pinned'}")
     if args.bandwidth:
@@ -424,9 +442,8 @@ def main(argv=None):
             import torch
 
             from qexport.ops.binary_mixed_linear import binary_mixed_linear_reference
-            from qexport.testing import random_mixed_linear
 
-            w = random_mixed_linear(n, k, int(round(0.2 * k)), 0, seed=0)
+            w = _random_ours(n, k, seed=0)
             x = rng.standard_normal((3, k), dtype=np.float32)
             ref = binary_mixed_linear_reference(torch.from_numpy(x), *w.tensors(),
                                                 **w.attributes()).numpy()

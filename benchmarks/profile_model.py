@@ -7,6 +7,7 @@ is bound in place (bench_model's runner) with --cached positions before the --se
 
     python benchmarks/profile_model.py OUT/model_with_past.onnx --seq 1 --cached 128
     python benchmarks/profile_model.py OUT/model_with_past.onnx --seq 128 --cached 0
+    python benchmarks/profile_model.py OUT/model_with_past.onnx --nodes 10   # + slowest nodes
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import bench_model
 
 
 def profile(model: pathlib.Path, threads: int, seq: int, cached: int, runs: int,
-            max_length: int = 2048) -> tuple[float, dict[str, tuple[float, float]]]:
-    """(median microseconds per call, {op type: (microseconds per call, nodes per call)})."""
+            max_length: int = 2048) -> tuple[float, dict[str, tuple[float, float]],
+                                             dict[tuple[str, str], float]]:
+    """(median microseconds per call, {op type: (microseconds per call, nodes per call)},
+    {(op type, node name): microseconds per call})."""
     import onnxruntime as ort
 
     from qexport import native
@@ -50,13 +53,16 @@ def profile(model: pathlib.Path, threads: int, seq: int, cached: int, runs: int,
     start, timed = calls[1]["ts"], len(calls) - 1
     per_op: dict[str, float] = collections.defaultdict(float)
     nodes: collections.Counter = collections.Counter()
+    per_node: dict[tuple[str, str], float] = collections.defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and \
                 e["ts"] >= start:
             per_op[e["args"]["op_name"]] += e["dur"]
             nodes[e["args"]["op_name"]] += 1
+            per_node[(e["args"]["op_name"], e["name"][:-len("_kernel_time")])] += e["dur"]
     return statistics.median(e["dur"] for e in calls[1:]), {
-        op: (us / timed, nodes[op] / timed) for op, us in per_op.items()}
+        op: (us / timed, nodes[op] / timed) for op, us in per_op.items()}, {
+        key: us / timed for key, us in per_node.items()}
 
 
 def main(argv=None) -> int:
@@ -66,10 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=1, help="new tokens per call")
     p.add_argument("--cached", type=int, default=128, help="cached tokens (KV-cache models)")
     p.add_argument("--runs", type=int, default=200, help="calls, the first a warm-up")
+    p.add_argument("--nodes", type=int, default=0, help="also list the NODES slowest nodes")
     args = p.parse_args(argv)
     if args.runs < 2:
         p.error("--runs must be at least 2 (the first is a warm-up)")
-    median, ops = profile(args.model, args.threads, args.seq, args.cached, args.runs)
+    median, ops, per_node = profile(args.model, args.threads, args.seq, args.cached,
+                                    args.runs)
     total = sum(us for us, _ in ops.values())
     print(f"# {bench_linear.cpu_description()}")
     print(f"# {args.model}: {args.seq} new tokens, {args.cached} cached, {args.threads} threads; "
@@ -78,6 +86,10 @@ def main(argv=None) -> int:
     print(f"{'op type':>32} | {'ms/call':>8} {'share':>6} | {'nodes/call':>10} {'us/node':>8}")
     for op, (us, n) in sorted(ops.items(), key=lambda kv: -kv[1][0]):
         print(f"{op:>32} | {us / 1e3:8.3f} {us / total:6.1%} | {n:10.0f} {us / n:8.1f}")
+    if args.nodes:
+        print(f"\n{'slowest nodes':>32} | {'ms/call':>8} {'share':>6} | op type")
+        for (op, name), us in sorted(per_node.items(), key=lambda kv: -kv[1])[:args.nodes]:
+            print(f"{name[-32:]:>32} | {us / 1e3:8.3f} {us / total:6.1%} | {op}")
     return 0
 
 

@@ -95,7 +95,9 @@ def parse_args(argv):
     ap.add_argument("--e2e-norms", action=argparse.BooleanOptionalAction, default=True,
                     help="learned_e2e: E2EConfig.train_norms")
     ap.add_argument("--e2e-samples", type=int, default=None,
-                    help="learned_e2e: calibration rows [default: all of them]")
+                    help="learned_e2e: sequences to tune on [default: the calibration rows]; "
+                         "more than --n-samples draws the further ones from the same "
+                         "calibration text (the first --n-samples are the calibration rows)")
     args = ap.parse_args(argv)
     if args.short_eval % 512 or args.short_eval > args.eval_tokens:
         ap.error("--short-eval must be a multiple of 512 and at most --eval-tokens")
@@ -127,6 +129,11 @@ class Bench:
         self.module = self.fp_module = loaded.module
         calib_text, eval_text = brown_splits()
         self.calib = calibration_batches(loaded.tokenizer, calib_text, n_samples, args.seq_len)
+        self.e2e_ids = self.calib
+        if args.e2e_samples and args.e2e_samples > n_samples:
+            self.e2e_ids = calibration_batches(loaded.tokenizer, calib_text, args.e2e_samples,
+                                               args.seq_len)
+            assert torch.equal(self.e2e_ids[:n_samples], self.calib)
         self.tokens = eval_tokens(loaded.tokenizer, eval_text, args.eval_tokens)
         self.path, _ = find_blocks(self.module)
         backbone = loaded.hf_model.model  # the stats need no output head
@@ -148,6 +155,7 @@ class Bench:
         self.mods = dict(self.module.named_modules())
         self.full_rows = set(args.full_eval_rows.split(","))
         self.results = {"model": "smollm2-135m", "calib": list(self.calib.shape),
+                        "e2e_calib": list(self.e2e_ids.shape),
                         "eval_tokens": args.eval_tokens, "threads": args.threads,
                         "config": self.config.as_dict(), "rows": {},
                         "lora": getattr(self, "lora_config", None), "lora_s": self.lora_s}
@@ -213,7 +221,7 @@ def our_rows(b: Bench, rows: set) -> None:
                             train_norms=b.args.e2e_norms,
                             **({"lr_scale": b.args.e2e_lr} if b.args.e2e_lr else {}))
             t1 = time.perf_counter()
-            tuned = tune_end_to_end(b.module, learned, b.calib, e2e, progress=log,
+            tuned = tune_end_to_end(b.module, learned, b.e2e_ids, e2e, progress=log,
                                     teacher=b.fp_module)
             t_e2e = time.perf_counter() - t1
             log(f"end-to-end tuning: {t_e2e:.0f}s")

@@ -64,11 +64,13 @@ def fused_attention(config: QuantizeConfig) -> bool:
 def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iterable[tuple],
              config: QuantizeConfig | None = None,
              progress: Callable[[str], None] | None = None,
-             checkpoint_dir: str | os.PathLike | None = None) -> QuantizedModel:
+             checkpoint_dir: str | os.PathLike | None = None,
+             tune_batches: Iterable[tuple] | None = None) -> QuantizedModel:
     """Trace `module`, calibrate, then run the passes (passes.build_passes): OS+ fold
     (optional), Linears replaced by qexport ops (PTQ1.61-learned or closed form), stacking,
     fp16 embeddings. `checkpoint_dir`: a work folder where PTQ1.61 learning keeps each finished
-    block, and resumes from (qexport.checkpoint)."""
+    block, and resumes from (qexport.checkpoint). `tune_batches`: the sequences end-to-end
+    tuning reads (config.e2e.n_samples of them per epoch; default: the calibration batches)."""
     config = config or QuantizeConfig()
     config.validate()
     say = progress or (lambda msg: None)
@@ -105,7 +107,8 @@ def quantize(module: torch.nn.Module, example_inputs: tuple, calib_batches: Iter
     with stage("running the traced graph"):
         check("trace", gm)
     quantizer = _Quantizer(module, batches, stats, config, say, timings, checkpoint_dir,
-                           teacher=original)
+                           teacher=original,
+                           tune_batches=None if tune_batches is None else list(tune_batches))
     packed: dict = {}
     choose = _os_choose(config) if config.outlier_suppression else None
     manager = passes.PassManager(passes.build_passes(
@@ -135,8 +138,9 @@ class _Quantizer:
     with the folded tensors in place; each call then packs one Linear with its scheme."""
 
     def __init__(self, module, batches, stats, config: QuantizeConfig, say, timings,
-                 checkpoint_dir=None, teacher=None):
+                 checkpoint_dir=None, teacher=None, tune_batches=None):
         self.module, self.batches, self.stats = module, batches, stats
+        self.tune_batches = batches if tune_batches is None else tune_batches
         self.checkpoint_dir = checkpoint_dir
         self.teacher = module if teacher is None else teacher  # the fp model, not preprocessed
         self.config, self.say, self.timings = config, say, timings
@@ -219,7 +223,8 @@ class _Quantizer:
         if config.e2e is not None and learned:
             t0 = time.perf_counter()
             try:
-                tuned = tune_end_to_end(self.module, learned, calib_ids, config.e2e,
+                tune_ids = torch.cat([b[0] for b in self.tune_batches])
+                tuned = tune_end_to_end(self.module, learned, tune_ids, config.e2e,
                                         progress=self.say, teacher=self.teacher,
                                         checkpoint_dir=self.checkpoint_dir)
             except NotLogits as e:

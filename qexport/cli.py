@@ -105,23 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "offsets, biases and the norm weights against the fp model's logits: "
                         "SmolLM2 perplexity 234 in ~18 minutes here), fast (16 samples, one "
                         "epoch, no end-to-end tuning: a few minutes) or best (restorative LoRA "
-                        "first, two epochs of learning as in the paper, three of end-to-end "
-                        "tuning; docs/results.md) [default: %(default)s]")
+                        "first, two epochs of learning as in the paper, end-to-end tuning over "
+                        "3x the calibration text; docs/results.md) [default: %(default)s]")
     q.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                    help="restorative LoRA on the fp model before quantizing, PTQ1.61's "
                         "preprocessing (w1.61-style schemes with PTQ1.61) "
                         "[default: the preset's: on for best]")
     q.add_argument("--e2e-epochs", type=int,
                    help="epochs of end-to-end tuning over the calibration text; 0: none "
-                        "[default: the preset's: 1 for default, 3 for best, none for fast]")
+                        "[default: the preset's: 1 for default and best, none for fast]")
+    q.add_argument("--e2e-samples", type=int,
+                   help="sequences per epoch of end-to-end tuning: more than --calib-samples "
+                        "reads further sequences of the calibration text "
+                        "[default: the preset's: --calib-samples, 192 for best]")
     q.add_argument("--epochs", type=int, help="PTQ1.61 epochs per block [default: the preset's]")
     q.add_argument("--lr", type=float, help="PTQ1.61 learning rate of α, r1 and r2 "
                    "[default: the preset's]")
-    q.add_argument("--share-r2", action="store_true",
+    q.add_argument("--share-r2", action=argparse.BooleanOptionalAction, default=None,
                    help="PTQ1.61: learn one r2 per input activation instead of one per Linear, "
                         "so that q/k/v and gate/up stack into one op each: faster decoding "
-                        "(8-26%% less time per token on SmolLM2), slightly higher perplexity "
-                        "(~3%%, also after end-to-end tuning; docs/results.md)")
+                        "(9-19%% less time per token on SmolLM2), slightly higher perplexity "
+                        "(+1.4%% after end-to-end tuning; docs/results.md) "
+                        "[default: the preset's: on for default and fast, off for best]")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction,
                    default=q_default("outlier_suppression"),
                    help="fold OS+ shift/scale into norms and Linears before quantizing (and "
@@ -161,8 +166,8 @@ def run_config(args: argparse.Namespace):
 
     learn = {k: v for k, v in (("epochs", args.epochs), ("lr_alpha", args.lr),
                                ("lr_r1", args.lr), ("lr_r2", args.lr)) if v is not None}
-    if args.share_r2:
-        learn["share_r2"] = True
+    if args.share_r2 is not None:
+        learn["share_r2"] = args.share_r2
     head_arg = args.head_scheme.strip().lower()
     head = None if head_arg in ("none", "fp") else AUTO if head_arg == AUTO \
         else parse_scheme(args.head_scheme)
@@ -172,6 +177,13 @@ def run_config(args: argparse.Namespace):
             raise QexportError("--e2e-epochs must be at least 0 (0: no end-to-end tuning)")
         e2e = dataclasses.replace(e2e or E2EConfig(), epochs=args.e2e_epochs) \
             if args.e2e_epochs else None
+    if args.e2e_samples is not None:
+        if args.e2e_samples < 1:
+            raise QexportError("--e2e-samples must be at least 1")
+        if e2e is None:
+            raise QexportError("--e2e-samples needs end-to-end tuning, which this run has none "
+                               "of (--preset fast or --e2e-epochs 0): give --e2e-epochs N")
+        e2e = dataclasses.replace(e2e, n_samples=args.e2e_samples)
     scheme = parse_scheme(args.scheme).with_overrides(args.salient_ratio)
     lora = LoRAConfig.preset(args.preset) if args.lora is None else \
         LoRAConfig() if args.lora else None

@@ -225,19 +225,23 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(ids)
 
 
-def calibration_batches(tokenizer: Any, text: str, n_samples: int, seq_len: int) -> torch.Tensor:
-    """LongTensor[n_samples, seq_len]: consecutive non-overlapping segments from the start of
-    the tokenized text (deterministic)."""
-    if n_samples < 1 or seq_len < 1:
+def calibration_batches(tokenizer: Any, text: str, n_samples: int, seq_len: int,
+                        required: int | None = None) -> torch.Tensor:
+    """LongTensor[n, seq_len]: consecutive non-overlapping segments from the start of the
+    tokenized text (deterministic; the first rows are the same whatever n_samples). n is
+    n_samples, or, for a text too short for them, as many segments as it has if that is at
+    least `required` (default: n_samples)."""
+    required = n_samples if required is None else required
+    if required < 1 or seq_len < 1:
         raise QexportError(f"calibration needs n_samples >= 1 and seq_len >= 1, "
-                           f"got {n_samples} and {seq_len}")
-    need = n_samples * seq_len
-    ids = tokenize(tokenizer, text, need)
-    if len(ids) < need:
-        raise QexportError(f"the calibration text has {len(ids)} tokens but {n_samples} samples "
-                           f"of {seq_len} tokens need {need}: give more text or fewer/shorter "
-                           "samples")
-    return torch.tensor(ids, dtype=torch.long).view(n_samples, seq_len)
+                           f"got {required} and {seq_len}")
+    ids = tokenize(tokenizer, text, max(n_samples, required) * seq_len)
+    have = min(max(n_samples, required), len(ids) // seq_len)
+    if have < required:
+        raise QexportError(f"the calibration text has {len(ids)} tokens but {required} samples "
+                           f"of {seq_len} tokens need {required * seq_len}: give more text or "
+                           "fewer/shorter samples")
+    return torch.tensor(ids[:have * seq_len], dtype=torch.long).view(have, seq_len)
 
 
 def eval_tokens(tokenizer: Any, text: str, n_tokens: int) -> torch.Tensor:

@@ -198,6 +198,10 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     ids = calib_ids[:config.n_samples] if config.n_samples else calib_ids
     if ids.dim() != 2 or ids.shape[0] < 1:
         raise QexportError(f"end-to-end tuning needs ids of shape [n, L], got {tuple(ids.shape)}")
+    if config.n_samples and ids.shape[0] < config.n_samples:  # the steps asked for, repeated
+        say(f"end-to-end tuning: {ids.shape[0]} sequences for {config.n_samples} per epoch: "
+            "they repeat")
+        ids = ids.repeat(-(-config.n_samples // ids.shape[0]), 1)[:config.n_samples]
     mods = dict(module.named_modules())
     missing = [n for n in packed if not isinstance(mods.get(n), torch.nn.Linear)]
     if missing:

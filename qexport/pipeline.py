@@ -39,6 +39,9 @@ ROUNDING_SLACK = 1.1
 class _Data:
     calib: list  # [(input_ids [1, L],), ...]
     calib_source: str
+    # end-to-end tuning's sequences where it asks for more than the calibration rows (those
+    # first, then the text's next ones), else None: the calibration rows
+    tune: list | None = None
     eval_ids: object = None  # held-out token ids [T] or None
     eval_source: str | None = None
     ppl_skipped: str | None = None
@@ -127,7 +130,7 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, work: Path,
         say(distil_note)
     example = lm.example_inputs(batch=2, seq=8)
     qm = api.quantize(lm.module, example, data.calib, config.quantize, progress=say,
-                      checkpoint_dir=work)
+                      checkpoint_dir=work, tune_batches=data.tune)
     if context_note:
         qm.notes["context"] = [context_note]
     if distil_note:
@@ -236,6 +239,21 @@ def _within_context(config: RunConfig, module) -> tuple[RunConfig, str | None]:
                  f"{cut.calib_seqlen} and evaluation windows of {cut.eval_window} tokens")
 
 
+def _sequences(config: RunConfig) -> int:
+    """Sequences of calibration text to draw: the calibration rows, or as many as end-to-end
+    tuning reads per epoch where that is more (config.E2EConfig.n_samples)."""
+    e2e = config.quantize.e2e
+    return max(config.calib_samples, (e2e.n_samples or 0) if e2e is not None else 0)
+
+
+def _calib_and_tune(config: RunConfig, rows) -> tuple[list, list | None]:
+    """(calibration batches: the first calib_samples rows, end-to-end tuning's: all the rows
+    where there are more, else None)."""
+    batches = [(b.unsqueeze(0),) for b in rows]
+    return batches[:config.calib_samples], (batches if len(batches) > config.calib_samples
+                                            else None)
+
+
 def _load_data(config: RunConfig, lm) -> _Data:
     """Calibration batches and held-out tokens: text through the model's tokenizer, or random
     tokens for a model without one."""
@@ -248,20 +266,21 @@ def _load_data(config: RunConfig, lm) -> _Data:
         if not lm.vocab_size:
             raise QexportError(f"cannot calibrate {config.model}: no tokenizer and unknown "
                                "vocabulary")
-        calib = data.random_token_batches(lm.vocab_size, config.calib_samples,
-                                          config.calib_seqlen)
-        return _Data([(b.unsqueeze(0),) for b in calib],
-                     f"random tokens (the model has no tokenizer), vocabulary {lm.vocab_size}",
-                     ppl_skipped="the model has no tokenizer")
+        rows = data.random_token_batches(lm.vocab_size, _sequences(config),
+                                         config.calib_seqlen)
+        calib, tune = _calib_and_tune(config, rows)
+        return _Data(calib, f"random tokens (the model has no tokenizer), vocabulary "
+                     f"{lm.vocab_size}", tune=tune, ppl_skipped="the model has no tokenizer")
     held_out = None
     if config.calib:
         calib_text, calib_source = data.load_text(config.calib), config.calib
     else:
         calib_text, held_out = data.brown_splits()
         calib_source = "Brown corpus (characters 0 to 3,000,000)"
-    calib = data.calibration_batches(lm.tokenizer, calib_text, config.calib_samples,
-                                     config.calib_seqlen)
-    out = _Data([(b.unsqueeze(0),) for b in calib], calib_source)
+    rows = data.calibration_batches(lm.tokenizer, calib_text, _sequences(config),
+                                    config.calib_seqlen, required=config.calib_samples)
+    calib, tune = _calib_and_tune(config, rows)
+    out = _Data(calib, calib_source, tune=tune)
     if config.eval_text:
         text, out.eval_source = data.load_text(config.eval_text), config.eval_text
     else:  # read once: calibration may have split Brown already

@@ -94,6 +94,18 @@ def test_calibration_too_short(tokenizer):
     assert "64" in msg
 
 
+def test_calibration_as_many_as_the_text_has(tokenizer):
+    """With `required`, a text too short for n_samples gives its whole segments (at least
+    `required` of them), and the first rows are the same whatever n_samples."""
+    text = _text(100)
+    few = data.calibration_batches(tokenizer, text, 2, 16)
+    more = data.calibration_batches(tokenizer, text, 50, 16, required=2)
+    assert more.shape == (100 // 16, 16) and torch.equal(more[:2], few)
+    assert data.calibration_batches(tokenizer, text, 3, 16, required=2).shape == (3, 16)
+    _err(lambda: data.calibration_batches(tokenizer, text, 50, 16, required=7),
+         match="has 100 tokens")
+
+
 def test_eval_tokens(tokenizer):
     t = data.eval_tokens(tokenizer, _text(300, offset=5), 100)
     assert t.shape == (100,) and t.dtype == torch.long and t[0].item() == 7  # "w6"

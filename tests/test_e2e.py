@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from qexport.config import E2EConfig, LearnConfig
+from qexport.errors import QexportError
 from qexport.e2e import _Tunable, norm_weights, tune_end_to_end
 from qexport.families import find_blocks
 from qexport.ptq161 import learn_mixed_weights, substituted_weights
@@ -92,7 +93,6 @@ def test_shared_r2_stays_shared():
 
 
 def test_rejects_a_name_that_is_not_a_linear():
-    from qexport.errors import QexportError
     from tiny_models import LogitsOnly, tiny_llama
 
     model = LogitsOnly(tiny_llama())
@@ -136,7 +136,7 @@ def test_preset_best_through_the_cli(tmp_path):
     for name, value in tuned.items():
         assert value.tobytes() in past, name
         assert not np.all(value == 1.0), name  # moved from the initial ones
-    assert report["config"]["e2e"]["epochs"] == 3
+    assert report["config"]["e2e"]["epochs"] == 1 and report["config"]["e2e"]["n_samples"] == 192
     assert report["config"]["preprocess"] == "restorative_lora" and \
         report["config"]["preprocess_config"]["rank"] == 64 and "preprocess" in report["timings"]
 
@@ -155,10 +155,49 @@ def test_e2e_epochs_flag():
     assert lora("--lora").config.salient_ratio == 0.2 and lora("--lora").config.rank == 64
     assert lora("--lora", "--salient-ratio", "0.1").config.salient_ratio == 0.1
     assert lora("--lora", "--scheme", "w4a16") is None  # nothing binary to prepare for
-    assert e2e().epochs == 1 and e2e("--preset", "best").epochs == 3
+    assert e2e().epochs == 1 and e2e().n_samples is None  # the calibration rows
+    assert e2e("--preset", "best").epochs == 1 and e2e("--preset", "best").n_samples == 192
     assert e2e("--preset", "fast") is None
     assert e2e("--e2e-epochs", "3").epochs == 3 and e2e("--preset", "best", "--e2e-epochs",
                                                         "0") is None
+    assert e2e("--e2e-samples", "100").n_samples == 100
+    with pytest.raises(QexportError, match="--e2e-samples needs end-to-end tuning"):
+        e2e("--preset", "fast", "--e2e-samples", "100")
+
+
+def test_e2e_reads_further_calibration_text(tmp_path):
+    """End-to-end tuning asking for more sequences than the calibration rows reads the text's
+    next ones (the calibration rows first); a text too short for them gives what it has, and
+    the tuning repeats those to keep its steps."""
+    from qexport import cli, models
+    from qexport.pipeline import _load_data
+    from tiny_models import save_with_tokenizer, tiny_llama
+
+    src = save_with_tokenizer(tiny_llama(), tmp_path / "m")
+    lm = models.load_model(str(src))
+    text = tmp_path / "text.txt"
+
+    def load(words, *argv):
+        text.write_text(" ".join(f"w{i}" for i in range(words)))
+        config = cli.run_config(cli.build_parser().parse_args(
+            [str(src), "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "16",
+             "--no-perplexity", *argv]))
+        return _load_data(config, lm)
+
+    got = load(2000, "--e2e-samples", "12")
+    assert len(got.calib) == 4 and len(got.tune) == 12
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got.calib, got.tune))
+    assert len({tuple(b[0].flatten().tolist()) for b in got.tune}) == 12
+    assert load(2000).tune is None  # the default preset tunes on the calibration rows
+    short = load(40, "--e2e-samples", "50")  # ~110 characters: 6 sequences of 16
+    assert len(short.calib) == 4 and 4 < len(short.tune) < 50
+
+    model, ids, path, packed = _tiny_learned(4, 1, LearnConfig(epochs=1))
+    said = []
+    tune_end_to_end(model, packed, ids[:3], E2EConfig(n_samples=7, log_every=1),
+                    progress=said.append)
+    assert "3 sequences for 7 per epoch: they repeat" in said[0]
+    assert any("7 steps" in s for s in said)
 
 
 def test_distillation_off_for_models_without_a_language_model_head():

@@ -21,7 +21,7 @@ def _node_layers(node):
     return [node.name]
 
 
-def _check_folder(out, scheme, stacked=False):
+def _check_folder(out, scheme, stacked=True):
     report = json.loads((out / "report.json").read_text())
     model = onnx.load(out / "model.onnx")
     onnx.checker.check_model(model)
@@ -37,7 +37,7 @@ def _check_folder(out, scheme, stacked=False):
     assert len(layers) == report["bits"]["quantized_linears"] + n_head == len(report["layers"])
     assert sorted(layers) == sorted(r["layer"] for r in report["layers"])
     # q/k/v read one activation with one salient mask: stacked (fuse_shared_input) unless
-    # PTQ1.61 learned an r2 per Linear (the default; --share-r2 shares it)
+    # PTQ1.61 learned an r2 per Linear (--no-share-r2, or the best preset)
     assert any(n.name.endswith("q_proj+k_proj+v_proj") for n in q_nodes) == stacked
     assert all(r["parity"]["ok"] for r in report["layers"])
     speed = report["speed"]  # latencies: present and positive (their values are the machine's)
@@ -58,7 +58,7 @@ def _check_folder(out, scheme, stacked=False):
     pytest.param("w1.61a16", ["--outlier-suppression"], id="w1.61a16-os-ptq161"),
     pytest.param("w1.61a16", ["--head-scheme", "none", "--no-embeddings-fp16"],
                  id="w1.61a16-fp-head"),
-    pytest.param("w1.61a16", ["--share-r2"], id="w1.61a16-share-r2"),
+    pytest.param("w1.61a16", ["--no-share-r2"], id="w1.61a16-r2-per-linear"),
 ])
 def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
     from tiny_models import tiny_llama, tiny_opt
@@ -68,7 +68,7 @@ def test_tiny_models_end_to_end(tmp_path, family, scheme, extra):
     proc = run_cli(src, "--scheme", scheme, "-o", out, "--calib-samples", "2",
                    "--calib-seqlen", "32", *extra)
     assert proc.returncode == 0, proc.stderr
-    stacked = scheme == "w4a16" or "closed-form" in extra or "--share-r2" in extra
+    stacked = "--no-share-r2" not in extra
     report = _check_folder(out, scheme, stacked)
     e2e = report["end_to_end"]["parity"]
     assert e2e["cosine"] >= 0.999 and e2e["top1_agreement"] >= 0.99
@@ -163,7 +163,7 @@ def test_pt2_archive_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     # A flat exported graph has no blocks to learn on: closed form (so q/k/v stack), and the
     # report says so.
-    report = _check_folder(out, "w1.61a16", stacked=True)
+    report = _check_folder(out, "w1.61a16")
     assert "closed-form scales used" in report["notes"]["learn_scales"][0]
 
 
@@ -182,7 +182,7 @@ def test_trusted_pickle_end_to_end(tmp_path):
     _check_folder(out, "w1.61a16")
 
 
-@pytest.mark.parametrize("family,extra", [("llama", ["--share-r2"]), ("opt", []),
+@pytest.mark.parametrize("family,extra", [("llama", ["--no-share-r2"]), ("opt", []),
                                           ("opt", ["--outlier-suppression"])])
 def test_tokenizer_model_perplexity_and_eval(tmp_path, family, extra):
     """A tiny model with a tokenizer: calibration from --calib text, perplexity in the report,
@@ -198,7 +198,7 @@ def test_tokenizer_model_perplexity_and_eval(tmp_path, family, extra):
                    "--calib-seqlen", "64", "--eval-tokens", "512", "--eval-window", "128",
                    "--embeddings-fp16", *extra)
     assert proc.returncode == 0, proc.stderr
-    report = _check_folder(out, "w1.61a16", stacked="--share-r2" in extra)
+    report = _check_folder(out, "w1.61a16", stacked="--no-share-r2" not in extra)
     ppl = report["perplexity"]
     assert abs(ppl["quantized_ort"] / ppl["quantized_torch"] - 1) < 0.005
     proc = run_cli("eval", out, "--eval", text, "--eval-tokens", "512", "--eval-window", "128")
@@ -219,9 +219,9 @@ def test_kv_cache_export(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "llama")
     out = tmp_path / "out"
     proc = run_cli(tmp_path / "llama", "-o", out, "--calib-samples", "2", "--calib-seqlen", "32",
-                   "--share-r2", "--kv-cache")
+                   "--kv-cache")
     assert proc.returncode == 0, proc.stderr
-    report = _check_folder(out, "w1.61a16", stacked=True)
+    report = _check_folder(out, "w1.61a16")
     kv = report["end_to_end"]["kv_cache"]
     assert check_parity(kv["parity"]) and "model_with_past.onnx" in report["files"]
     decoded = report["speed"]["decoded_token"]

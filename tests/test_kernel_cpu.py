@@ -357,6 +357,22 @@ def test_small_m_threaded(lib, isa, k, n, ms):
         _assert_close(y, _reference(w, x), FP32_RTOL)
 
 
+@pytest.mark.parametrize("frac,g", [(1.0, 64), (0.2, 16)], ids=["all-4-bit-head", "w1.61-G16"])
+def test_one_row_alone_equals_it_among_others(lib, isa, frac, g):
+    """A row of X alone reads a tile's salient groups one after another (one stream over the
+    codes), among other rows group by group: each output adds the same terms in the same
+    order, so the results are equal bit for bit. Several tiles of 128 rows and several
+    salient groups (the 4-bit head's layout)."""
+    w = _weights(300, 576, frac, g, False, True, seed=3)
+    sess = _session(bml_model(w, ["M", 576]), lib, threads=1)
+    x = np.random.default_rng(3).standard_normal((3, 576)).astype(np.float32)
+    (many,) = sess.run(None, {"X": x})
+    for r in range(3):
+        (one,) = sess.run(None, {"X": x[r:r + 1]})
+        np.testing.assert_array_equal(one[0], many[r])
+    _assert_close(many, _reference(w, x), FP32_RTOL)
+
+
 def test_same_session_many_runs(lib, isa):
     """Packed weights are cached per kernel: later runs (other M, other X) stay right."""
     w = _weights(33, 100, 0.2, 8, True, True, seed=9)

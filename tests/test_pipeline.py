@@ -20,13 +20,23 @@ def test_cli_flags_reach_the_config():
     args = cli.build_parser().parse_args([
         "m", "--scheme", "w4a16-g32", "--method", "closed-form", "--head-scheme", "none",
         "--no-embeddings-fp16", "--target", "trt", "--calib-samples", "3", "--threads", "1",
-        "--preset", "fast", "--epochs", "5", "--share-r2"])
+        "--preset", "fast", "--epochs", "5", "--no-share-r2"])
     config = cli.run_config(args)
     q = config.quantize
     assert (q.scheme.label, q.method, q.head_scheme, q.embeddings_fp16) == \
         ("w4a16-g32", "closed-form", None, False)
     assert (config.target, config.calib_samples, config.threads) == ("trt", 3, 1)
-    assert q.learn == LearnConfig.preset("fast", epochs=5, share_r2=True)
+    assert q.learn == LearnConfig.preset("fast", epochs=5, share_r2=False)
+
+
+@pytest.mark.parametrize("preset,flag,shared", [
+    ("default", None, True), ("fast", None, True), ("best", None, False),
+    ("default", "--no-share-r2", False), ("best", "--share-r2", True)])
+def test_share_r2_is_the_presets_unless_asked(preset, flag, shared):
+    """One r2 per activation (stacked q/k/v and gate/up) in the default and fast presets, one
+    per Linear in best; the flag overrides either way."""
+    args = cli.build_parser().parse_args(["m", "--preset", preset] + ([flag] if flag else []))
+    assert cli.run_config(args).quantize.learn.share_r2 is shared
 
 
 def test_cli_and_api_write_identical_model_bytes(tmp_path):

@@ -12,6 +12,7 @@
 // output rows and spread over threads (RunLut's comments say how, for small and large M).
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -113,28 +114,51 @@ void RunTile(const PackedWeights& p, const CpuKernels& kern, const TableLayout& 
   // their group's scale.
   std::vector<float>& acc = ThreadTaskScratch().acc;
   acc.assign(static_cast<size_t>((r1 - r0) * width), 0.0f);
-  // lut_dot over dwords [d0, d0 + len) of the rows' tables at `table`, every group of the
-  // tile, of a [group][dw][blocks] array; `tscale`: the tail offset of the tables' scale.
+  // One lut_dot: dwords [d0, d0 + len) of row r's tables at `table`, the group of blocks
+  // from nb, of a [group][dw][blocks] array; `tscale`: the tail offset of the tables' scale.
+  auto one = [&](int64_t r, int64_t nb, const uint8_t* w, int64_t dw, int64_t d0, int64_t len,
+                 int64_t table, int64_t tscale, const float* scale) {
+    const float* row_tables = tables + r * tl.row;
+    const int cnt = static_cast<int>(std::min<int64_t>(kGroupBlocks, nb1 - nb));
+    const int64_t line = GroupLine(nb, p.nblk);
+    kern.lut_dot(w + (nb / kGroupBlocks) * dw * kGroupLine + d0 * line, line, cnt,
+                 row_tables + table + tl.dw * d0, len,
+                 acc.data() + r * width + (nb - nb0) * kRowBlock, scale + nb * kRowBlock,
+                 row_tables[tscale]);
+  };
+  // The same over every row and every group of blocks of the tile.
   auto dot = [&](const uint8_t* w, int64_t dw, int64_t d0, int64_t len, int64_t table,
                  int64_t tscale, const float* scale) {
-    for (int64_t r = 0; r < r1 - r0; ++r) {
-      const float* row_tables = tables + r * tl.row;
-      const float* lut = row_tables + table + tl.dw * d0;
-      float* out = acc.data() + r * width;
-      for (int64_t nb = nb0; nb < nb1; nb += kGroupBlocks) {
-        const int cnt = static_cast<int>(std::min<int64_t>(kGroupBlocks, nb1 - nb));
-        const int64_t line = GroupLine(nb, p.nblk);
-        kern.lut_dot(w + (nb / kGroupBlocks) * dw * kGroupLine + d0 * line, line, cnt, lut, len,
-                     out + (nb - nb0) * kRowBlock, scale + nb * kRowBlock, row_tables[tscale]);
-      }
-    }
+    for (int64_t r = 0; r < r1 - r0; ++r)
+      for (int64_t nb = nb0; nb < nb1; nb += kGroupBlocks)
+        one(r, nb, w, dw, d0, len, table, tscale, scale);
   };
   for (int64_t c0 = 0; c0 < kdw; c0 += chunk)
     dot(p.wb, kdw, c0, std::min(chunk, kdw - c0), 0, tl.scale_b(p), p.rs.data());
-  for (int64_t g = 0; g < p.groups; ++g)
-    for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk)
-      dot(p.ws, sdw, c0, std::min(chunk, p.group_dw[g + 1] - c0), tl.lutb, tl.scale_s(p, g),
-          p.sscale.data() + g * npad);
+  // The 4-bit codes, per salient group (its own table scale and weight scales). With one row
+  // of X a group of blocks takes every salient group in turn before the next: its groups'
+  // dwords are adjacent, so the codes are read as one stream. Group by group, a tile range
+  // is read in as many strided passes: the 4-bit head (49152 x 576, 9 groups of 64) read its
+  // 14 MB that way. With more rows, group by group and chunk by chunk: a chunk's tables stay
+  // in L1 across the rows. Each output adds its groups in the same order either way.
+  auto codes = [&](int64_t g, int64_t c0) {
+    return std::make_tuple(c0, std::min(chunk, p.group_dw[g + 1] - c0), tl.scale_s(p, g),
+                           p.sscale.data() + g * npad);
+  };
+  if (r1 - r0 == 1) {
+    for (int64_t nb = nb0; nb < nb1; nb += kGroupBlocks)
+      for (int64_t g = 0; g < p.groups; ++g)
+        for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk) {
+          const auto [d0, len, tscale, scale] = codes(g, c0);
+          one(0, nb, p.ws, sdw, d0, len, tl.lutb, tscale, scale);
+        }
+  } else {
+    for (int64_t g = 0; g < p.groups; ++g)
+      for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk) {
+        const auto [d0, len, tscale, scale] = codes(g, c0);
+        dot(p.ws, sdw, d0, len, tl.lutb, tscale, scale);
+      }
+  }
   // Epilogue: y = acc + row_offset * sum_b - sum_g scale * zero * xsum_g + bias.
   const int64_t n0 = nb0 * kRowBlock, n1 = std::min(p.n, nb1 * kRowBlock);
   for (int64_t r = 0; r < r1 - r0; ++r) {
