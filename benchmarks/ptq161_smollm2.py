@@ -67,8 +67,9 @@ def parse_args(argv):
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="one lr for α, r1, r2")
-    ap.add_argument("--share-r2", action="store_true",
-                    help="one r2 per input activation (default: one per Linear)")
+    ap.add_argument("--share-r2", action=argparse.BooleanOptionalAction, default=None,
+                    help="one r2 per input activation [default: the preset's: on for default "
+                         "and fast since session 14, off for best]")
     ap.add_argument("--mse-norm", default=None, choices=["mean", "token"],
                     help="LearnConfig.mse_norm [default: the preset's]")
     ap.add_argument("--eval-tokens", type=int, default=20_000)
@@ -118,8 +119,8 @@ class Bench:
             overrides["epochs"] = args.epochs
         if args.lr is not None:
             overrides.update(lr_alpha=args.lr, lr_r1=args.lr, lr_r2=args.lr)
-        if args.share_r2:
-            overrides["share_r2"] = True
+        if args.share_r2 is not None:
+            overrides["share_r2"] = args.share_r2
         if args.mse_norm:
             overrides["mse_norm"] = args.mse_norm
         config = LearnConfig.preset(args.preset, **overrides)

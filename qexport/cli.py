@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization budget: default (one epoch of PTQ1.61's block-wise "
                         "learning, then one of end-to-end tuning of every layer's scales, "
                         "offsets, biases and the norm weights against the fp model's logits: "
-                        "SmolLM2 perplexity 234 in ~18 minutes here), fast (16 samples, one "
+                        "SmolLM2 perplexity 240 in ~18 minutes here), fast (16 samples, one "
                         "epoch, no end-to-end tuning: a few minutes) or best (restorative LoRA "
                         "first, two epochs of learning as in the paper, end-to-end tuning over "
                         "3x the calibration text; docs/results.md) [default: %(default)s]")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--share-r2", action=argparse.BooleanOptionalAction, default=None,
                    help="PTQ1.61: learn one r2 per input activation instead of one per Linear, "
                         "so that q/k/v and gate/up stack into one op each: faster decoding "
-                        "(9-19%% less time per token on SmolLM2), slightly higher perplexity "
+                        "(7-19%% less time per token on SmolLM2), slightly higher perplexity "
                         "(+1.4%% after end-to-end tuning; docs/results.md) "
                         "[default: the preset's: on for default and fast, off for best]")
     q.add_argument("--outlier-suppression", action=argparse.BooleanOptionalAction,

@@ -36,7 +36,7 @@ DEFAULT_SKIP = head_pattern()
 # default: one epoch of block-wise learning, then one of end-to-end tuning (SmolLM2: 234.1 in
 # 15.5 min of these stages, 18.3 of quantization through the CLI; against 231.5 with two
 # epochs of learning in 19.3 and 357.4 with two and none), one r2 per activation so that
-# q/k/v and gate/up stack (240.5 against 237.1 on 20k tokens through the CLI, for 9-19 % less
+# q/k/v and gate/up stack (240.5 against 237.1 on 20k tokens through the CLI, for 7-19 % less
 # time per decoded token);
 # best: restorative LoRA first, the paper's two epochs and one r2 per Linear, then end-to-end
 # tuning over 192 sequences of the calibration text (3x the calibration rows): accuracy first.
@@ -81,7 +81,7 @@ class LearnConfig:
     spill_dir: str | None = None  # keep activations in memory-mapped files there (large runs)
     # One r2 for the Linears of a block that read the same activation with the same salient
     # channels (q/k/v, gate/up), so that the exported ops stack into one
-    # (passes.fuse_shared_input). On SmolLM2: 8-26 % less time per decoded token, 3.2 % higher
+    # (passes.fuse_shared_input). On SmolLM2: 7-19 % less time per decoded token, 3.2 % higher
     # perplexity after learning alone, 1.4 % after end-to-end tuning (docs/results.md): on in
     # the default and fast presets, off in best and here (the paper's one r2 per Linear).
     share_r2: bool = False
