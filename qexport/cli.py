@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "offsets, biases and the norm weights against the fp model's logits: "
                         "SmolLM2 perplexity 240 in ~18 minutes here), fast (16 samples, one "
                         "epoch, no end-to-end tuning: a few minutes) or best (restorative LoRA "
-                        "first, two epochs of learning as in the paper, end-to-end tuning over "
-                        "3x the calibration text; docs/results.md) [default: %(default)s]")
+                        "first, two epochs of learning and one r2 per Linear as in the paper, "
+                        "end-to-end tuning over 192 sequences, 3x the default calibration rows; "
+                        "docs/results.md) [default: %(default)s]")
     q.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                    help="restorative LoRA on the fp model before quantizing, PTQ1.61's "
                         "preprocessing (w1.61-style schemes with PTQ1.61) "
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "[default: the preset's: 1 for default and best, none for fast]")
     q.add_argument("--e2e-samples", type=int,
                    help="sequences per epoch of end-to-end tuning: more than --calib-samples "
-                        "reads further sequences of the calibration text "
+                        "reads further sequences of the calibration text (of random tokens "
+                        "for a model without a tokenizer) "
                         "[default: the preset's: --calib-samples, 192 for best]")
     q.add_argument("--epochs", type=int, help="PTQ1.61 epochs per block [default: the preset's]")
     q.add_argument("--lr", type=float, help="PTQ1.61 learning rate of α, r1 and r2 "

@@ -39,7 +39,8 @@ DEFAULT_SKIP = head_pattern()
 # q/k/v and gate/up stack (240.5 against 237.1 on 20k tokens through the CLI, for 7-19 % less
 # time per decoded token);
 # best: restorative LoRA first, the paper's two epochs and one r2 per Linear, then end-to-end
-# tuning over 192 sequences of the calibration text (3x the calibration rows): accuracy first.
+# tuning over 192 sequences of the calibration text (3x the default 64 calibration rows):
+# accuracy first.
 PRESETS = {
     "default": {"learn": {"epochs": 1, "lr_alpha": 2e-2, "lr_r1": 2e-2, "lr_r2": 2e-2,
                           "share_r2": True},
@@ -88,7 +89,8 @@ class LearnConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LearnConfig":
-        """"default": the paper's 2 epochs on all calibration rows; "fast": 16 rows, 1 epoch."""
+        """The block-wise learning of a --preset (PRESETS): "default" one epoch, one r2 per
+        activation; "fast" 16 rows, one epoch; "best" the paper's two epochs."""
         return _preset(cls, "learn", name, overrides)
 
     def as_dict(self) -> dict:

@@ -195,6 +195,9 @@ def tune_end_to_end(module: torch.nn.Module, packed: dict[str, MixedLinearWeight
     teacher = module if teacher is None else teacher
     config = config or E2EConfig()
     say = progress or (lambda msg: None)
+    if config.n_samples is not None and config.n_samples < 1:
+        raise QexportError(f"end-to-end tuning needs n_samples >= 1 (or None), got "
+                           f"{config.n_samples}")
     ids = calib_ids[:config.n_samples] if config.n_samples else calib_ids
     if ids.dim() != 2 or ids.shape[0] < 1:
         raise QexportError(f"end-to-end tuning needs ids of shape [n, L], got {tuple(ids.shape)}")

@@ -123,11 +123,12 @@ def _run_into(config: RunConfig, target: targets.Target, tmp: Path, work: Path,
         config, context_note = _within_context(config, lm.module)
         if context_note:
             say(context_note)
+        # before the text is read: what end-to-end tuning reads depends on whether it runs
+        config, distil_note = _with_distillation(config, lm)
+        if distil_note:
+            say(distil_note)
         data = _load_data(config, lm)
     config, kv_note = _with_kv_cache(config, lm)
-    config, distil_note = _with_distillation(config, lm)
-    if distil_note:
-        say(distil_note)
     example = lm.example_inputs(batch=2, seq=8)
     qm = api.quantize(lm.module, example, data.calib, config.quantize, progress=say,
                       checkpoint_dir=work, tune_batches=data.tune)
@@ -252,6 +253,17 @@ def _calib_and_tune(config: RunConfig, rows) -> tuple[list, list | None]:
     batches = [(b.unsqueeze(0),) for b in rows]
     return batches[:config.calib_samples], (batches if len(batches) > config.calib_samples
                                             else None)
+
+
+def _tuning_sequences(config: RunConfig, qm, data: _Data) -> dict:
+    """{"end_to_end": distinct sequences end-to-end tuning read and per epoch} where it ran
+    (the rest repeated: a short text), else {}."""
+    e2e = config.quantize.e2e
+    if e2e is None or "e2e_tune" not in qm.timings:
+        return {}
+    have = len(data.tune or data.calib)
+    per_epoch = e2e.n_samples or have
+    return {"end_to_end": {"sequences": min(have, per_epoch), "per_epoch": per_epoch}}
 
 
 def _load_data(config: RunConfig, lm) -> _Data:
@@ -513,7 +525,7 @@ def _report(config: RunConfig, target: targets.Target, lm, qm, data: _Data, file
         "model": {"name": lm.name, "source": str(config.model), "kind": lm.kind,
                   "parameters": n_params},
         "calibration": {"source": data.calib_source, "samples": config.calib_samples,
-                        "seq_len": config.calib_seqlen},
+                        "seq_len": config.calib_seqlen, **_tuning_sequences(config, qm, data)},
         "files": [f.name for f in files + runtime_files] + ["reference.npz"],
         # whether the folder needs the qexport op library (False: ONNX Runtime's own ops)
         "op_library": any(f.name == native.LIBRARY_NAME for f in runtime_files),

@@ -106,22 +106,35 @@ def test_config_round_trip():
     assert E2EConfig(**c.as_dict()) == c and dataclasses.is_dataclass(c)
 
 
-def test_preset_best_through_the_cli(tmp_path):
-    """--preset best: restorative LoRA, learning, then end-to-end tuning; the export is
-    the tuned layers, so ORT still equals the PyTorch reference exactly (the pipeline's parity
-    check), and the config in the report says what ran."""
+def test_preset_best_through_the_cli(tmp_path, monkeypatch):
+    """--preset best: restorative LoRA, learning, then end-to-end tuning (here over 8
+    sequences per epoch: the 4 calibration rows and 4 more); the export is the tuned layers,
+    so ORT still equals the PyTorch reference exactly (the pipeline's parity check), and the
+    config in the report says what ran."""
     import json
 
-    from qexport import cli
+    from qexport import api, cli
     from tiny_models import tiny_llama
 
+    seen = []
+
+    def recording(module, packed, ids, *args, **kwargs):
+        seen.append(ids.clone())
+        return tune_end_to_end(module, packed, ids, *args, **kwargs)
+
+    monkeypatch.setattr(api, "tune_end_to_end", recording)
     src = tmp_path / "llama"
     tiny_llama().save_pretrained(src)
     out = tmp_path / "out"
     assert cli.main([str(src), "-o", str(out), "--calib-samples", "4", "--calib-seqlen", "32",
-                     "--preset", "best", "--no-perplexity", "--threads", "1", "--quiet"]) == 0
+                     "--preset", "best", "--e2e-samples", "8", "--no-perplexity", "--threads",
+                     "1", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["ok"] and "e2e_tune" in report["timings"]
+    # the tuning got 8 distinct sequences, and the report says so
+    assert len(seen) == 1 and seen[0].shape == (8, 32)
+    assert len({tuple(r.tolist()) for r in seen[0]}) == 8
+    assert report["calibration"]["end_to_end"] == {"sequences": 8, "per_epoch": 8}
     # the tuned norm weights are in both graphs (the KV-cache decoder's rebuilt with them)
     import onnx
     from onnx import numpy_helper
@@ -136,7 +149,7 @@ def test_preset_best_through_the_cli(tmp_path):
     for name, value in tuned.items():
         assert value.tobytes() in past, name
         assert not np.all(value == 1.0), name  # moved from the initial ones
-    assert report["config"]["e2e"]["epochs"] == 1 and report["config"]["e2e"]["n_samples"] == 192
+    assert report["config"]["e2e"]["epochs"] == 1 and report["config"]["e2e"]["n_samples"] == 8
     assert report["config"]["preprocess"] == "restorative_lora" and \
         report["config"]["preprocess_config"]["rank"] == 64 and "preprocess" in report["timings"]
 
@@ -189,8 +202,8 @@ def test_e2e_reads_further_calibration_text(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(got.calib, got.tune))
     assert len({tuple(b[0].flatten().tolist()) for b in got.tune}) == 12
     assert load(2000).tune is None  # the default preset tunes on the calibration rows
-    short = load(40, "--e2e-samples", "50")  # ~110 characters: 6 sequences of 16
-    assert len(short.calib) == 4 and 4 < len(short.tune) < 50
+    short = load(40, "--e2e-samples", "50")  # 149 characters, one token each: 9 of 16
+    assert len(short.calib) == 4 and len(short.tune) == len(text.read_text()) // 16 == 9
 
     model, ids, path, packed = _tiny_learned(4, 1, LearnConfig(epochs=1))
     said = []
@@ -198,6 +211,8 @@ def test_e2e_reads_further_calibration_text(tmp_path):
                     progress=said.append)
     assert "3 sequences for 7 per epoch: they repeat" in said[0]
     assert any("7 steps" in s for s in said)
+    with pytest.raises(QexportError, match="n_samples >= 1"):
+        tune_end_to_end(model, packed, ids, E2EConfig(n_samples=0))
 
 
 def test_distillation_off_for_models_without_a_language_model_head():

@@ -157,14 +157,20 @@ def test_packed_weight_of_the_wrong_length(export, tmp_path):
 
     out = _copy(export, tmp_path)
 
+    shape = []
+
     def cut(model):
         name = _first_bml(model).input[1]  # sign_packed
         init = next(t for t in model.graph.initializer if t.name == name)
         arr = numpy_helper.to_array(init)
+        shape.extend(arr.shape)
         init.CopyFrom(numpy_helper.from_array(arr[:, :-1].copy(), name))
     _edit(out, cut)
     message = _session_error(out)  # the kernel's input check, naming node and input
-    assert "'sign_packed' (#1) is uint8 [64, 6], expected uint8 [64, 7]" in message, message
+    rows, cols = shape  # 7 bytes of signs a row (51 binary columns of 64); stacked q/k/v: 128
+    assert f"'sign_packed' (#1) is uint8 [{rows}, {cols - 1}], expected uint8 [{rows}, {cols}]" \
+        in message, message
+    assert cols == 7, shape
     assert "is damaged" in _eval_error(out) and "sign_packed" in _eval_error(out)
 
 
