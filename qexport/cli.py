@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization budget: default (one epoch of PTQ1.61's block-wise "
                         "learning, then one of end-to-end tuning of every layer's scales, "
                         "offsets, biases and the norm weights against the fp model's logits: "
-                        "SmolLM2 perplexity 240 in ~18 minutes here), fast (16 samples, one "
+                        "SmolLM2 perplexity 240 in ~17 minutes here), fast (16 samples, one "
                         "epoch, no end-to-end tuning: a few minutes) or best (restorative LoRA "
                         "first, two epochs of learning and one r2 per Linear as in the paper, "
                         "end-to-end tuning over 192 sequences, 3x the default calibration rows; "
