@@ -12,7 +12,6 @@
 // output rows and spread over threads (RunLut's comments say how, for small and large M).
 #include <algorithm>
 #include <cstdint>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -141,23 +140,17 @@ void RunTile(const PackedWeights& p, const CpuKernels& kern, const TableLayout& 
   // is read in as many strided passes: the 4-bit head (49152 x 576, 9 groups of 64) read its
   // 14 MB that way. With more rows, group by group and chunk by chunk: a chunk's tables stay
   // in L1 across the rows. Each output adds its groups in the same order either way.
-  auto codes = [&](int64_t g, int64_t c0) {
-    return std::make_tuple(c0, std::min(chunk, p.group_dw[g + 1] - c0), tl.scale_s(p, g),
-                           p.sscale.data() + g * npad);
-  };
   if (r1 - r0 == 1) {
     for (int64_t nb = nb0; nb < nb1; nb += kGroupBlocks)
       for (int64_t g = 0; g < p.groups; ++g)
-        for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk) {
-          const auto [d0, len, tscale, scale] = codes(g, c0);
-          one(0, nb, p.ws, sdw, d0, len, tl.lutb, tscale, scale);
-        }
+        for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk)
+          one(0, nb, p.ws, sdw, c0, std::min(chunk, p.group_dw[g + 1] - c0), tl.lutb,
+              tl.scale_s(p, g), p.sscale.data() + g * npad);
   } else {
     for (int64_t g = 0; g < p.groups; ++g)
-      for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk) {
-        const auto [d0, len, tscale, scale] = codes(g, c0);
-        dot(p.ws, sdw, d0, len, tl.lutb, tscale, scale);
-      }
+      for (int64_t c0 = p.group_dw[g]; c0 < p.group_dw[g + 1]; c0 += chunk)
+        dot(p.ws, sdw, c0, std::min(chunk, p.group_dw[g + 1] - c0), tl.lutb, tl.scale_s(p, g),
+            p.sscale.data() + g * npad);
   }
   // Epilogue: y = acc + row_offset * sum_b - sum_g scale * zero * xsum_g + bias.
   const int64_t n0 = nb0 * kRowBlock, n1 = std::min(p.n, nb1 * kRowBlock);
