@@ -15,6 +15,7 @@ from .embeddings_fp16 import embeddings_fp16
 from .fold_outlier_shift_scale import Choose, fold_outlier_shift_scale
 from .fuse_shared_input import fuse_shared_input
 from .manager import PassManager, PassResult
+from .pack_qkv import pack_qkv
 from .replace_linear import Quantizer, replace_linear
 
 Pass = Callable[..., PassResult]
@@ -32,18 +33,19 @@ def build_passes(config, quantizer: Quantizer, *, choose: Choose | None = None,
     1. fold_outlier_shift_scale (with `choose`, from `stats`; records `folded`),
     2. replace_linear (`quantizer`; fills `packed_out`),
     3. fuse_shared_input (`stack`),
-    4. embeddings_fp16 (config.embeddings_fp16).
+    4. pack_qkv (`stack`: a stacked q/k/v feeds the fused attention without a split),
+    5. embeddings_fp16 (config.embeddings_fp16).
     `config` is a qexport QuantizeConfig (only its fields are read)."""
     out: list[Pass] = []
     if choose is not None:
         out.append(_bind(fold_outlier_shift_scale, stats=stats, choose=choose, folded=folded))
     out.append(_bind(replace_linear, quantizer=quantizer, packed_out=packed_out))
     if stack:
-        out.append(fuse_shared_input)
+        out.extend([fuse_shared_input, pack_qkv])
     if config.embeddings_fp16:
         out.append(embeddings_fp16)
     return out
 
 
 __all__ = ["PassManager", "PassResult", "build_passes", "fold_outlier_shift_scale",
-           "replace_linear", "fuse_shared_input", "embeddings_fp16"]
+           "replace_linear", "fuse_shared_input", "pack_qkv", "embeddings_fp16"]

@@ -39,6 +39,12 @@ def _check_folder(out, scheme, stacked=True):
     # q/k/v read one activation with one salient mask: stacked (fuse_shared_input) unless
     # PTQ1.61 learned an r2 per Linear (--no-share-r2, or the best preset)
     assert any(n.name.endswith("q_proj+k_proj+v_proj") for n in q_nodes) == stacked
+    # a stacked q/k/v feeds the fused attention packed, without a split (passes.pack_qkv)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    for n in attention:
+        packed = producer[n.input[0]].name.endswith("q_proj+k_proj+v_proj")
+        assert packed == stacked and (list(n.input[1:3]) == ["", ""]) == packed
     assert all(r["parity"]["ok"] for r in report["layers"])
     speed = report["speed"]  # latencies: present and positive (their values are the machine's)
     assert all(speed[k]["ort_ms"] > 0 and speed[k]["torch_fp32_ms"] > 0

@@ -185,6 +185,42 @@ def test_fuse_shared_input_stacks_exactly(family):
     assert len(result.notes) == (4 if family == "llama" else 2)
 
 
+def test_pack_qkv_feeds_the_attention_without_a_split():
+    """A stacked q/k/v (layer 1) feeds GroupQueryAttention packed, its split gone; layer 0,
+    whose k_proj has its own salient mask (q+v stacked, k alone), keeps its three inputs.
+    Outputs equal, bit for bit."""
+    from qexport import families
+    module = LogitsOnly(tiny_llama())
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    gm = trace(module, (ids,), swap=families.detect(module).swap_attention)
+    stats = collect_linear_input_stats(gm, _calib())
+    odd = next(n for n in stats if n.endswith("layers.0.self_attn.k_proj"))
+
+    def quantizer(name, w, b):
+        if "lm_head" in name:
+            return None
+        return quantize_mixed(w, b, select_salient(stats[name].rms, 0.3 if name == odd else 0.2), 0)
+    gm = passes.replace_linear(gm, quantizer).graph_module
+    gm = passes.fuse_shared_input(gm).graph_module
+    gm.recompile()
+    with torch.no_grad():
+        before = gm(ids)
+    result = passes.pack_qkv(gm)
+    gm = result.graph_module
+    gm.graph.lint()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), before, rtol=0, atol=0)
+    attention = [n for n in gm.graph.nodes
+                 if n.target == torch.ops.qexport.group_query_attention.default]
+    assert [n.args[1] is None and n.args[2] is None for n in attention] == [False, True]
+    assert attention[1].args[0].meta["qexport_layer"].endswith("layers.1.self_attn.q_proj+k_proj+v_proj")
+    assert not any(n.target == torch.ops.aten.split_with_sizes.default
+                   and n.args[0] is attention[1].args[0] for n in gm.graph.nodes)
+    assert result.modified and result.notes == ["packed q/k/v into 1 attention op"]
+
+
 @pytest.mark.parametrize("os_quantile", [0.5, None], ids=["quantile", "search"])
 def test_quantize_api_with_outlier_suppression_runs(os_quantile):
     module = LogitsOnly(tiny_llama())

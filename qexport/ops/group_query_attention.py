@@ -15,7 +15,7 @@ MS_DOMAIN = "com.microsoft"
 
 
 @torch.library.custom_op("qexport::group_query_attention", mutates_args=())
-def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def group_query_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                           past_k: torch.Tensor | None, past_v: torch.Tensor | None,
                           seqlens_k: torch.Tensor, total_length: torch.Tensor,
                           cos: torch.Tensor | None, sin: torch.Tensor | None,
@@ -23,7 +23,9 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           local_window: int = -1, softcap: float = 0.0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX Runtime's GroupQueryAttention (the part qexport uses). q [B, S, num_heads*D], k
-    and v [B, S, kv_num_heads*D]; past_k and past_v [B, kv_num_heads, P, D] or None (P = 0):
+    and v [B, S, kv_num_heads*D], or k and v None and q packed [B, S, (num_heads +
+    2*kv_num_heads)*D], the three side by side (passes.pack_qkv: one stacked projection
+    feeds the op without a split); past_k and past_v [B, kv_num_heads, P, D] or None (P = 0):
     a cache buffer whose first L_b - S positions hold row b's cached keys (rotated) and
     values; seqlens_k int32 [B], L_b - 1, L_b being row b's length after this call (cached +
     new tokens); total_length int32 scalar, the longest (`total` as an int, for the output
@@ -39,6 +41,8 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     over the last local_window positions, its own included (Hugging Face's sliding_window;
     checked against ONNX Runtime in tests/test_attention.py). With P >= total the present has the past's shape, and ONNX
     Runtime writes it into the past buffer itself when both are bound to the same memory."""
+    if k is None:
+        q, k, v = _unpack(q, num_heads, kv_num_heads)
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
     p = 0 if past_k is None else past_k.shape[2]
@@ -78,9 +82,17 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, present_k, present_v
 
 
+def _unpack(qkv: torch.Tensor, num_heads: int, kv_num_heads: int):
+    """q, k, v of a packed query [B, S, (num_heads + 2*kv_num_heads)*D]."""
+    d = qkv.shape[-1] // (num_heads + 2 * kv_num_heads)
+    return qkv.split([num_heads * d, kv_num_heads * d, kv_num_heads * d], -1)
+
+
 @group_query_attention.register_fake
 def _(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads, kv_num_heads,
       scale, total, local_window=-1, softcap=0.0):
+    if k is None:
+        q, k, v = _unpack(q, num_heads, kv_num_heads)
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
     length = total if past_k is None else torch.sym_max(total, past_k.shape[2])
@@ -102,7 +114,7 @@ def register_onnx_schema() -> None:
         pass
     single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
     inputs = [OpSchema.FormalParameter(name, ty, param_option=opt) for name, ty, opt in (
-        ("query", "T", single), ("key", "T", single), ("value", "T", single),
+        ("query", "T", single), ("key", "T", optional), ("value", "T", optional),
         ("past_key", "T", optional), ("past_value", "T", optional),
         ("seqlens_k", "M", single), ("total_sequence_length", "M", single),
         ("cos_cache", "T", optional), ("sin_cache", "T", optional))]
