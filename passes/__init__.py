@@ -14,6 +14,7 @@ from typing import Callable
 from .embeddings_fp16 import embeddings_fp16
 from .fold_outlier_shift_scale import Choose, fold_outlier_shift_scale
 from .fuse_shared_input import fuse_shared_input
+from .fuse_skip_norm import fuse_skip_norm
 from .manager import PassManager, PassResult
 from .pack_qkv import pack_qkv
 from .replace_linear import Quantizer, replace_linear
@@ -34,7 +35,9 @@ def build_passes(config, quantizer: Quantizer, *, choose: Choose | None = None,
     2. replace_linear (`quantizer`; fills `packed_out`),
     3. fuse_shared_input (`stack`),
     4. pack_qkv (`stack`: a stacked q/k/v feeds the fused attention without a split),
-    5. embeddings_fp16 (config.embeddings_fp16).
+    5. fuse_skip_norm (where the runtime has ONNX Runtime's contrib ops, i.e. unless
+       config.fused_attention is False: residual add + RMSNorm as one op),
+    6. embeddings_fp16 (config.embeddings_fp16).
     `config` is a qexport QuantizeConfig (only its fields are read)."""
     out: list[Pass] = []
     if choose is not None:
@@ -42,10 +45,21 @@ def build_passes(config, quantizer: Quantizer, *, choose: Choose | None = None,
     out.append(_bind(replace_linear, quantizer=quantizer, packed_out=packed_out))
     if stack:
         out.extend([fuse_shared_input, pack_qkv])
+    if config.fused_attention is not False:
+        out.extend(contrib_passes())
     if config.embeddings_fp16:
         out.append(embeddings_fp16)
     return out
 
 
-__all__ = ["PassManager", "PassResult", "build_passes", "fold_outlier_shift_scale",
-           "replace_linear", "fuse_shared_input", "pack_qkv", "embeddings_fp16"]
+
+def contrib_passes() -> list[Pass]:
+    """The fusions into ONNX Runtime's contrib ops that any float graph takes where the
+    runtime has them (build_passes adds them; the fp32 baselines run them too, so that ratios
+    to fp32 compare like with like)."""
+    return [fuse_skip_norm]
+
+
+__all__ = ["PassManager", "PassResult", "build_passes", "contrib_passes", "fold_outlier_shift_scale",
+           "replace_linear", "fuse_shared_input", "pack_qkv", "fuse_skip_norm",
+           "embeddings_fp16"]

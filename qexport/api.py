@@ -365,6 +365,12 @@ def export(qmodel: QuantizedModel, path: str | Path, extra_metadata: dict[str, s
     return files
 
 
+def float_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A traced floating-point graph (with fused attention) after the contrib-op fusions the
+    quantized exports get (passes.contrib_passes): the fp32 baselines."""
+    return passes.PassManager(passes.contrib_passes())(gm).graph_module
+
+
 def kv_cache_unsupported(module: torch.nn.Module) -> str | None:
     """Why `export_with_past` cannot take `module`, or None (its family decides)."""
     return families.detect(module).kv_cache_reason(module)
@@ -394,7 +400,7 @@ def export_with_past(module: torch.nn.Module, qmodel: QuantizedModel | None, pat
             for _ in range(2 * len(wrapper.attention))]
     example = (torch.randint(0, 8, (2, 3)), torch.ones(2, 7, dtype=torch.int64), *past)
     if qmodel is None:
-        traced = trace(wrapper, example, swap=family.swap_attention)
+        traced = float_graph(trace(wrapper, example, swap=family.swap_attention))
         meta = {}
     else:
         gm = qmodel.graph_module

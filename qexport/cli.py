@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="export each attention block as one ONNX Runtime GroupQueryAttention "
                         "node (com.microsoft), not ~30 small ones, where the model's family "
-                        "supports it (the decoders of docs/models.md) [default: the target's: "
-                        "on for ort, off for trt, whose parser lacks it]")
+                        "supports it (the decoders of docs/models.md), and each residual add "
+                        "with the RMSNorm of its sum as one SkipSimplifiedLayerNormalization "
+                        "[default: the target's: on for ort, off for trt, whose parser lacks "
+                        "them]")
     p.add_argument("--kv-cache", action=argparse.BooleanOptionalAction,
                    default=run_default("kv_cache"),
                    help="also write model_with_past.onnx, a decoder with a KV cache for "

@@ -184,8 +184,9 @@ class QuantizeConfig:
     head_gptq: bool = True
     embeddings_fp16: bool = True  # embedding tables stored in fp16
     # Attention blocks as single runtime ops where the model's family has an attention swap
-    # (qexport/families/); None: the target's default (on for ONNX Runtime, off for TensorRT,
-    # whose parser lacks ONNX Runtime's contrib ops)
+    # (qexport/families/), and residual add + RMSNorm as one (passes.fuse_skip_norm): ONNX
+    # Runtime's contrib ops; None: the target's default (on for ONNX Runtime, off for
+    # TensorRT, whose parser lacks them)
     fused_attention: bool | None = None
     # Quantization preprocessing (qexport.preprocess.RestorativeLoRA, PTQ1.61's restorative
     # LoRA, is one): preprocess(module, calib_batches, progress) -> the module to quantize,

@@ -221,6 +221,56 @@ def test_pack_qkv_feeds_the_attention_without_a_split():
     assert result.modified and result.notes == ["packed q/k/v into 1 attention op"]
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_fuse_skip_norm_fuses_each_residual_rms_norm(family):
+    """Llama: the 4 residual adds whose sums an RMSNorm reads become skip_rms_norm ops (the
+    first norm reads the embeddings, no add: left alone); outputs equal to float rounding.
+    OPT's LayerNorms are not RMSNorms: nothing changes."""
+    module, gm, ids, _ = _traced(family)
+    with torch.no_grad():
+        before = gm(ids)
+    result = passes.fuse_skip_norm(gm)
+    gm = result.graph_module
+    gm.graph.lint()
+    gm.recompile()
+    fused = [n for n in gm.graph.nodes if n.target == torch.ops.qexport.skip_rms_norm.default]
+    assert len(fused) == (4 if family == "llama" else 0)
+    assert result.modified == (family == "llama")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), before, rtol=1e-5, atol=1e-5)
+    if family == "llama":
+        assert result.notes == ["fused 4 residual adds into their RMSNorms"]
+        assert not any(n.target == torch.ops.aten.rsqrt.default for n in gm.graph.nodes
+                       if any(u in fused for u in n.users))
+
+
+def test_skip_rms_norm_reference_matches_onnx_runtime(tmp_path):
+    """The op's PyTorch body against ONNX Runtime's SkipSimplifiedLayerNormalization, through
+    the exporter's translation: the normed sum and the sum."""
+    import onnxruntime as ort
+    from qexport.onnx_export import export_onnx
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(48))
+
+        def forward(self, a, b):
+            return torch.ops.qexport.skip_rms_norm(a, b, self.w, 1e-5)
+
+    m = M()
+    a, b = torch.randn(2, 5, 48) * 3, torch.randn(2, 5, 48)
+    path = tmp_path / "m.onnx"
+    export_onnx(trace(m, (a, b)), (a, b), path, {}, input_names=["a", "b"],
+                output_names=["y", "s"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y, s = sess.run(["y", "s"], {"a": a.numpy(), "b": b.numpy()})
+    with torch.no_grad():
+        ref_y, ref_s = m(a, b)
+    torch.testing.assert_close(torch.from_numpy(s), ref_s, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(y), ref_y, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("os_quantile", [0.5, None], ids=["quantile", "search"])
 def test_quantize_api_with_outlier_suppression_runs(os_quantile):
     module = LogitsOnly(tiny_llama())

@@ -23,7 +23,8 @@ import torch
 from ..registry import Registry
 
 # The op modules, imported (and so registered) on first use; one line per op.
-_OP_MODULES = ("binary_mixed_linear", "group_query_attention", "matmul_nbits", "qdq_linear")
+_OP_MODULES = ("binary_mixed_linear", "group_query_attention", "matmul_nbits", "qdq_linear",
+               "skip_rms_norm")
 
 
 @dataclasses.dataclass(frozen=True)
