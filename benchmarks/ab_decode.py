@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--cached", type=int, default=128)
     args = p.parse_args(argv)
+    if any("=" not in m for m in args.models):
+        p.error("models are LABEL=PATH")
     models = dict(m.split("=", 1) for m in args.models)
     print(f"# {bench_linear.cpu_description()}")
     print(f"# one token after {args.cached} cached, in place; {args.rounds} rounds of 20 runs, "

@@ -52,7 +52,6 @@ def build_passes(config, quantizer: Quantizer, *, choose: Choose | None = None,
     return out
 
 
-
 def contrib_passes() -> list[Pass]:
     """The fusions into ONNX Runtime's contrib ops that any float graph takes where the
     runtime has them (build_passes adds them; the fp32 baselines run them too, so that ratios

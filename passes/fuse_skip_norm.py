@@ -39,8 +39,6 @@ def fuse_skip_norm(gm: torch.fx.GraphModule) -> PassResult:
     op = _skip_norm_op()
     fused = 0
     for node in list(gm.graph.nodes):
-        if getattr(node, "_erased", False):  # a norm chain's node, dropped with it
-            continue
         match = _match(gm, node)
         if match is None:
             continue
@@ -61,8 +59,9 @@ def fuse_skip_norm(gm: torch.fx.GraphModule) -> PassResult:
         node.replace_all_uses_with(y)
         gm.graph.erase_node(node)
         add.replace_all_uses_with(s)  # the next residual add; the norm's chain, now dead
-        gm.graph.eliminate_dead_code()
         fused += 1
+    if fused:
+        gm.graph.eliminate_dead_code()
     notes = [f"fused {fused} residual adds into their RMSNorms"] if fused else []
     return PassResult(gm, fused > 0, notes)
 
@@ -95,7 +94,8 @@ def _match(gm: torch.fx.GraphModule, node: torch.fx.Node):
     if not (_call(var, aten.add.Tensor) and isinstance(var.args[1], float)):
         return None
     mean = var.args[0]
-    if not (_call(mean, aten.mean.dim) and list(mean.args[1]) in ([-1], [_rank(s) - 1])
+    if not (_call(mean, aten.mean.dim) and isinstance(mean.args[1], (list, tuple))
+            and list(mean.args[1]) in ([-1], [_rank(s) - 1])
             and len(mean.args) > 2 and mean.args[2] is True):
         return None
     square = mean.args[0]
@@ -106,22 +106,27 @@ def _match(gm: torch.fx.GraphModule, node: torch.fx.Node):
     if len(s.args) > 2 or s.kwargs or not all(isinstance(t, torch.fx.Node) and _float32(t)
                                               for t in (a, b, s)):
         return None
-    if a.meta["val"].shape != b.meta["val"].shape or G.is_param(a) or G.is_param(b):
+    # ONNX Runtime's op: [B, S, H] or [S, H] addends of one shape, a float32 weight [H]
+    if a.meta["val"].shape != b.meta["val"].shape or a.meta["val"].dim() not in (2, 3) \
+            or G.is_param(a) or G.is_param(b):
         return None
-    if G.get_tensor(gm, weight).shape[0] != a.meta["val"].shape[-1]:
+    w = G.get_tensor(gm, weight)
+    if w.dtype != torch.float32 or w.shape[0] != a.meta["val"].shape[-1]:
         return None
     return s, a, b, weight, float(var.args[1])
 
 
 def _source(node):
-    """The node computing `node`'s value through casts, None if a cast between them changes
-    the dtype (a norm computed in float32 from a float16 stream is not the fused op's)."""
-    if not isinstance(node, torch.fx.Node):
-        return None
-    src = G.producer_through_passthrough(node)
-    return src if _float32(node) and _float32(src) else None
+    """The node computing `node`'s value through no-op casts, None if any node on the way is
+    not float32 (a norm computed in float32 from a float16 stream, or a round trip through
+    float16, is not the fused op's math)."""
+    while isinstance(node, torch.fx.Node) and _float32(node):
+        src = G.producer_through_passthrough(node)
+        if src is node:
+            return node
+        node = node.args[0]  # one cast back
+    return None
 
 
 def _rank(node) -> int:
-    val = node.meta.get("val")
-    return -1 if val is None else val.dim()
+    return node.meta["val"].dim()

@@ -244,6 +244,48 @@ def test_fuse_skip_norm_fuses_each_residual_rms_norm(family):
                        if any(u in fused for u in n.users))
 
 
+class _ResidualNorm(torch.nn.Module):
+    """x + y, then an RMSNorm of the sum in one of several forms (`kind`)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        dtype = torch.float16 if kind == "fp16_weight" else torch.float32
+        self.weight = torch.nn.Parameter(torch.rand(16, dtype=dtype) + 0.5)
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        s = x + self.proj(x)
+        h = s.to(torch.float16).to(torch.float32) if self.kind == "fp16_round_trip" else s
+        dims = None if self.kind == "mean_all" else [-1]
+        var = h.pow(2).mean(dim=dims, keepdim=True)
+        y = h * torch.rsqrt(var + 1e-6)
+        return self.proj(self.weight * y) + s  # a float16 weight: promoted to float32
+
+
+@pytest.mark.parametrize("kind,shape,fused", [
+    ("plain", (2, 5, 16), 1), ("plain", (5, 16), 1),
+    ("plain", (2, 3, 5, 16), 0),  # ONNX Runtime's op takes 2-D or 3-D addends
+    ("fp16_round_trip", (2, 5, 16), 0),  # float16 rounding inside: not the op's math
+    ("mean_all", (2, 5, 16), 0),  # a mean over every axis
+    ("fp16_weight", (2, 5, 16), 0),
+])
+def test_fuse_skip_norm_matches_only_its_op(kind, shape, fused):
+    """What fuse_skip_norm takes and leaves: the outputs never change beyond float rounding."""
+    module = _ResidualNorm(kind)
+    x = torch.randn(*shape)
+    gm = trace(module, (x,))
+    with torch.no_grad():
+        before = gm(x)
+    gm = passes.fuse_skip_norm(gm).graph_module
+    gm.graph.lint()
+    gm.recompile()
+    assert sum(n.target == torch.ops.qexport.skip_rms_norm.default
+               for n in gm.graph.nodes) == fused
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), before, rtol=1e-5, atol=1e-5)
+
+
 def test_skip_rms_norm_reference_matches_onnx_runtime(tmp_path):
     """The op's PyTorch body against ONNX Runtime's SkipSimplifiedLayerNormalization, through
     the exporter's translation: the normed sum and the sum."""

@@ -102,7 +102,8 @@ def _with_plugin_namespace(onnx_path: pathlib.Path) -> bytes:
 
 def check_parsable(onnx_path: pathlib.Path) -> None:
     """QexportError unless `onnx_path` is a file free of ONNX Runtime contrib ops (the fused
-    attention's GroupQueryAttention), which TensorRT's parser does not know."""
+    attention's GroupQueryAttention, the fused norms' SkipSimplifiedLayerNormalization), which
+    TensorRT's parser does not know."""
     import onnx
     if not onnx_path.is_file():
         raise QexportError(f"{onnx_path} is not a file")
