@@ -2,7 +2,8 @@
 
 After fuse_shared_input, q_proj+k_proj+v_proj is one op whose output a split cuts into q, k
 and v for GroupQueryAttention. That op also takes the three side by side in its query input
-(k and v empty: ONNX Runtime's packed QKV, on its CPU and CUDA kernels alike), so the split
+(k and v empty: ONNX Runtime's packed QKV, which its GroupQueryAttention input checks accept;
+run here on the CPU provider only, docs/gpu.md says what never ran), so the split
 goes: one node fewer per layer at every decoded token, the same numbers (the attention reads
 the same values). The pass rewrites only the exact pattern: a split along the last axis into
 [num_heads*D, kv_num_heads*D, kv_num_heads*D] whose three parts are the attention's q, k, v
