@@ -22,21 +22,16 @@ import torch
 import torch.fx
 
 from qexport import graph as G
+from qexport import ops
 
 from .manager import PassResult
 
 aten = torch.ops.aten
 
 
-def _skip_norm_op():
-    from qexport.ops import skip_rms_norm  # noqa: F401  (registers the op)
-
-    return torch.ops.qexport.skip_rms_norm.default
-
-
 def fuse_skip_norm(gm: torch.fx.GraphModule) -> PassResult:
     """Replace each residual add + RMSNorm of the sum with one skip_rms_norm."""
-    op = _skip_norm_op()
+    op = ops.get("SkipSimplifiedLayerNormalization").torch_op
     fused = 0
     for node in list(gm.graph.nodes):
         match = _match(gm, node)
@@ -95,7 +90,7 @@ def _match(gm: torch.fx.GraphModule, node: torch.fx.Node):
         return None
     mean = var.args[0]
     if not (_call(mean, aten.mean.dim) and isinstance(mean.args[1], (list, tuple))
-            and list(mean.args[1]) in ([-1], [_rank(s) - 1])
+            and list(mean.args[1]) in ([-1], [s.meta["val"].dim() - 1])
             and len(mean.args) > 2 and mean.args[2] is True):
         return None
     square = mean.args[0]
@@ -127,6 +122,3 @@ def _source(node):
         node = node.args[0]  # one cast back
     return None
 
-
-def _rank(node) -> int:
-    return node.meta["val"].dim()

@@ -16,21 +16,17 @@ import operator
 import torch
 import torch.fx
 
+from qexport import ops
+
 from .manager import PassResult
 
 _SPLIT = torch.ops.aten.split_with_sizes.default
 
 
-def _attention_op():
-    from qexport.ops import group_query_attention  # noqa: F401  (registers the op)
-
-    return torch.ops.qexport.group_query_attention.default
-
-
 def pack_qkv(gm: torch.fx.GraphModule) -> PassResult:
     """Point each GroupQueryAttention whose q, k, v are the three parts of one split at the
     split's input (packed QKV), dropping the split."""
-    attention = _attention_op()
+    attention = ops.get("GroupQueryAttention").torch_op
     packed = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != attention:

@@ -29,6 +29,31 @@ def _traced(family, sample_tokens=0):
     return module, gm, ids, collect_linear_input_stats(gm, _calib(), sample_tokens=sample_tokens)
 
 
+def _odd_mask_quantizer(stats, odd):
+    """w1.61 closed form for every Linear but the head; `odd` gets another salient ratio, so
+    its mask differs from its siblings' (it does not stack with them)."""
+    def quantizer(name, w, b):
+        if "lm_head" in name:
+            return None
+        ratio = 0.3 if name == odd else 0.2
+        return quantize_mixed(w, b, select_salient(stats[name].rms, ratio), 0)
+    return quantizer
+
+
+def _run_pass(fn, gm, inputs, tol):
+    """(result, gm) of pass `fn` on gm, after checking the outputs stayed within `tol`."""
+    with torch.no_grad():
+        before = gm(*inputs)
+    result = fn(gm)
+    gm = result.graph_module
+    gm.graph.lint()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), before, rtol=tol, atol=tol)
+    return result, gm
+
+
 def _quantile(q):
     return lambda st, shift, weights: choose_shift_scale(st, shift, quantile=q)
 
@@ -156,22 +181,9 @@ def test_fuse_shared_input_stacks_exactly(family):
     A Linear whose salient channels differ from its siblings' is left alone."""
     module, gm, ids, stats = _traced(family)
     odd = next(n for n in stats if n.endswith("k_proj"))  # k_proj of layer 0 gets its own mask
-
-    def quantizer(name, w, b):
-        if "lm_head" in name:
-            return None
-        ratio = 0.3 if name == odd else 0.2
-        return quantize_mixed(w, b, select_salient(stats[name].rms, ratio), 0)
-    gm = passes.replace_linear(gm, quantizer).graph_module
+    gm = passes.replace_linear(gm, _odd_mask_quantizer(stats, odd)).graph_module
     gm.recompile()
-    with torch.no_grad():
-        before = gm(ids)
-    result = passes.fuse_shared_input(gm)
-    gm = result.graph_module
-    gm.graph.lint()
-    gm.recompile()
-    with torch.no_grad():
-        torch.testing.assert_close(gm(ids), before, rtol=0, atol=0)
+    result, gm = _run_pass(passes.fuse_shared_input, gm, (ids,), tol=0)
     qnodes = [n for n in gm.graph.nodes if n.target == torch.ops.qexport.binary_mixed_linear.default]
     layers = {n.meta["qexport_layer"]: [name for name, _ in layers_of(n)] for n in qnodes}
     layer0 = odd.rsplit(".", 1)[0]
@@ -195,23 +207,10 @@ def test_pack_qkv_feeds_the_attention_without_a_split():
     gm = trace(module, (ids,), swap=families.detect(module).swap_attention)
     stats = collect_linear_input_stats(gm, _calib())
     odd = next(n for n in stats if n.endswith("layers.0.self_attn.k_proj"))
-
-    def quantizer(name, w, b):
-        if "lm_head" in name:
-            return None
-        return quantize_mixed(w, b, select_salient(stats[name].rms, 0.3 if name == odd else 0.2), 0)
-    gm = passes.replace_linear(gm, quantizer).graph_module
+    gm = passes.replace_linear(gm, _odd_mask_quantizer(stats, odd)).graph_module
     gm = passes.fuse_shared_input(gm).graph_module
     gm.recompile()
-    with torch.no_grad():
-        before = gm(ids)
-    result = passes.pack_qkv(gm)
-    gm = result.graph_module
-    gm.graph.lint()
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    with torch.no_grad():
-        torch.testing.assert_close(gm(ids), before, rtol=0, atol=0)
+    result, gm = _run_pass(passes.pack_qkv, gm, (ids,), tol=0)
     attention = [n for n in gm.graph.nodes
                  if n.target == torch.ops.qexport.group_query_attention.default]
     assert [n.args[1] is None and n.args[2] is None for n in attention] == [False, True]
@@ -227,17 +226,10 @@ def test_fuse_skip_norm_fuses_each_residual_rms_norm(family):
     first norm reads the embeddings, no add: left alone); outputs equal to float rounding.
     OPT's LayerNorms are not RMSNorms: nothing changes."""
     module, gm, ids, _ = _traced(family)
-    with torch.no_grad():
-        before = gm(ids)
-    result = passes.fuse_skip_norm(gm)
-    gm = result.graph_module
-    gm.graph.lint()
-    gm.recompile()
+    result, gm = _run_pass(passes.fuse_skip_norm, gm, (ids,), tol=1e-5)
     fused = [n for n in gm.graph.nodes if n.target == torch.ops.qexport.skip_rms_norm.default]
     assert len(fused) == (4 if family == "llama" else 0)
     assert result.modified == (family == "llama")
-    with torch.no_grad():
-        torch.testing.assert_close(gm(ids), before, rtol=1e-5, atol=1e-5)
     if family == "llama":
         assert result.notes == ["fused 4 residual adds into their RMSNorms"]
         assert not any(n.target == torch.ops.aten.rsqrt.default for n in gm.graph.nodes
@@ -274,16 +266,9 @@ def test_fuse_skip_norm_matches_only_its_op(kind, shape, fused):
     """What fuse_skip_norm takes and leaves: the outputs never change beyond float rounding."""
     module = _ResidualNorm(kind)
     x = torch.randn(*shape)
-    gm = trace(module, (x,))
-    with torch.no_grad():
-        before = gm(x)
-    gm = passes.fuse_skip_norm(gm).graph_module
-    gm.graph.lint()
-    gm.recompile()
+    _, gm = _run_pass(passes.fuse_skip_norm, trace(module, (x,)), (x,), tol=1e-5)
     assert sum(n.target == torch.ops.qexport.skip_rms_norm.default
                for n in gm.graph.nodes) == fused
-    with torch.no_grad():
-        torch.testing.assert_close(gm(x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_skip_rms_norm_reference_matches_onnx_runtime(tmp_path):

@@ -61,6 +61,17 @@ class OpSpec:
 _REGISTRY: Registry[OpSpec] = Registry(__name__, _OP_MODULES, "op")
 
 
+def has_schema(name: str, version: int, domain: str) -> bool:
+    """Whether onnx already knows the schema (declared once per process by an op module)."""
+    import onnx
+
+    try:
+        onnx.defs.get_schema(name, version, domain)
+        return True
+    except onnx.defs.SchemaError:
+        return False
+
+
 def register_linear_schema(name: str, domain: str, version: int, doc: str,
                            input_names: tuple, optional: tuple, types: dict, output_type: str,
                            type_constraints: list, attributes: tuple,
@@ -71,11 +82,8 @@ def register_linear_schema(name: str, domain: str, version: int, doc: str,
     import onnx
     from onnx.defs import OpSchema
 
-    try:
-        onnx.defs.get_schema(name, version, domain)
+    if has_schema(name, version, domain):
         return
-    except onnx.defs.SchemaError:
-        pass
     single, opt = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
     docs = attribute_docs or {}
     onnx.defs.register_schema(OpSchema(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import OpSpec, register
+from . import OpSpec, has_schema, register
 
 MS_DOMAIN = "com.microsoft"
 
@@ -107,11 +107,8 @@ def register_onnx_schema() -> None:
     import onnx
     from onnx.defs import OpSchema
 
-    try:
-        onnx.defs.get_schema("GroupQueryAttention", 1, MS_DOMAIN)
+    if has_schema("GroupQueryAttention", 1, MS_DOMAIN):
         return
-    except onnx.defs.SchemaError:
-        pass
     single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
     inputs = [OpSchema.FormalParameter(name, ty, param_option=opt) for name, ty, opt in (
         ("query", "T", single), ("key", "T", optional), ("value", "T", optional),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import OpSpec, register
+from . import OpSpec, has_schema, register
 from .group_query_attention import MS_DOMAIN
 
 
@@ -34,16 +34,13 @@ def _(x, skip, weight, eps):
 def register_onnx_schema() -> None:
     """Declare the part of ONNX Runtime's com.microsoft SkipSimplifiedLayerNormalization
     (contrib opset 1) the translation uses, for onnx's exporter and checker, which have no
-    schema for it. Outputs: the normed sum; mean and inverse std (unused, left empty); the
-    sum (input_skip_bias_sum)."""
+    schema for it. Outputs: the normed sum; mean and inverse std (written, unread); the sum
+    (input_skip_bias_sum)."""
     import onnx
     from onnx.defs import OpSchema
 
-    try:
-        onnx.defs.get_schema("SkipSimplifiedLayerNormalization", 1, MS_DOMAIN)
+    if has_schema("SkipSimplifiedLayerNormalization", 1, MS_DOMAIN):
         return
-    except onnx.defs.SchemaError:
-        pass
     single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
     onnx.defs.register_schema(OpSchema(
         "SkipSimplifiedLayerNormalization", MS_DOMAIN, 1,
