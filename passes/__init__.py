@@ -59,6 +59,6 @@ def contrib_passes() -> list[Pass]:
     return [fuse_skip_norm]
 
 
-__all__ = ["PassManager", "PassResult", "build_passes", "contrib_passes", "fold_outlier_shift_scale",
-           "replace_linear", "fuse_shared_input", "pack_qkv", "fuse_skip_norm",
+__all__ = ["PassManager", "PassResult", "build_passes", "contrib_passes",
+           "fold_outlier_shift_scale", "replace_linear", "fuse_shared_input", "pack_qkv", "fuse_skip_norm",
            "embeddings_fp16"]

@@ -9,10 +9,11 @@ float32 looked through):
 
     s = add(a, b); y = mul(weight, mul(s, rsqrt(add(mean(pow(s, 2), [-1], keepdim), eps))))
 
-with a and b of one shape and weight a 1-D constant, and puts `skip_rms_norm(a, b, weight,
-eps)` in its place (its outputs: y and s, which the next residual add reads). Norms of other
-forms (LayerNorm, Gemma's (1 + weight), a float16 stream cast to float32) are left as they are. Run
-after the passes that read norms (the OS+ fold changes the weight it finds here).
+with a and b 2-D or 3-D of one shape and weight a float32 1-D constant (what ONNX Runtime's
+op takes), and puts `skip_rms_norm(a, b, weight, eps)` in its place (its outputs: y and s,
+which the next residual add reads). Norms of other forms (LayerNorm, Gemma's (1 + weight), a
+float16 stream cast to float32) are left as they are. Run after the passes that read norms
+(the OS+ fold changes the weight it finds here).
 """
 from __future__ import annotations
 
